@@ -1,0 +1,47 @@
+"""Batches: dicts of (B, T) tensors; several jobs' batches collate into one mixed batch."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .loss import IGNORE
+
+PAD = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE, "token_type_ids": 0}
+
+
+def _pad_cat(ts: list[torch.Tensor], key: str) -> torch.Tensor:
+    if ts[0].dim() < 2 or key not in PAD:
+        return torch.cat(ts)
+    T = max(t.shape[1] for t in ts)
+    return torch.cat([F.pad(t, (0, T - t.shape[1]), value=PAD[key]) for t in ts])  # (sum B, T)
+
+
+def stack(examples: list[dict]) -> dict:
+    """One batch from examples (dicts of 1-D tensors), right-padded to the longest."""
+    return {k: _pad_cat([e[k].unsqueeze(0) for e in examples], k) for k in examples[0]}
+
+
+def collate(parts: list[tuple[str, dict]]) -> dict:
+    """Concatenate (job_id, batch) parts row-wise, right-padded; adds `jobs`, one id per row."""
+    if not parts:
+        raise ValueError("nothing to collate")
+    keys = set(parts[0][1])
+    for job, b in parts:
+        if set(b) != keys:
+            raise ValueError(f"job {job!r}: batch keys {sorted(b)} differ from {sorted(keys)}")
+    out = {k: _pad_cat([b[k] for _, b in parts], k) for k in keys}
+    out["jobs"] = [job for job, b in parts for _ in range(len(b["labels"]))]
+    return out
+
+
+def batches(examples: list[dict], size: int, seed: int = 0) -> Iterator[dict]:
+    """Shuffled batches of `size` examples, reshuffled every epoch, forever."""
+    if len(examples) < size:
+        raise ValueError(f"`batch_size` {size} is larger than the {len(examples)} examples")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(examples), generator=g).tolist()
+        for i in range(0, len(order) - size + 1, size):
+            yield stack([examples[j] for j in order[i:i + size]])

@@ -1,0 +1,46 @@
+"""The job spec: one tenant's fine-tuning run, as the server and its workers agree on it."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .adapters import AdapterSpec, LowRank
+from .optim import AdamW, OptimizerSpec
+
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a job trains and how: adapter, optimizer, sites, fit interval `I`, staleness bound `S`."""
+
+    job_id: str
+    adapter: AdapterSpec = field(default_factory=LowRank)
+    optimizer: OptimizerSpec = field(default_factory=AdamW)
+    target_modules: list[str] | str | None = None  # None: the model family's defaults
+    fit_interval: int = 1  # I: fit once on the sum of I steps' gradients
+    staleness: int = 0  # S: steps a forward may run ahead of the newest adapter; 0 is exact
+    merge: bool = True  # fold linear adapters into the weight for single-job batches
+    seed: int = 0  # adapter initialisation, so server and device build the same start
+
+    def __post_init__(self):
+        if not isinstance(self.job_id, str) or not _JOB_ID.fullmatch(self.job_id):
+            raise ValueError(f"`job_id` must be 1-64 of [A-Za-z0-9._-], got {self.job_id!r}")
+        if not isinstance(self.fit_interval, int) or self.fit_interval < 1:
+            raise ValueError(f"`fit_interval` must be an int >= 1, got {self.fit_interval!r}")
+        if not isinstance(self.staleness, int) or self.staleness < 0:
+            raise ValueError(f"`staleness` must be an int >= 0, got {self.staleness!r}")
+        if isinstance(self.adapter, dict):
+            object.__setattr__(self, "adapter", AdapterSpec.from_dict(self.adapter))
+        if isinstance(self.optimizer, dict):
+            object.__setattr__(self, "optimizer", OptimizerSpec.from_dict(self.optimizer))
+
+    def to_dict(self) -> dict:
+        return {"job_id": self.job_id, "adapter": self.adapter.to_dict(),
+                "optimizer": self.optimizer.to_dict(), "target_modules": self.target_modules,
+                "fit_interval": self.fit_interval, "staleness": self.staleness,
+                "merge": self.merge, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JobSpec":
+        return cls(**d)

