@@ -22,6 +22,7 @@ from colaflow.adapters import Adapter, LowRankAdapter, build_adapter, load_param
 from colaflow.gl import Packet, Update, site_seed
 from colaflow.job import JobSpec
 from colaflow.loss import LossFn, causal_lm, per_job
+from colaflow.merge import merged_weights
 from colaflow.sites import Site, find_sites, site_module
 
 
@@ -53,6 +54,7 @@ class _Ctx:
     capture: bool
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     inputs: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> x
+    detached: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Host:
@@ -205,14 +207,10 @@ class Host:
 
     def _merged_weight(self, job: HostedJob, name: str):
         cached = job.merged.get(name)
-        if cached is not None and cached[0] == job.versions[name]:
-            return cached
-        mod = site_module(self.model, name)
-        dw, db = job.adapters[name].delta_weight()
-        w = (mod.weight.float() + dw.float()).to(mod.weight.dtype)
-        b = None if db is None else (mod.bias.float() + db.float()).to(mod.bias.dtype)
-        job.merged[name] = (job.versions[name], w, b)
-        return job.merged[name]
+        if cached is None or cached[0] != job.versions[name]:
+            w = merged_weights(self.model, {name: job.adapters[name]})
+            job.merged[name] = cached = (job.versions[name], w[f"{name}.weight"], w.get(f"{name}.bias"))
+        return cached
 
     # the site hook: add each row's job's delta, keep x and the output whose gradient we want
 
@@ -259,8 +257,8 @@ class Host:
         p = job.adapters[name].spec.dropout
         if p > 0 and ctx.capture:
             x = F.dropout(x, p, training=True)
-        if ctx.capture:
-            ctx.inputs[(job.spec.job_id, name)] = x.detach()
+        if ctx.capture:  # one detached tensor per distinct input, so shared inputs stay shared
+            ctx.inputs[(job.spec.job_id, name)] = ctx.detached.setdefault(id(x), x.detach())
         return x
 
 

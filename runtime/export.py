@@ -1,0 +1,100 @@
+"""Export adapters: a PEFT LoRA directory for lowrank, and colaflow's native format for every kind.
+
+    save_peft(trainer.adapters("acme"), "out/acme-peft", base_model="smollm2-135m")
+    PeftModel.from_pretrained(base, "out/acme-peft")      # loads in stock PEFT
+    save(trainer.adapters("acme"), spec, "out/acme")       # adapter.safetensors + adapter.json
+    spec, adapters = load("out/acme")
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .adapters import Adapter, LowRank, build_adapter, load_params
+from .job import JobSpec
+from .sites import Site
+
+FORMAT = "colaflow-adapter"
+FORMAT_VERSION = 1
+
+
+def _write_dir(path: str | os.PathLike, files: dict[str, object]) -> Path:
+    """Write files into a sibling temp dir, then swap it in: a failure leaves the old export intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        for name, content in files.items():
+            if isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
+                save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, str(tmp / name))
+            else:
+                (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def save_peft(adapters: dict[str, Adapter], path: str | os.PathLike, base_model: str | None = None,
+              task_type: str | None = "CAUSAL_LM") -> Path:
+    """Write lowrank adapters as a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)."""
+    if not adapters:
+        raise ValueError("no adapters to export")
+    specs = {a.spec for a in adapters.values()}
+    if len(specs) != 1 or not isinstance(next(iter(specs)), LowRank):
+        raise ValueError(f"PEFT export needs lowrank adapters of one spec, got {sorted(map(str, specs))}")
+    spec: LowRank = next(iter(specs))
+    kinds = {a.site.kind for a in adapters.values()}
+    tensors = {}
+    for name, a in adapters.items():
+        key = f"base_model.model.{name}"
+        if a.site.kind == "embedding":
+            tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = a.A, a.B
+        else:
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a.A, a.B
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
+        "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "bias": "none",
+        "target_modules": sorted(adapters), "fan_in_fan_out": kinds == {"conv1d"},
+        "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False,
+        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    return _write_dir(path, {"adapter_config.json": config, "adapter_model.safetensors": tensors})
+
+
+def save(adapters: dict[str, Adapter], spec: JobSpec, path: str | os.PathLike,
+         versions: dict[str, int] | None = None) -> Path:
+    """Write any adapter kind in colaflow's native format (adapter.safetensors + adapter.json)."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "job": spec.to_dict(),
+            "sites": [a.site.to_dict() for a in adapters.values()], "versions": versions or {}}
+    tensors = {f"{name}::{p}": v for name, a in adapters.items() for p, v in a.named_parameters()}
+    return _write_dir(path, {"adapter.json": meta, "adapter.safetensors": tensors})
+
+
+def load(path: str | os.PathLike) -> tuple[JobSpec, dict[str, Adapter]]:
+    """Read a native export back: the job spec and {site: adapter}."""
+    path = Path(path)
+    meta_file = path / "adapter.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{path} is not a colaflow adapter export (no adapter.json)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: unsupported format {meta.get('format')!r} v{meta.get('format_version')}")
+    spec = JobSpec.from_dict(meta["job"])
+    tensors = load_file(str(path / "adapter.safetensors"))
+    adapters = {}
+    for sd in meta["sites"]:
+        site = Site.from_dict(sd)
+        a = build_adapter(spec.adapter, site)
+        load_params(a, {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == site.name})
+        adapters[site.name] = a
+    return spec, adapters
