@@ -62,7 +62,7 @@ def load(name: str = DEFAULT, dtype: torch.dtype = torch.float32, verbose: bool 
             src.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=src.parent, prefix=".tmp-"))
             try:  # write aside, then rename: an interrupted conversion leaves no half model behind
-                model.save_pretrained(tmp)
+                _save_plain(model, tmp)
                 tok.save_pretrained(tmp)
                 tmp.rename(src)
             except BaseException:
@@ -74,6 +74,21 @@ def load(name: str = DEFAULT, dtype: torch.dtype = torch.float32, verbose: bool 
     tokenizer = AutoTokenizer.from_pretrained(src)
     model.eval()
     return model, tokenizer
+
+
+def _save_plain(model, path: Path) -> None:
+    """Save a GGUF-loaded (de-quantised) model as a plain HF directory; save_pretrained refuses it."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(path)
+    state = model.state_dict()
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def tiny(family: str, seed: int = 0, vocab: int = 96, hidden: int = 32, layers: int = 2) -> nn.Module:

@@ -1,0 +1,75 @@
+"""Export: a PEFT LoRA directory that stock PEFT loads with equal outputs; the native round trip."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from colaflow import MLP, AdamW, JobSpec, Linear, LowRank, Trainer
+from colaflow.export import load, save, save_peft
+from colaflow.models import tiny
+from conftest import batch_stream, random_batch
+
+
+def _trained(family, spec, targets=None, steps=4):
+    model = tiny(family)
+    job = JobSpec("a", spec, AdamW(lr=3e-2), target_modules=targets)
+    trainer = Trainer(model, [job])
+    for b in batch_stream(96, 2, 8, seed=4, steps=steps):
+        trainer.step({"a": b})
+    trainer.flush()
+    return model, trainer, job
+
+
+@pytest.mark.parametrize("family,targets", [("llama", None), ("gpt2", None), ("llama", ["embed_tokens", "o_proj"])])
+def test_peft_export_loads_in_peft_with_equal_outputs(tmp_path, family, targets):
+    from peft import PeftModel
+
+    model, trainer, _ = _trained(family, LowRank(r=4, alpha=8), targets)
+    path = save_peft(trainer.adapters("a"), tmp_path / "peft", base_model=f"tiny-{family}")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    batch = random_batch(96, 2, 8, 0)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        with trainer.host.using("a"):
+            ours = model(**inputs).logits
+        plain = model(**inputs).logits
+        peft_model = PeftModel.from_pretrained(model, str(path))
+        theirs = peft_model(**inputs).logits
+    assert not torch.allclose(ours, plain, atol=1e-4)  # the adapters do something
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [LowRank(r=2), Linear(bias=True), MLP(hidden=8)])
+def test_native_round_trip(tmp_path, spec):
+    _, trainer, job = _trained("gpt2", spec)
+    save(trainer.adapters("a"), job, tmp_path / "native")
+    spec2, adapters = load(tmp_path / "native")
+    assert spec2 == job
+    for site, a in trainer.adapters("a").items():
+        for (n, p), q in zip(a.named_parameters(), adapters[site].parameters()):
+            assert torch.equal(p.detach(), q.detach()), (site, n)
+
+
+def test_peft_export_refuses_other_kinds(tmp_path):
+    _, trainer, _ = _trained("llama", MLP(hidden=4), steps=1)
+    with pytest.raises(ValueError, match="PEFT export needs lowrank"):
+        save_peft(trainer.adapters("a"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_failed_export_keeps_the_previous_one(tmp_path, monkeypatch):
+    _, trainer, job = _trained("llama", LowRank(r=2), steps=1)
+    path = save(trainer.adapters("a"), job, tmp_path / "native")
+    before = (path / "adapter.safetensors").read_bytes()
+    import colaflow.export as ex
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ex, "save_file", boom)
+    with pytest.raises(OSError, match="No space"):
+        save(trainer.adapters("a"), job, path)
+    assert (path / "adapter.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["native"]
