@@ -20,7 +20,9 @@ class JobSpec:
     target_modules: list[str] | str | None = None  # None: the model family's defaults
     fit_interval: int = 1  # I: fit once on the sum of I steps' gradients
     staleness: int = 0  # S: steps a forward may run ahead of the newest adapter; 0 is exact
-    merge: bool = True  # fold linear adapters into the weight for single-job batches
+    # Fold linear adapters into the weight (W + dW, out of place) for single-job batches. Off by
+    # default: for small ranks the unmerged delta costs less than a cached W + dW per site.
+    merge: bool = False
     seed: int = 0  # adapter initialisation, so server and device build the same start
 
     def __post_init__(self):

@@ -282,8 +282,10 @@ def _mixed_lowrank(x: torch.Tensor, adapters: list[LowRankAdapter], row_job: tor
 
 def _select(t: torch.Tensor, rows: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
     """A job's part of a site tensor: its rows, and of those only real (unpadded) tokens."""
+    t = t.detach()
     if rows is not None:
         t = t[rows]
     if mask is not None and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
-        t = t[mask]  # (N, ...)
-    return t.detach().contiguous()
+        # (N, ...): a view when nothing is padded, a copy of the real tokens otherwise
+        t = t.flatten(0, 1) if bool(mask.all()) else t[mask]
+    return t

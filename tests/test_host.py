@@ -92,7 +92,7 @@ def test_job_touches_only_its_rows():
 def test_merged_forward_equals_unmerged(family, adapter):
     model = tiny(family)
     host = Host(model)
-    host.add_job(JobSpec("a", adapter))
+    host.add_job(JobSpec("a", adapter, merge=True))
     for a in host.jobs["a"].adapters.values():
         for p in a.parameters():
             p.data.normal_(0, 0.1)

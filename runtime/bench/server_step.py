@@ -1,0 +1,100 @@
+"""`colaflow bench server-step`: the ColA server step against a PEFT LoRA training step.
+
+Same model (SmolLM2-135M), same batch (8 x 128 tokens), same sites (q_proj, v_proj, r=8), CPU.
+ColA: forward with adapters + backward for site gradients only (capture included), no optimizer.
+PEFT: forward + backward (LoRA parameter gradients) + AdamW step. Sides alternate; medians.
+Last line: {"time_ratio": colaflow / peft, "mem_ratio": colaflow / peft, ...}
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from .common import alternate, measure_in_subprocess, mib, peak_during, report
+
+MODULE = "colaflow.bench.server_step"
+ROWS, TOKENS = 8, 128
+
+
+def _batch(vocab: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (ROWS, TOKENS), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _sides(model, which: set[str]) -> dict:
+    from colaflow import JobSpec, LowRank
+    from colaflow.loss import causal_lm
+    from colaflow.server import Host
+
+    batch = _batch(model.config.vocab_size)
+    sides = {}
+    if "colaflow" in which or "colaflow-unmerged" in which:
+        for name, merge in (("colaflow", True), ("colaflow-unmerged", False)):
+            if name in which:
+                host = Host(model if len(which) == 1 else copy.deepcopy(model))
+                host.add_job(JobSpec("bench", LowRank(r=8, alpha=8), merge=merge))
+                for a in host.jobs["bench"].adapters.values():  # a trained-looking adapter, not zeros
+                    a.B.data.normal_(0, 0.01)
+                sides[name] = (lambda h: lambda: h.step(batch | {"jobs": ["bench"] * ROWS}))(host)
+    if "peft" in which:
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(copy.deepcopy(model) if len(which) > 1 else model,
+                                    LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-4)
+
+        def peft_step():
+            out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            rs, rc = causal_lm(out, batch)
+            (rs.sum() / rc.sum()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sides["peft"] = peft_step
+    return sides
+
+
+def _load(name: str):
+    from colaflow.models import load
+
+    model, _ = load(name, verbose=False)
+    return model
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.manual_seed(0)
+    model = _load(args.model)
+    print(f"server-step: {args.model}, batch {ROWS} x {TOKENS} tokens, lowrank r=8 on q_proj,v_proj, "
+          f"{torch.get_num_threads()} threads, {args.repeats} alternating rounds", flush=True)
+    t = alternate(_sides(model, {"colaflow", "colaflow-unmerged", "peft"}), args.repeats)
+    for k, v in t.items():
+        print(f"  time  {k:18s} {v * 1000:8.0f} ms/step   {ROWS * TOKENS / v:7.0f} tokens/s")
+    mem = {s: measure_in_subprocess(MODULE, s, ["--model", args.model])["peak"]
+           for s in ("colaflow", "colaflow-unmerged", "peft")}
+    for k, v in mem.items():
+        print(f"  peak  {k:18s} {mib(v)} above the loaded model (2 steps, fresh process)")
+    report({"time_ratio": round(t["colaflow"] / t["peft"], 3), "mem_ratio": round(mem["colaflow"] / mem["peft"], 3),
+            "unmerged_time_ratio": round(t["colaflow-unmerged"] / t["peft"], 3),
+            "unmerged_mem_ratio": round(mem["colaflow-unmerged"] / mem["peft"], 3),
+            "colaflow_ms": round(t["colaflow"] * 1000), "peft_ms": round(t["peft"] * 1000)})
+    return 0
+
+
+def _mem_side(side: str, model_name: str) -> None:
+    model = _load(model_name)
+    step = _sides(model, {side})[side]
+    def two_steps():  # the second step shows the optimizer state PEFT keeps; results are dropped
+        step()
+        step()
+    peak = peak_during(two_steps)
+    report({"side": side, "peak": peak})
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--mem-side", required=True)
+    p.add_argument("--model", default="smollm2-135m")
+    a = p.parse_args()
+    _mem_side(a.mem_side, a.model)

@@ -1,0 +1,131 @@
+"""`colaflow bench tenants`: K tenants, each with its own low-rank adapter, on one server.
+
+colaflow: one mixed batch per step (one 128-token row per tenant, each row through its own
+tenant's adapter). PEFT refuses mixed-adapter batches in training, so its side is K sequential
+steps with `set_adapter`, each with that tenant's AdamW. Tokens/s, peak memory and the bytes the
+server holds per tenant, both sides measured in the same run, alternating; medians.
+Last line: {"throughput_ratio", "mem_ratio", "state_per_tenant_ratio"} (colaflow over PEFT).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from .common import alternate, measure_in_subprocess, mib, peak_during, report
+
+MODULE = "colaflow.bench.tenants"
+K, TOKENS = 16, 128
+
+
+def _rows(vocab: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (K, TOKENS), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _colaflow(model, fits: bool = False):
+    from colaflow import JobSpec, LowRank, Trainer
+
+    trainer = Trainer(model, [JobSpec(f"t{k}", LowRank(r=8, alpha=8), seed=k) for k in range(K)])
+    for job in trainer.host.jobs.values():
+        for a in job.adapters.values():
+            a.B.data.normal_(0, 0.01)
+    batch = _rows(model.config.vocab_size)
+    mixed = batch | {"jobs": [f"t{k}" for k in range(K)]}
+    parts = {f"t{k}": {n: v[k:k + 1] for n, v in batch.items()} for k in range(K)}
+
+    def server_step():
+        trainer.host.step(mixed)
+
+    def with_fits():  # the in-process loop: server step + all 16 x 60 device fits on this machine
+        trainer.step(parts)
+    held = sum(p.numel() * p.element_size() for j in trainer.host.jobs.values()
+               for a in j.adapters.values() for p in a.parameters()) / K
+    return (with_fits if fits else server_step), held
+
+
+def _peft(model):
+    from peft import LoraConfig, get_peft_model
+
+    from colaflow.loss import causal_lm
+
+    cfg = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    pm = get_peft_model(model, cfg, adapter_name="t0")
+    for k in range(1, K):
+        pm.add_adapter(f"t{k}", cfg)
+    batch = _rows(model.config.vocab_size)
+    opts = {}
+    for k in range(K):
+        pm.set_adapter(f"t{k}")
+        opts[k] = torch.optim.AdamW([p for n, p in pm.named_parameters() if f".t{k}." in n], lr=3e-4)
+
+    def sequential():
+        for k in range(K):
+            pm.set_adapter(f"t{k}")
+            row = {n: v[k:k + 1] for n, v in batch.items()}
+            out = pm(input_ids=row["input_ids"], attention_mask=row["attention_mask"])
+            rs, rc = causal_lm(out, row)
+            (rs.sum() / rc.sum()).backward()
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+
+    def held() -> float:  # parameters + the gradients each step allocates + AdamW moments
+        total = 0
+        for k in range(K):
+            for p in opts[k].param_groups[0]["params"]:
+                total += 2 * p.numel() * p.element_size()
+                total += sum(t.numel() * t.element_size() for t in opts[k].state[p].values()
+                             if isinstance(t, torch.Tensor))
+        return total / K
+    return sequential, held
+
+
+def _load(name):
+    from colaflow.models import load
+
+    return load(name, verbose=False)[0]
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.manual_seed(0)
+    model = _load(args.model)
+    cola, cola_held = _colaflow(copy.deepcopy(model))
+    cola_fits, _ = _colaflow(copy.deepcopy(model), fits=True)
+    peft, peft_held = _peft(model)
+    print(f"tenants: {args.model}, K={K} tenants x 1 row x {TOKENS} tokens per step, lowrank r=8 on "
+          f"q_proj,v_proj, {torch.get_num_threads()} threads, {args.repeats} alternating rounds", flush=True)
+    t = alternate({"colaflow": cola, "peft": peft, "colaflow+fits": cola_fits}, args.repeats)
+    tps = {k: K * TOKENS / v for k, v in t.items()}
+    for k in t:
+        print(f"  {k:14s} {t[k] * 1000:8.0f} ms per {K * TOKENS} tokens   {tps[k]:7.0f} tokens/s")
+    held = {"colaflow": cola_held, "peft": peft_held()}
+    for k, v in held.items():
+        print(f"  server-held per tenant  {k:9s} {v / 1024:8.1f} KiB")
+    mem = {s: measure_in_subprocess(MODULE, s, ["--model", args.model])["peak"] for s in ("colaflow", "peft")}
+    for k, v in mem.items():
+        print(f"  peak  {k:9s} {mib(v)} above the loaded model (fresh process, 2 rounds)")
+    report({"throughput_ratio": round(tps["colaflow"] / tps["peft"], 3),
+            "mem_ratio": round(mem["colaflow"] / mem["peft"], 3),
+            "state_per_tenant_ratio": round(held["colaflow"] / held["peft"], 3),
+            "throughput_ratio_with_inprocess_fits": round(tps["colaflow+fits"] / tps["peft"], 3)})
+    return 0
+
+
+def _mem_side(side: str, model_name: str) -> None:
+    model = _load(model_name)
+    step = _colaflow(model)[0] if side == "colaflow" else _peft(model)[0]
+
+    def two_rounds():
+        step()
+        step()
+    report({"side": side, "peak": peak_during(two_rounds)})
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--mem-side", required=True)
+    p.add_argument("--model", default="smollm2-135m")
+    a = p.parse_args()
+    _mem_side(a.mem_side, a.model)

@@ -1,0 +1,65 @@
+"""The real pretrained model: SmolLM2-135M loads offline, ColA equals PEFT on it, the demo learns."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from colaflow import AdamW, JobSpec, LowRank, Trainer
+from colaflow.data import batches
+from colaflow.models import load
+from colaflow.tasks.knowledge import make_facts, train_examples
+from conftest import rel_err
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load("smollm2-135m")
+
+
+def test_loads_offline(smollm2):
+    model, tok = smollm2
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert sum(p.numel() for p in model.parameters()) > 130e6
+    ids = tok("Question: What is the capital of France?\nAnswer: Paris", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    # a pretrained model, not random weights: it finds " Paris" likely after "Answer:"
+    assert logits[0, -2].log_softmax(-1)[ids[0, -1]] > -3.0
+
+
+def test_colaflow_equals_peft_on_smollm2(smollm2, peft_reference):
+    model, tok = smollm2
+    spec = LowRank(r=8, alpha=16)
+    trainer = Trainer(model, [JobSpec("j", spec, AdamW(lr=1e-3), target_modules=[
+        "model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.v_proj",
+        "model.layers.20.self_attn.q_proj", "model.layers.20.self_attn.v_proj"])])
+    ref = peft_reference(model, trainer, "j", spec, lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0))
+    data = batches(train_examples(tok, make_facts(6)), 4)
+    for _ in range(3):
+        b = next(data)
+        trainer.step({"j": b})
+        ref.step([b])
+    trainer.flush()
+    for site, a in trainer.adapters("j").items():
+        assert rel_err(a.B.detach(), ref.params(site)["B"]) <= 1e-5
+        assert rel_err(a.A.detach(), ref.params(site)["A"]) <= 1e-5
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def test_demo_runs_and_exports(tmp_path):
+    out = subprocess.run([str(Path(sys.executable).parent / "colaflow"), "demo", "--facts", "6", "--steps", "30",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert "exact match before fine-tuning: 0.0%" in text
+    after = float(text.split("exact match after fine-tuning:")[1].split("%")[0])
+    assert after >= 50.0, text
+    assert (tmp_path / "out/peft/adapter_model.safetensors").exists()
+    assert (tmp_path / "out/native/adapter.json").exists()
