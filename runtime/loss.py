@@ -14,9 +14,11 @@ LossFn = Callable[[object, dict], tuple[torch.Tensor, torch.Tensor]]
 
 def causal_lm(output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy on `labels` (IGNORE where no loss), summed per row."""
-    logits, labels = output.logits[:, :-1], batch["labels"][:, 1:]  # (B, T-1, V), (B, T-1)
+    logits = output.logits  # (B, T, V)
+    # shift the labels, not the logits: slicing (B, T, V) would copy it, forward and backward
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # (B, T): position t predicts t+1
     ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                         reduction="none").view(labels.shape)  # (B, T-1)
+                         reduction="none").view(labels.shape)  # (B, T)
     return ce.sum(1), (labels != IGNORE).sum(1)
 
 

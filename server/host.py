@@ -54,7 +54,7 @@ class _Ctx:
     capture: bool
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     inputs: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> x
-    detached: dict[int, torch.Tensor] = field(default_factory=dict)
+    detached: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
 
 class Host:
@@ -149,7 +149,7 @@ class Host:
                 g = _select(g_of[name], rows, m)
                 if not torch.isfinite(g).all():
                     raise FloatingPointError(f"site `{name}`: gradient of job {job_id!r} at step "
-                                             f"{self.steps} holds NaN or Inf (loss {float(losses[job_id]):.4g})")
+                                             f"{self.steps} holds NaN or Inf (loss {float(losses[job_id].detach()):.4g})")
                 packets.append(Packet(job_id, name, self.steps, job.versions[name], picked[id(x)], g))
         result = StepResult(self.steps, {j: float(v.detach()) for j, v in losses.items()}, packets, tokens)
         self.steps += 1
@@ -257,8 +257,10 @@ class Host:
         p = job.adapters[name].spec.dropout
         if p > 0 and ctx.capture:
             x = F.dropout(x, p, training=True)
-        if ctx.capture:  # one detached tensor per distinct input, so shared inputs stay shared
-            ctx.inputs[(job.spec.job_id, name)] = ctx.detached.setdefault(id(x), x.detach())
+        if ctx.capture:  # one detached tensor per distinct input, so shared inputs stay shared;
+            # keyed by memory, not id(): a freed input's id may be reused within the forward
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+            ctx.inputs[(job.spec.job_id, name)] = ctx.detached.setdefault(key, x.detach())
         return x
 
 

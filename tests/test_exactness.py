@@ -11,7 +11,7 @@ from conftest import batch_stream, rel_err
 TOL = 1e-5
 
 
-def _run(family, targets, opt_spec, make_opt, peft_reference, interval=1, steps=20, merge=True):
+def _run(family, targets, opt_spec, make_opt, peft_reference, interval=1, steps=20, merge=False):
     model = tiny(family)
     spec = LowRank(r=8, alpha=16)
     trainer = Trainer(model, [JobSpec("j", spec, opt_spec, target_modules=targets, fit_interval=interval,

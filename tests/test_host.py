@@ -140,3 +140,30 @@ def test_merged_training_leaves_base_weights_bitwise():
         trainer.step({"a": b})
     assert trainer.host.jobs["a"].merged  # the merged path ran
     assert all(torch.equal(model.state_dict()[k], v) for k, v in pristine.items())
+
+
+def test_each_site_gets_its_own_input_even_when_temporaries_are_freed():
+    """Inputs that are freed mid-forward must not be mistaken for one another (no id() reuse)."""
+    from torch import nn
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(12))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(torch.tanh(x) * 1.0)  # a fresh temporary per layer, freed after use
+            return x
+
+    net = Chain()
+    host = Host(net, loss_fn=lambda out, b: (out.pow(2).sum((1, 2)), torch.ones(out.shape[0])))
+    host.add_job(JobSpec("a", LowRank(r=2), target_modules=r"layers\.\d+"))
+    x = torch.randn(2, 3, 8)
+    packets = {p.site: p for p in host.step({"x": x, "jobs": ["a", "a"]}).packets}
+    h = x
+    with torch.no_grad():
+        for i, layer in enumerate(net.layers):
+            inp = torch.tanh(h) * 1.0
+            assert torch.equal(packets[f"layers.{i}"].x, inp), i
+            h = layer(inp)

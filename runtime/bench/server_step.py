@@ -26,7 +26,6 @@ def _batch(vocab: int) -> dict:
 
 def _sides(model, which: set[str]) -> dict:
     from colaflow import JobSpec, LowRank
-    from colaflow.loss import causal_lm
     from colaflow.server import Host
 
     batch = _batch(model.config.vocab_size)
@@ -47,9 +46,7 @@ def _sides(model, which: set[str]) -> dict:
         opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-4)
 
         def peft_step():
-            out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            rs, rc = causal_lm(out, batch)
-            (rs.sum() / rc.sum()).backward()
+            peft_model(**batch).loss.backward()  # HF's own causal-LM loss, as a PEFT user trains
             opt.step()
             opt.zero_grad(set_to_none=True)
         sides["peft"] = peft_step

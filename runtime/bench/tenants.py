@@ -49,8 +49,6 @@ def _colaflow(model, fits: bool = False):
 def _peft(model):
     from peft import LoraConfig, get_peft_model
 
-    from colaflow.loss import causal_lm
-
     cfg = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     pm = get_peft_model(model, cfg, adapter_name="t0")
     for k in range(1, K):
@@ -65,9 +63,7 @@ def _peft(model):
         for k in range(K):
             pm.set_adapter(f"t{k}")
             row = {n: v[k:k + 1] for n, v in batch.items()}
-            out = pm(input_ids=row["input_ids"], attention_mask=row["attention_mask"])
-            rs, rc = causal_lm(out, row)
-            (rs.sum() / rc.sum()).backward()
+            pm(**row).loss.backward()  # HF's own causal-LM loss, as a PEFT user trains
             opts[k].step()
             opts[k].zero_grad(set_to_none=True)
 
