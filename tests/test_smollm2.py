@@ -26,11 +26,12 @@ def test_loads_offline(smollm2):
     model, tok = smollm2
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     assert sum(p.numel() for p in model.parameters()) > 130e6
-    ids = tok("Question: What is the capital of France?\nAnswer: Paris", return_tensors="pt")["input_ids"]
+    text = "The capital of France is Paris. It is known for the Eiffel Tower and its museums."
+    ids = tok(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        logits = model(ids).logits
-    # a pretrained model, not random weights: it finds " Paris" likely after "Answer:"
-    assert logits[0, -2].log_softmax(-1)[ids[0, -1]] > -3.0
+        loss = model(ids, labels=ids).loss
+    # pretrained weights, not random ones: a random model scores about ln(49152) = 10.8 nats
+    assert loss < 4.0, float(loss)
 
 
 def test_colaflow_equals_peft_on_smollm2(smollm2, peft_reference):
