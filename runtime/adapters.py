@@ -238,6 +238,15 @@ def build_adapter(spec: AdapterSpec, site: Site, seed: int | None = None) -> Ada
 
 def load_params(adapter: Adapter, params: dict[str, torch.Tensor]) -> None:
     """Copy `params` into `adapter`, refusing unknown names and wrong shapes with the site named."""
+    check_params(adapter, params)
+    own = dict(adapter.named_parameters())
+    with torch.no_grad():
+        for name, value in params.items():
+            own[name].copy_(value)
+
+
+def check_params(adapter: Adapter, params: dict[str, torch.Tensor]) -> None:
+    """Raise unless `params` has exactly the adapter's names and shapes, all finite."""
     own = dict(adapter.named_parameters())
     site = adapter.site.name
     if set(params) != set(own):
@@ -247,11 +256,8 @@ def load_params(adapter: Adapter, params: dict[str, torch.Tensor]) -> None:
         if tuple(value.shape) != tuple(own[name].shape):
             raise ValueError(f"site `{site}`: parameter `{name}` has shape {tuple(value.shape)}, "
                              f"the adapter expects {tuple(own[name].shape)}")
-        if not torch.isfinite(value).all():
+        if not value.is_floating_point() or not torch.isfinite(value).all():
             raise ValueError(f"site `{site}`: parameter `{name}` holds non-finite values")
-    with torch.no_grad():
-        for name, value in params.items():
-            own[name].copy_(value)
 
 
 def params_of(adapter: Adapter) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ import re
 from dataclasses import dataclass, field
 
 from .adapters import AdapterSpec, LowRank
+from .codec import CODECS
 from .optim import AdamW, OptimizerSpec
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -24,6 +25,8 @@ class JobSpec:
     # default: for small ranks the unmerged delta costs less than a cached W + dW per site.
     merge: bool = False
     seed: int = 0  # adapter initialisation, so server and device build the same start
+    codec_x: str = "raw"  # wire codec of the site inputs x: raw, bf16, fp16, int8
+    codec_g: str = "raw"  # wire codec of the gradients g
 
     def __post_init__(self):
         if not isinstance(self.job_id, str) or not _JOB_ID.fullmatch(self.job_id):
@@ -32,6 +35,9 @@ class JobSpec:
             raise ValueError(f"`fit_interval` must be an int >= 1, got {self.fit_interval!r}")
         if not isinstance(self.staleness, int) or self.staleness < 0:
             raise ValueError(f"`staleness` must be an int >= 0, got {self.staleness!r}")
+        for name in ("codec_x", "codec_g"):
+            if getattr(self, name) not in CODECS:
+                raise ValueError(f"`{name}` must be one of {CODECS}, got {getattr(self, name)!r}")
         if isinstance(self.adapter, dict):
             object.__setattr__(self, "adapter", AdapterSpec.from_dict(self.adapter))
         if isinstance(self.optimizer, dict):
@@ -41,7 +47,7 @@ class JobSpec:
         return {"job_id": self.job_id, "adapter": self.adapter.to_dict(),
                 "optimizer": self.optimizer.to_dict(), "target_modules": self.target_modules,
                 "fit_interval": self.fit_interval, "staleness": self.staleness,
-                "merge": self.merge, "seed": self.seed}
+                "merge": self.merge, "seed": self.seed, "codec_x": self.codec_x, "codec_g": self.codec_g}
 
     @classmethod
     def from_dict(cls, d: dict) -> "JobSpec":

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, demo
+from . import bench, demo, edge, serve
 
-COMMANDS = {"demo": demo, "bench": bench}
+COMMANDS = {"demo": demo, "bench": bench, "serve": serve, "edge": edge}
 
 
 def main(argv: list[str] | None = None) -> int:

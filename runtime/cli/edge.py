@@ -1,0 +1,50 @@
+"""`colaflow edge`: the worker daemon for laptops, Jetsons and small cloud nodes.
+
+    colaflow edge --server 10.0.0.5:7000 --token-file worker.token --state-dir ~/.colaflow-edge
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("edge", help="run a worker daemon that fits adapters for a server")
+    p.add_argument("--server", required=True, help="HOST:PORT of the colaflow server")
+    p.add_argument("--token-file", help="file holding this worker's bearer token")
+    p.add_argument("--tls-ca", help="CA certificate that signed the server's certificate")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--state-dir", help="checkpoints live here; a restarted daemon resumes from them")
+    p.add_argument("--worker-id", help="stable id (default: kept in the state dir, else the host name)")
+    p.add_argument("--threads", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from colaflow.edge_client.daemon import Daemon, install_sigterm
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    state = Path(args.state_dir).expanduser() if args.state_dir else None
+    worker_id = args.worker_id or _stable_id(state)
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    daemon = Daemon(args.server, token, worker_id, state, args.device, ca)
+    install_sigterm(daemon)
+    return daemon.run()
+
+
+def _stable_id(state: Path | None) -> str:
+    if state is None:
+        return socket.gethostname()
+    f = state / "worker_id"
+    if not f.exists():
+        import secrets
+
+        state.mkdir(parents=True, exist_ok=True)
+        f.write_text(f"{socket.gethostname()}-{secrets.token_hex(4)}")
+    return f.read_text().strip()

@@ -1,0 +1,66 @@
+"""`colaflow serve`: the adaptation server (model host + worker and control gRPC services).
+
+    colaflow serve --model smollm2-135m --port 7000 --tokens tokens.txt
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the adaptation server")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, tiny-gpt2, or an HF directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7000, help="0 picks a free port (printed)")
+    p.add_argument("--tls-cert"), p.add_argument("--tls-key")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
+    p.add_argument("--tokens", help="file of `TOKEN ROLE` lines; without it every caller is admin")
+    p.add_argument("--state-dir", help="reserved: server state persistence is not implemented yet")
+    p.add_argument("--reassign-after", type=float, default=30.0, help="seconds before a lost worker's sites move")
+    p.add_argument("--threads", type=int, default=0)
+
+
+def load_model(name: str):
+    from colaflow.models import load, tiny
+
+    if name.startswith("tiny-"):
+        return tiny(name[len("tiny-"):])
+    return load(name)[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from colaflow.server.auth import Tokens
+    from colaflow.server.coordinator import Coordinator
+    from colaflow.server.host import Host
+    from colaflow.server.service import make_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("colaflow serve: --tls-cert and --tls-key go together")
+    tls = None
+    if args.tls_cert:
+        ca = open(args.tls_client_ca, "rb").read() if args.tls_client_ca else None
+        tls = (open(args.tls_key, "rb").read(), open(args.tls_cert, "rb").read(), ca)
+    tokens = Tokens.load(args.tokens)
+    coordinator = Coordinator(Host(load_model(args.model)), reassign_after=args.reassign_after)
+    server, port = make_server(coordinator, tokens, f"{args.host}:{args.port}", tls)
+    server.start()
+    print(f"colaflow serve: listening on {args.host}:{port}", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    loop = threading.Thread(target=coordinator.run, daemon=True)
+    loop.start()
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    coordinator.stop()
+    server.stop(grace=2).wait()
+    return 0
