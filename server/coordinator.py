@@ -196,13 +196,14 @@ class Coordinator:
         """Check and queue an update; True if new. Raises PermissionError / ValueError / KeyError."""
         with self.lock:
             job = self.jobs.get(update.job)
-            if job is None:
-                raise KeyError(f"update for unknown job {update.job!r}")
-            if self.owner.get((update.job, update.site)) != worker_id:
+            if job is None or self.owner.get((update.job, update.site)) != worker_id:
+                # unknown and foreign jobs read the same: a worker learns nothing of other tenants
                 raise PermissionError(f"worker {worker_id!r} is not assigned site `{update.site}` of job {update.job!r}")
             version, _ = job.received[update.site]
-            if update.version <= version:
-                return False  # a replay of what we have: acknowledge again, change nothing
+            if update.version <= version:  # a replay of what we have: acknowledge again, change nothing
+                self.workers[worker_id].control.append(("ack", update.job, update.site, version))
+                self.cond.notify_all()
+                return False
             if update.version != version + 1:
                 raise ValueError(f"update of `{update.site}` has version {update.version}; expected {version + 1}")
             want = update.version * job.spec.fit_interval - 1

@@ -1,0 +1,145 @@
+"""Invariant 7 over gRPC: bad tokens and bad frames are refused with a clear status; the server
+keeps serving the other jobs, whose result is unchanged."""
+from __future__ import annotations
+
+import queue
+import time
+
+import grpc
+import pytest
+import torch
+
+from colaflow import AdamW, JobSpec, LowRank, serde
+from colaflow.client import Client
+from colaflow.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
+from procs import examples, start_edge, start_server, stop, wait_done
+from test_transport import exported, max_err, reference
+
+WORKER, CONTROL = "w" * 24, "c" * 24
+
+
+class Rogue:
+    """A hand-driven worker that speaks the protocol and sends what we tell it to."""
+
+    def __init__(self, address: str, token: str = WORKER, worker_id: str = "rogue"):
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 128 << 20),
+                                                               ("grpc.use_local_subchannel_pool", 1)])
+        self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.md = [("authorization", f"Bearer {token}"), ("x-worker-id", worker_id)]
+        self.worker_id = worker_id
+
+    def open(self):
+        reg = self.stub.Register(worker_pb2.RegisterRequest(worker_id=self.worker_id), metadata=self.md, timeout=10)
+        self.out: queue.Queue = queue.Queue()
+        self.out.put(worker_pb2.WorkerMessage(hello=worker_pb2.Hello(session=reg.session)))
+        self.responses = self.stub.Work(iter(self.out.get, None), metadata=self.md)
+        return self
+
+    def next(self, kind: str, timeout: float = 20):
+        end = time.time() + timeout
+        for msg in self.responses:
+            if msg.WhichOneof("kind") == kind:
+                return msg
+            assert time.time() < end, f"no {kind} message"
+
+    def send_update(self, frame: worker_pb2.UpdateFrame):
+        for c in serde.to_chunks(frame, seq=1):
+            self.out.put(worker_pb2.WorkerMessage(update=c))
+
+    def refused(self) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in self.responses:
+                pass
+        self.close()
+        return e.value
+
+    def close(self) -> None:
+        self.out.put(None)
+        self.channel.close()
+
+
+def update(job: str, site: str, version: int, fitted: int, params: dict) -> worker_pb2.UpdateFrame:
+    return worker_pb2.UpdateFrame(job=job, site=site, version=version, fitted_through=fitted,
+                                  params={k: serde.tensor_to_proto(v) for k, v in params.items()})
+
+
+@pytest.fixture
+def secured(tmp_path):
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{WORKER} worker\n{CONTROL} control\n")
+    (tmp_path / "worker.token").write_text(WORKER)
+    server, address = start_server(tmp_path, "--tokens", str(tokens))
+    edge = start_edge(tmp_path, address, "a", "--token-file", str(tmp_path / "worker.token"))
+    client = Client(address, token=CONTROL)
+    end = time.time() + 60
+    while client.health().workers < 1:
+        assert time.time() < end
+        time.sleep(0.1)
+    yield client, address
+    client.close()
+    stop(edge, server)
+
+
+def test_tokens_gate_every_call(secured):
+    client, address = secured
+    with pytest.raises(grpc.RpcError) as e:
+        Rogue(address, token="x" * 24).open()
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as e:
+        Rogue(address, token=CONTROL).open()  # a control token cannot act as a worker
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "`worker` token" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        Client(address, token=WORKER).list()
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_bad_frames_are_refused_and_other_jobs_are_untouched(secured, tmp_path):
+    client, address = secured
+    ex = examples(96, 16, seed=5)
+    good = JobSpec("good", LowRank(r=4), AdamW(lr=1e-2))
+    client.submit(good, ex, steps=30, batch_size=4)
+    while client.get("good").state == "waiting":
+        time.sleep(0.05)
+    rogue = Rogue(address).open()
+    client.submit(JobSpec("mine", LowRank(r=4)), examples(96, 8, seed=6), steps=5, batch_size=4)
+    a = rogue.next("assignment")
+    assert a.assignment.job == "mine" and len(a.assignment.sites) == 4  # the idle worker takes the new job
+    site = serde.unpack(a.assignment.sites[0].site)["name"]
+    ok = {"A": torch.randn(4, 32), "B": torch.zeros(32, 4)}
+    foreign = client.get("good").versions
+    cases = [
+        (update("good", next(iter(foreign)), 99, 98, ok), grpc.StatusCode.PERMISSION_DENIED, "not assigned"),
+        (update("nope", site, 1, 0, ok), grpc.StatusCode.PERMISSION_DENIED, "not assigned"),
+        (update("mine", site, 1, 0, {"A": torch.randn(4, 32), "B": torch.zeros(31, 4)}),
+         grpc.StatusCode.INVALID_ARGUMENT, "parameter `B` has shape (31, 4)"),
+        (update("mine", site, 1, 0, {"A": torch.full((4, 32), float("nan")), "B": torch.zeros(32, 4)}),
+         grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+        (update("mine", site, 3, 2, ok), grpc.StatusCode.INVALID_ARGUMENT, "expected 1"),
+    ]
+    short = update("mine", site, 1, 0, ok)
+    short.params["A"].data = short.params["A"].data[:-4]
+    cases.append((short, grpc.StatusCode.INVALID_ARGUMENT, "`data` has 508 bytes"))
+    for frame, code, text in cases:
+        rogue.send_update(frame)
+        err = rogue.refused()
+        assert err.code() == code and text in err.details(), (err.code(), err.details())
+        rogue = Rogue(address).open()
+    # an oversized chunk, and a message over the server's limit
+    rogue.out.put(worker_pb2.WorkerMessage(update=worker_pb2.Chunk(seq=1, index=0, count=2, data=b"\0" * (5 << 20))))
+    err = rogue.refused()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds" in err.details()
+    rogue = Rogue(address).open()
+    rogue.out.put(worker_pb2.WorkerMessage(update=worker_pb2.Chunk(seq=1, index=0, count=1, data=b"\0" * (70 << 20))))
+    assert rogue.refused().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # a valid update is taken; replaying its sequence number (version) changes nothing
+    rogue = Rogue(address).open()
+    rogue.send_update(update("mine", site, 1, 0, ok))
+    assert rogue.next("ack").ack.version == 1
+    rogue.send_update(update("mine", site, 1, 0, {"A": torch.ones(4, 32), "B": torch.ones(32, 4)}))
+    assert rogue.next("ack").ack.version == 1
+    client.cancel("mine")
+    kept = exported(client, "mine", tmp_path)[site]
+    assert torch.equal(kept["A"], ok["A"]) and torch.equal(kept["B"], ok["B"])  # the replay changed nothing
+    # meanwhile the good job ran on; its result is exactly what it would have been alone
+    assert wait_done(client, "good").state == "done"
+    assert max_err(exported(client, "good", tmp_path), reference(good, ex, 30)) <= 1e-6
