@@ -5,6 +5,8 @@ Tensors go through `codec` (the only place they become bytes); maps go through m
 """
 from __future__ import annotations
 
+import os
+
 import msgpack
 import torch
 
@@ -12,7 +14,9 @@ from . import codec
 from .gl import Packet, Update
 from .v1 import tensor_pb2, worker_pb2
 
-CHUNK_BYTES = 4 << 20  # at most 4 MiB of frame per message
+MAX_CHUNK_BYTES = 4 << 20  # at most 4 MiB of frame per message
+# smaller chunks may be asked for (tests cut connections mid-frame with them)
+CHUNK_BYTES = max(1024, min(MAX_CHUNK_BYTES, int(os.environ.get("COLAFLOW_CHUNK_BYTES", MAX_CHUNK_BYTES))))
 MAX_FRAME_BYTES = 1 << 30
 _CODEC_PB = {"raw": tensor_pb2.CODEC_RAW, "bf16": tensor_pb2.CODEC_BF16, "fp16": tensor_pb2.CODEC_FP16,
              "int8": tensor_pb2.CODEC_INT8}
@@ -122,8 +126,8 @@ class Reassembler:
         elif c.seq != self.seq or c.index != len(self.parts) or c.count != self.count:
             raise ValueError(f"chunk seq {c.seq} index {c.index}/{c.count} arrived out of order "
                              f"(expected seq {self.seq} index {len(self.parts)}/{self.count})")
-        if len(c.data) > CHUNK_BYTES:
-            raise ValueError(f"chunk of {len(c.data)} bytes exceeds {CHUNK_BYTES}")
+        if len(c.data) > MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk of {len(c.data)} bytes exceeds {MAX_CHUNK_BYTES}")
         self.size += len(c.data)
         if self.size > self.max_bytes:
             raise ValueError(f"frame exceeds {self.max_bytes} bytes")

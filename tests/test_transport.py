@@ -102,3 +102,27 @@ def test_killed_daemon_restarts_and_the_run_is_unchanged(cluster, tmp_path):
     assert wait_done(client, "resume").state == "done"
     assert max_err(exported(client, "resume", tmp_path), reference(spec, ex, steps)) <= 1e-6
     assert "restored" in (tmp_path / "edge-a.log").read_text()
+
+
+def test_connection_cut_mid_frame_recovers_exactly(tmp_path, monkeypatch):
+    """Chunks of 2 KiB make every packet frame span many messages; the proxy cuts the first
+    connection part-way through one. The daemon reconnects, the server replays, nothing changes."""
+    from proxy import CuttingProxy
+
+    monkeypatch.setenv("COLAFLOW_CHUNK_BYTES", "2048")
+    server, address = start_server(tmp_path)
+    proxy = CuttingProxy(address, cut_after=60_000)
+    edge = start_edge(tmp_path, proxy.address, "a")
+    client = Client(address)
+    try:
+        ex = examples(96, 32, seed=3)
+        spec = JobSpec("cut", LowRank(r=4), AdamW(lr=1e-2))
+        client.submit(spec, ex, steps=STEPS, batch_size=16)
+        assert wait_done(client, "cut").state == "done"
+        assert proxy.cuts >= 1 and proxy.connections >= 2
+        assert max_err(exported(client, "cut", tmp_path), reference(spec, ex, STEPS, batch_size=16)) <= 1e-6
+        assert "reconnecting" in (tmp_path / "edge-a.log").read_text()
+    finally:
+        client.close()
+        stop(edge, server)
+        proxy.close()
