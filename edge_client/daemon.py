@@ -145,6 +145,13 @@ class Daemon:
                     t0, fits0 = time.monotonic(), self.fits
                 if self.stopping.is_set():
                     outq.put(worker_pb2.WorkerMessage(goodbye=worker_pb2.Goodbye(reason="SIGTERM")))
+                    outq.put(None)
+                    # let the goodbye reach the server: it ends the stream; cancel only if it does not
+                    timer = threading.Timer(5.0, responses.cancel)
+                    timer.start()
+                    for _ in responses:
+                        pass
+                    timer.cancel()
                     break
         finally:
             outq.put(None)

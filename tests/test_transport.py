@@ -126,3 +126,19 @@ def test_connection_cut_mid_frame_recovers_exactly(tmp_path, monkeypatch):
         client.close()
         stop(edge, server)
         proxy.close()
+
+
+def test_sigterm_checkpoints_says_goodbye_and_resumes(cluster, tmp_path):
+    client, address, procs = cluster
+    ex = examples(96, 16, seed=4)
+    spec = JobSpec("graceful", LowRank(r=4), AdamW(lr=1e-2))
+    client.submit(spec, ex, steps=20, batch_size=4)
+    while client.get("graceful").step < 4:
+        time.sleep(0.02)
+    procs["a"].send_signal(signal.SIGTERM)
+    assert procs["a"].wait(timeout=20) == 0
+    assert list((tmp_path / "edge-a").glob("graceful__*.pt"))
+    assert "says goodbye" in (tmp_path / "server.log").read_text()
+    procs["a"] = start_edge(tmp_path, address, "a")
+    assert wait_done(client, "graceful").state == "done"
+    assert max_err(exported(client, "graceful", tmp_path), reference(spec, ex, 20)) <= 1e-6

@@ -3,6 +3,7 @@ keeps serving the other jobs, whose result is unchanged."""
 from __future__ import annotations
 
 import queue
+import subprocess
 import time
 
 import grpc
@@ -143,3 +144,36 @@ def test_bad_frames_are_refused_and_other_jobs_are_untouched(secured, tmp_path):
     # meanwhile the good job ran on; its result is exactly what it would have been alone
     assert wait_done(client, "good").state == "done"
     assert max_err(exported(client, "good", tmp_path), reference(good, ex, 30)) <= 1e-6
+
+
+def _certs(tmp) -> dict:
+    """A CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=colaflow-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (tmp / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "1", "-extfile", "san.ext")
+    return {k: tmp / f for k, f in (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key"))}
+
+
+def test_tls_end_to_end(tmp_path):
+    certs = _certs(tmp_path)
+    server, address = start_server(tmp_path, "--tls-cert", str(certs["cert"]), "--tls-key", str(certs["key"]))
+    edge = start_edge(tmp_path, address, "a", "--tls-ca", str(certs["ca"]))
+    client = Client(address, tls_ca=certs["ca"].read_bytes())
+    try:
+        end = time.time() + 60
+        while client.health().workers < 1:
+            assert time.time() < end
+            time.sleep(0.1)
+        client.submit(JobSpec("tls", LowRank(r=2)), examples(96, 8, seed=7), steps=4, batch_size=4)
+        assert wait_done(client, "tls").state == "done"
+        with pytest.raises(grpc.RpcError) as e:  # plaintext against a TLS port is refused
+            Client(address).health()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        client.close()
+        stop(edge, server)
