@@ -27,6 +27,7 @@ from colaflow.gl import Learner
 from colaflow.job import JobSpec
 from colaflow.sites import Site
 from colaflow.v1 import worker_pb2, worker_pb2_grpc
+from colaflow.wire import CHANNEL_OPTIONS, work_call
 
 log = logging.getLogger("colaflow.edge")
 CREDITS = 4  # packet frames the server may have in flight to this worker
@@ -41,7 +42,7 @@ class Daemon:
         self.max_backoff = max_backoff
         self.learners: dict[tuple[str, str], Learner] = {}
         self.fitted: dict[tuple[str, str], int] = {}  # last step folded into each learner's version
-        self.unacked: dict[tuple[str, str], worker_pb2.UpdateFrame] = {}
+        self.unacked: dict[tuple[str, str], tuple] = {}  # (update, fitted_through) until acknowledged
         self.stopping = threading.Event()
         self.fits = 0
         self._restore()
@@ -58,7 +59,7 @@ class Daemon:
             key = (spec.job_id, site.name)
             self.learners[key], self.fitted[key] = learner, state["fitted_through"]
             if learner.version > 0:  # resend: the server may not have it
-                self.unacked[key] = serde.update_to_proto(_update_of(learner), state["fitted_through"])
+                self.unacked[key] = (_update_of(learner), state["fitted_through"])
         if self.learners:
             log.info("restored %d learners from %s", len(self.learners), self.state_dir)
 
@@ -69,10 +70,9 @@ class Daemon:
     # connection
 
     def _channel(self) -> grpc.Channel:
-        opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
         if self.tls_ca is not None:
-            return grpc.secure_channel(self.server, grpc.ssl_channel_credentials(self.tls_ca), options=opts)
-        return grpc.insecure_channel(self.server, options=opts)
+            return grpc.secure_channel(self.server, grpc.ssl_channel_credentials(self.tls_ca), options=CHANNEL_OPTIONS)
+        return grpc.insecure_channel(self.server, options=CHANNEL_OPTIONS)
 
     def _metadata(self) -> list[tuple[str, str]]:
         md = [("x-worker-id", self.worker_id)]
@@ -86,7 +86,7 @@ class Daemon:
         while not self.stopping.is_set():
             try:
                 with self._channel() as channel:
-                    self._session(worker_pb2_grpc.WorkerStub(channel))
+                    self._session(worker_pb2_grpc.WorkerStub(channel), work_call(channel))
                 attempt = 0
             except grpc.RpcError as e:
                 if e.code() in FATAL:
@@ -99,16 +99,17 @@ class Daemon:
         log.info("stopped after %d fits", self.fits)
         return 0
 
-    def _session(self, stub) -> None:
+    def _session(self, stub, work) -> None:
         caps = worker_pb2.Capabilities(cores=os.cpu_count() or 1, accelerator=self.device,
                                        memory_bytes=_memory_bytes(), codecs=[1, 2, 3, 4])
         reg = stub.Register(worker_pb2.RegisterRequest(worker_id=self.worker_id, capabilities=caps),
                             metadata=self._metadata(), timeout=30)
         outq: queue.Queue = queue.Queue()
-        outq.put(worker_pb2.WorkerMessage(hello=worker_pb2.Hello(session=reg.session, progress=self.progress())))
+        send = lambda **kw: outq.put(serde.frame_message(worker_pb2.WorkerMessage(**kw)))  # noqa: E731
+        send(hello=worker_pb2.Hello(session=reg.session, progress=self.progress()))
         for frame in self.unacked.values():
             self._send_update(outq, frame)
-        outq.put(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(packets=CREDITS)))
+        send(credit=worker_pb2.Credit(packets=CREDITS))
 
         def requests():
             while True:
@@ -116,23 +117,24 @@ class Daemon:
                 if msg is None:
                     return
                 yield msg
-        responses = stub.Work(requests(), metadata=self._metadata())
+        responses = work(requests(), metadata=self._metadata())
         log.info("connected to %s as %s", self.server, self.worker_id)
         packets = serde.Reassembler()
         t0, fits0 = time.monotonic(), self.fits
         try:
-            for msg in responses:
+            for raw in responses:
+                msg, payload = serde.parse_message(raw, worker_pb2.ServerMessage)
                 kind = msg.WhichOneof("kind")
                 if kind == "packet":
-                    data = packets.feed(msg.packet)
-                    if data is not None:
-                        self._on_packets(worker_pb2.PacketFrame.FromString(data), outq)
-                        outq.put(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(packets=1)))
+                    whole = packets.feed(msg.packet, payload)
+                    if whole is not None:
+                        self._on_packets(serde.packets_from_proto(worker_pb2.PacketFrame.FromString(whole[0]), whole[1]), outq)
+                        send(credit=worker_pb2.Credit(packets=1))
                 elif kind == "assignment":
                     self._on_assignment(msg.assignment)
                 elif kind == "ack":
                     key = (msg.ack.job, msg.ack.site)
-                    if key in self.unacked and self.unacked[key].version <= msg.ack.version:
+                    if key in self.unacked and self.unacked[key][0].version <= msg.ack.version:
                         del self.unacked[key]
                 elif kind == "revocation":
                     for site in msg.revocation.sites:
@@ -144,7 +146,7 @@ class Daemon:
                     log.info("%.1f fits/s, %d learners", (self.fits - fits0) / (time.monotonic() - t0), len(self.learners))
                     t0, fits0 = time.monotonic(), self.fits
                 if self.stopping.is_set():
-                    outq.put(worker_pb2.WorkerMessage(goodbye=worker_pb2.Goodbye(reason="SIGTERM")))
+                    send(goodbye=worker_pb2.Goodbye(reason="SIGTERM"))
                     outq.put(None)
                     # let the goodbye reach the server: it ends the stream; cancel only if it does not
                     timer = threading.Timer(5.0, responses.cancel)
@@ -176,8 +178,8 @@ class Daemon:
             self.fitted[key] = info.version * spec.fit_interval - 1
         log.info("assigned job %s: %d sites", a.job, len(a.sites))
 
-    def _on_packets(self, frame: worker_pb2.PacketFrame, outq: queue.Queue) -> None:
-        for p in serde.packets_from_proto(frame):
+    def _on_packets(self, packets: list, outq: queue.Queue) -> None:
+        for p in packets:
             key = (p.job, p.site)
             learner = self.learners.get(key)
             if learner is None or p.step <= self.fitted[key] + len(learner.buffer):
@@ -192,13 +194,13 @@ class Daemon:
                     checkpoint.save_learner(self.state_dir, learner, p.step)
                 except OSError as e:  # e.g. a full disk: keep training, say so loudly
                     log.error("checkpoint of %s failed: %s", key, e)
-            frame_out = serde.update_to_proto(update, p.step)
-            self.unacked[key] = frame_out
-            self._send_update(outq, frame_out)
+            self.unacked[key] = (update, p.step)
+            self._send_update(outq, self.unacked[key])
 
-    def _send_update(self, outq: queue.Queue, frame: worker_pb2.UpdateFrame) -> None:
-        for chunk in serde.to_chunks(frame, seq=frame.version):
-            outq.put(worker_pb2.WorkerMessage(update=chunk))
+    def _send_update(self, outq: queue.Queue, pending: tuple) -> None:
+        frame, parts = serde.update_to_proto(*pending)
+        for message in serde.to_chunks(frame, parts, frame.version, lambda c: worker_pb2.WorkerMessage(update=c)):
+            outq.put(message)
 
     def stop(self) -> None:
         self.stopping.set()

@@ -29,8 +29,8 @@ class Encoded:
     dtype: str  # the logical dtype the receiver gets back
     shape: tuple[int, ...]
     codec: str
-    data: bytes
-    scales: bytes = b""
+    data: object  # a bytes-like buffer: bytes, memoryview, or a uint8 numpy view of the tensor
+    scales: object = b""
     block: int = 0
 
     @property
@@ -45,9 +45,10 @@ def _name(dtype: torch.dtype) -> str:
     raise ValueError(f"dtype {dtype} cannot travel; allowed: {sorted(DTYPES)}")
 
 
-def _bytes(t: torch.Tensor) -> bytes:
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """The tensor's little-endian bytes as a uint8 view: no copy for contiguous CPU tensors."""
     t = t.detach().contiguous().cpu().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes()
+    return t.view(torch.uint8).numpy()
 
 
 def encode(t: torch.Tensor, codec: str = "raw") -> Encoded:

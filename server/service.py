@@ -15,6 +15,7 @@ from colaflow.data import batches
 from colaflow.export import save, save_peft
 from colaflow.job import JobSpec
 from colaflow.v1 import control_pb2, control_pb2_grpc, worker_pb2, worker_pb2_grpc
+from colaflow.wire import CHANNEL_OPTIONS, add_worker_service
 
 from .auth import Tokens
 from .coordinator import Coordinator
@@ -58,13 +59,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         session = self.c.register(request.worker_id, caps)
         log.info("worker %s registered: %s", request.worker_id, caps)
         return worker_pb2.RegisterResponse(session=session, heartbeat_s=HEARTBEAT_S,
-                                           max_message_bytes=serde.CHUNK_BYTES + (1 << 20))
+                                           max_message_bytes=MAX_MESSAGE_BYTES)
 
     def Work(self, request_iterator, context):
         _guard(context, self.tokens, "worker")
         worker_id = dict(context.invocation_metadata()).get("x-worker-id", "")
         try:
-            hello = next(request_iterator).hello
+            hello = serde.parse_message(next(request_iterator), worker_pb2.WorkerMessage)[0].hello
             progress = [(p.job, p.site, p.version, p.fitted_through) for p in hello.progress]
             stream = self.c.connect(worker_id, hello.session, progress)
         except StopIteration:
@@ -87,13 +88,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 if msg is None:
                     if time.monotonic() - idle_since >= HEARTBEAT_S:
                         idle_since = time.monotonic()
-                        yield worker_pb2.ServerMessage(heartbeat=worker_pb2.Heartbeat(time=time.time()))
+                        yield serde.frame_message(worker_pb2.ServerMessage(heartbeat=worker_pb2.Heartbeat(time=time.time())))
                     continue
                 idle_since = time.monotonic()
                 if msg[0] == "closed":
                     return
-                for out in self._encode(msg, seq):
-                    yield out
+                yield from self._encode(msg, seq)
                 seq += 1
         finally:
             self.c.disconnect(worker_id, stream)
@@ -101,15 +101,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _read(self, worker_id: str, request_iterator, errors: queue.Queue) -> None:
         updates = serde.Reassembler(max_bytes=MAX_MESSAGE_BYTES)
         try:
-            for msg in request_iterator:
+            for raw in request_iterator:
+                msg, payload = serde.parse_message(raw, worker_pb2.WorkerMessage)
                 kind = msg.WhichOneof("kind")
                 if kind == "credit":
                     self.c.grant(worker_id, min(msg.credit.packets, 1024))
                 elif kind == "update":
-                    data = updates.feed(msg.update)
-                    if data is not None:
-                        frame = worker_pb2.UpdateFrame.FromString(data)
-                        update, fitted = serde.update_from_proto(frame)
+                    whole = updates.feed(msg.update, payload)
+                    if whole is not None:
+                        frame = worker_pb2.UpdateFrame.FromString(whole[0])
+                        update, fitted = serde.update_from_proto(frame, whole[1])
                         self.c.receive_update(worker_id, update, fitted)
                 elif kind == "goodbye":
                     log.info("worker %s says goodbye: %s", worker_id, msg.goodbye.reason)
@@ -119,23 +120,23 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             errors.put(e)
 
     def _encode(self, msg: tuple, seq: int):
-        kind = msg[0]
+        """Framed ServerMessages for one coordinator message."""
+        kind, env = msg[0], worker_pb2.ServerMessage
         if kind == "assign":
             a = msg[1]
             sites = [worker_pb2.SiteInfo(site=serde.pack(site.to_dict()), version=version,
                                          params=serde.params_to_proto(params)) for site, version, params in a["sites"]]
-            yield worker_pb2.ServerMessage(assignment=worker_pb2.Assignment(
-                job=a["job"], spec=serde.pack(a["spec"].to_dict()), sites=sites))
+            yield serde.frame_message(env(assignment=worker_pb2.Assignment(
+                job=a["job"], spec=serde.pack(a["spec"].to_dict()), sites=sites)))
         elif kind == "packets":
             _, job_id, step, packets = msg
             spec = self.c.jobs[job_id].spec
-            frame = serde.packets_to_proto(packets, spec.codec_x, spec.codec_g)
-            for chunk in serde.to_chunks(frame, seq):
-                yield worker_pb2.ServerMessage(packet=chunk)
+            frame, parts = serde.packets_to_proto(packets, spec.codec_x, spec.codec_g)
+            yield from serde.to_chunks(frame, parts, seq, lambda c: env(packet=c))
         elif kind == "ack":
-            yield worker_pb2.ServerMessage(ack=worker_pb2.UpdateAck(job=msg[1], site=msg[2], version=msg[3]))
+            yield serde.frame_message(env(ack=worker_pb2.UpdateAck(job=msg[1], site=msg[2], version=msg[3])))
         elif kind == "revoke":
-            yield worker_pb2.ServerMessage(revocation=worker_pb2.Revocation(job=msg[1], sites=msg[2], reason=msg[3]))
+            yield serde.frame_message(env(revocation=worker_pb2.Revocation(job=msg[1], sites=msg[2], reason=msg[3])))
 
 
 def _status_pb(job) -> control_pb2.JobStatus:
@@ -234,10 +235,8 @@ def make_server(coordinator: Coordinator, tokens: Tokens, address: str = "127.0.
     """A gRPC server with both services; returns it (not started) and its bound port."""
     from concurrent import futures
 
-    opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=opts)
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(coordinator, tokens), server)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=CHANNEL_OPTIONS)
+    add_worker_service(server, WorkerService(coordinator, tokens))
     control_pb2_grpc.add_ControlServicer_to_server(ControlService(coordinator, tokens), server)
     if tls is None:
         port = server.add_insecure_port(address)

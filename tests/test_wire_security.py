@@ -12,7 +12,8 @@ import torch
 
 from colaflow import AdamW, JobSpec, LowRank, serde
 from colaflow.client import Client
-from colaflow.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
+from colaflow.v1 import worker_pb2, worker_pb2_grpc
+from colaflow.wire import work_call
 from procs import examples, start_edge, start_server, stop, wait_done
 from test_transport import exported, max_err, reference
 
@@ -25,6 +26,7 @@ class Rogue:
     def __init__(self, address: str, token: str = WORKER, worker_id: str = "rogue"):
         self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 128 << 20),
                                                                ("grpc.use_local_subchannel_pool", 1)])
+        self.work = work_call(self.channel)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.md = [("authorization", f"Bearer {token}"), ("x-worker-id", worker_id)]
         self.worker_id = worker_id
@@ -32,20 +34,25 @@ class Rogue:
     def open(self):
         reg = self.stub.Register(worker_pb2.RegisterRequest(worker_id=self.worker_id), metadata=self.md, timeout=10)
         self.out: queue.Queue = queue.Queue()
-        self.out.put(worker_pb2.WorkerMessage(hello=worker_pb2.Hello(session=reg.session)))
-        self.responses = self.stub.Work(iter(self.out.get, None), metadata=self.md)
+        self.send(hello=worker_pb2.Hello(session=reg.session))
+        self.responses = self.work(iter(self.out.get, None), metadata=self.md)
         return self
+
+    def send(self, **kw):
+        self.out.put(serde.frame_message(worker_pb2.WorkerMessage(**kw)))
 
     def next(self, kind: str, timeout: float = 20):
         end = time.time() + timeout
-        for msg in self.responses:
+        for raw in self.responses:
+            msg, _ = serde.parse_message(raw, worker_pb2.ServerMessage)
             if msg.WhichOneof("kind") == kind:
                 return msg
             assert time.time() < end, f"no {kind} message"
 
-    def send_update(self, frame: worker_pb2.UpdateFrame):
-        for c in serde.to_chunks(frame, seq=1):
-            self.out.put(worker_pb2.WorkerMessage(update=c))
+    def send_update(self, frame_parts):
+        frame, parts = frame_parts
+        for m in serde.to_chunks(frame, parts, 1, lambda c: worker_pb2.WorkerMessage(update=c)):
+            self.out.put(m)
 
     def refused(self) -> grpc.RpcError:
         with pytest.raises(grpc.RpcError) as e:
@@ -59,9 +66,10 @@ class Rogue:
         self.channel.close()
 
 
-def update(job: str, site: str, version: int, fitted: int, params: dict) -> worker_pb2.UpdateFrame:
-    return worker_pb2.UpdateFrame(job=job, site=site, version=version, fitted_through=fitted,
-                                  params={k: serde.tensor_to_proto(v) for k, v in params.items()})
+def update(job: str, site: str, version: int, fitted: int, params: dict):
+    from colaflow import Update
+
+    return serde.update_to_proto(Update(job, site, version, params, 0.0), fitted)
 
 
 @pytest.fixture
@@ -117,20 +125,22 @@ def test_bad_frames_are_refused_and_other_jobs_are_untouched(secured, tmp_path):
          grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
         (update("mine", site, 3, 2, ok), grpc.StatusCode.INVALID_ARGUMENT, "expected 1"),
     ]
-    short = update("mine", site, 1, 0, ok)
-    short.params["A"].data = short.params["A"].data[:-4]
-    cases.append((short, grpc.StatusCode.INVALID_ARGUMENT, "`data` has 508 bytes"))
+    frame, parts = update("mine", site, 1, 0, ok)
+    frame.params["A"].data_bytes -= 4  # the header and the payload disagree by 4 bytes
+    cases.append(((frame, parts), grpc.StatusCode.INVALID_ARGUMENT, "`data` has 508 bytes"))
     for frame, code, text in cases:
         rogue.send_update(frame)
         err = rogue.refused()
         assert err.code() == code and text in err.details(), (err.code(), err.details())
         rogue = Rogue(address).open()
     # an oversized chunk, and a message over the server's limit
-    rogue.out.put(worker_pb2.WorkerMessage(update=worker_pb2.Chunk(seq=1, index=0, count=2, data=b"\0" * (5 << 20))))
+    rogue.out.put(serde.frame_message(worker_pb2.WorkerMessage(update=worker_pb2.Chunk(
+        seq=1, index=0, count=2, payload_bytes=6 << 20)), [b"\0" * (5 << 20)]))
     err = rogue.refused()
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds" in err.details()
     rogue = Rogue(address).open()
-    rogue.out.put(worker_pb2.WorkerMessage(update=worker_pb2.Chunk(seq=1, index=0, count=1, data=b"\0" * (70 << 20))))
+    rogue.out.put(serde.frame_message(worker_pb2.WorkerMessage(update=worker_pb2.Chunk(seq=1, index=0, count=1)),
+                                      [b"\0" * (70 << 20)]))
     assert rogue.refused().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # a valid update is taken; replaying its sequence number (version) changes nothing
     rogue = Rogue(address).open()

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHES = {"server-step": "colaflow.bench.server_step", "tenants": "colaflow.bench.tenants"}
+BENCHES = {"server-step": "colaflow.bench.server_step", "tenants": "colaflow.bench.tenants",
+           "wire": "colaflow.bench.wire"}
 
 
 def add_parser(sub) -> None:

@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from colaflow.wire import tune_allocator
+
+    tune_allocator()
     state = Path(args.state_dir).expanduser() if args.state_dir else None
     worker_id = args.worker_id or _stable_id(state)
     token = Path(args.token_file).read_text().strip() if args.token_file else None

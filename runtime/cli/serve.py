@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if args.tls_cert:
         ca = open(args.tls_client_ca, "rb").read() if args.tls_client_ca else None
         tls = (open(args.tls_key, "rb").read(), open(args.tls_cert, "rb").read(), ca)
+    from colaflow.wire import tune_allocator
+
+    tune_allocator()
     tokens = Tokens.load(args.tokens)
     coordinator = Coordinator(Host(load_model(args.model)), reassign_after=args.reassign_after)
     server, port = make_server(coordinator, tokens, f"{args.host}:{args.port}", tls)

@@ -21,17 +21,23 @@ CODEC_FP16: Codec
 CODEC_INT8: Codec
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "codec", "data", "scales", "block")
+    __slots__ = ("dtype", "shape", "codec", "data", "scales", "block", "inline", "data_bytes", "scale_bytes")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
+    INLINE_FIELD_NUMBER: _ClassVar[int]
+    DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SCALE_BYTES_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     codec: Codec
     data: bytes
     scales: bytes
     block: int
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., block: _Optional[int] = ...) -> None: ...
+    inline: bool
+    data_bytes: int
+    scale_bytes: int
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., block: _Optional[int] = ..., inline: _Optional[bool] = ..., data_bytes: _Optional[int] = ..., scale_bytes: _Optional[int] = ...) -> None: ...

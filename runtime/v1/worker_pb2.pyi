@@ -198,13 +198,15 @@ class SiteGrad(_message.Message):
     def __init__(self, site: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[int] = ..., g: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("seq", "index", "count", "data")
+    __slots__ = ("seq", "index", "count", "header", "payload_bytes")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     seq: int
     index: int
     count: int
-    data: bytes
-    def __init__(self, seq: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    header: bytes
+    payload_bytes: int
+    def __init__(self, seq: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., header: _Optional[bytes] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
