@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.colaflow-installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench proto venv clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/colaflow bench server-step
 	$(VENV)/bin/colaflow bench tenants
+	$(VENV)/bin/colaflow bench wire
+
+# regenerate runtime/v1 (colaflow.v1) from proto/colaflow/v1/*.proto; a test fails when it is stale
+proto: $(STAMP)
+	$(PY) proto/generate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info colaflow-out

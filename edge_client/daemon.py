@@ -140,6 +140,8 @@ class Daemon:
                     for site in msg.revocation.sites:
                         self.learners.pop((msg.revocation.job, site), None)
                         self.unacked.pop((msg.revocation.job, site), None)
+                    if self.state_dir is not None and not any(j == msg.revocation.job for j, _ in self.learners):
+                        checkpoint.remove(self.state_dir, msg.revocation.job)
                     log.info("job %s: %d sites revoked (%s)", msg.revocation.job, len(msg.revocation.sites),
                              msg.revocation.reason)
                 if time.monotonic() - t0 > 10:
@@ -179,23 +181,30 @@ class Daemon:
         log.info("assigned job %s: %d sites", a.job, len(a.sites))
 
     def _on_packets(self, packets: list, outq: queue.Queue) -> None:
+        """Fit what the frame completes; checkpoint the job once; then send the updates."""
+        done = []
         for p in packets:
             key = (p.job, p.site)
             learner = self.learners.get(key)
             if learner is None or p.step <= self.fitted[key] + len(learner.buffer):
                 continue  # not ours (revoked), or a replay of something already folded in
             update = learner.consume(p)
-            if update is None:
-                continue
-            self.fits += 1
-            self.fitted[key] = p.step
-            if self.state_dir is not None:
-                try:
-                    checkpoint.save_learner(self.state_dir, learner, p.step)
-                except OSError as e:  # e.g. a full disk: keep training, say so loudly
-                    log.error("checkpoint of %s failed: %s", key, e)
-            self.unacked[key] = (update, p.step)
-            self._send_update(outq, self.unacked[key])
+            if update is not None:
+                self.fits += 1
+                self.fitted[key] = p.step
+                done.append((update, p.step))
+        if not done:
+            return
+        if self.state_dir is not None:
+            job = done[0][0].job
+            mine = {s: l for (j, s), l in self.learners.items() if j == job}
+            try:
+                checkpoint.save_job(self.state_dir, job, mine, {s: self.fitted[(job, s)] for s in mine})
+            except OSError as e:  # e.g. a full disk: keep training, say so loudly
+                log.error("checkpoint of job %s failed: %s", job, e)
+        for update, step in done:
+            self.unacked[(update.job, update.site)] = (update, step)
+            self._send_update(outq, (update, step))
 
     def _send_update(self, outq: queue.Queue, pending: tuple) -> None:
         frame, parts = serde.update_to_proto(*pending)

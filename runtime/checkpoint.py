@@ -1,4 +1,5 @@
-"""Local checkpoints of a worker's learners: written atomically, read back with weights_only."""
+"""Local checkpoints of a worker's learners, one file per job: written atomically, read back
+with `weights_only=True` (tensors and plain containers only, never arbitrary objects)."""
 from __future__ import annotations
 
 import os
@@ -10,38 +11,37 @@ import torch
 from .gl import Learner
 
 
-def _name(job: str, site: str) -> str:
-    return f"{job}__{site}.pt"
+def _path(state_dir: Path, job: str) -> Path:
+    return state_dir / f"{job}.pt"
 
 
-def save_learner(state_dir: Path, learner: Learner, fitted_through: int) -> Path:
-    """Write the learner's full state (adapter, optimizer, schedule, version) beside its progress."""
+def save_job(state_dir: Path, job: str, learners: dict[str, Learner], fitted: dict[str, int]) -> Path:
+    """Write every learner of `job` this worker owns (adapter, optimizer, schedule, version, progress)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / _name(learner.spec.job_id, learner.site.name)
-    state = {"spec": learner.spec.to_dict(), "site": learner.site.to_dict(), "fitted_through": fitted_through,
-             "learner": learner.state_dict()}
+    state = {site: {"spec": l.spec.to_dict(), "site": l.site.to_dict(), "fitted_through": fitted[site],
+                    "learner": l.state_dict()} for site, l in learners.items()}
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+        # atomic against a killed process; no fsync per step: after a power cut the server still
+        # holds every acknowledged version and the worker resumes from it
+        os.replace(tmp, _path(state_dir, job))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return _path(state_dir, job)
 
 
 def load_all(state_dir: Path) -> list[dict]:
-    """Every checkpoint in `state_dir` as {spec, site, fitted_through, learner}."""
+    """Every checkpointed learner in `state_dir` as {spec, site, fitted_through, learner}."""
     if not state_dir.exists():
         return []
     out = []
     for p in sorted(state_dir.glob("*.pt")):
-        out.append(torch.load(p, weights_only=True, map_location="cpu"))
+        out += list(torch.load(p, weights_only=True, map_location="cpu").values())
     return out
 
 
-def remove(state_dir: Path, job: str, site: str) -> None:
-    (state_dir / _name(job, site)).unlink(missing_ok=True)
+def remove(state_dir: Path, job: str) -> None:
+    _path(state_dir, job).unlink(missing_ok=True)

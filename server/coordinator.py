@@ -248,6 +248,7 @@ class Coordinator:
             used = {j.spec.job_id: dict(self.host.jobs[j.spec.job_id].versions) for j in ready}
         if not ready:
             return False
+        t0 = time.perf_counter()
         try:
             result = self.host.step(collate(parts))
         except Exception as e:  # a bad batch or NaN fails its jobs, never the server
@@ -257,6 +258,7 @@ class Coordinator:
                     self._revoke(job.spec.job_id, job.error)
                 log.error("step failed for %s: %s", [j.spec.job_id for j in ready], e)
             return True
+        log.debug("step of %s took %.3f s", [j.spec.job_id for j in ready], time.perf_counter() - t0)
         with self.lock:
             by_dest: dict[tuple[str, str], list[Packet]] = {}
             for p in result.packets:

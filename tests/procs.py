@@ -1,50 +1,12 @@
-"""Real processes on loopback for the transport tests: a server and edge daemons."""
+"""Helpers for the transport tests: real processes on loopback (see colaflow.local), data, waiting."""
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 
+from colaflow.local import start_edge, start_server, stop  # noqa: F401  (re-exported for the tests)
 from colaflow.loss import IGNORE
-
-COLAFLOW = str(Path(sys.executable).parent / "colaflow")
-
-
-def start_server(tmp: Path, *args: str, model: str = "tiny-llama") -> tuple[subprocess.Popen, str]:
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([COLAFLOW, "serve", "--model", model, "--port", "0", "--threads", "1", *args],
-                            stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    line = proc.stdout.readline()
-    m = re.search(r"listening on (\S+)", line)
-    if not m:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r}\n{(tmp / 'server.log').read_text()[-3000:]}")
-    return proc, m.group(1)
-
-
-def start_edge(tmp: Path, address: str, name: str, *args: str) -> subprocess.Popen:
-    state = tmp / f"edge-{name}"
-    log = open(tmp / f"edge-{name}.log", "a")
-    return subprocess.Popen([COLAFLOW, "edge", "--server", address, "--state-dir", str(state),
-                             "--worker-id", name, "--threads", "1", *args],
-                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-
-def stop(*procs: subprocess.Popen) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def examples(vocab: int, n: int, seed: int) -> list[dict]:

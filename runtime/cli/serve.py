@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from colaflow.server.host import Host
     from colaflow.server.service import make_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=os.environ.get("COLAFLOW_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     if bool(args.tls_cert) != bool(args.tls_key):
