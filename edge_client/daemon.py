@@ -42,7 +42,6 @@ class Daemon:
         self.max_backoff = max_backoff
         self.learners: dict[tuple[str, str], Learner] = {}
         self.fitted: dict[tuple[str, str], int] = {}  # last step folded into each learner's version
-        self.unacked: dict[tuple[str, str], tuple] = {}  # (update, fitted_through) until acknowledged
         self.stopping = threading.Event()
         self.fits = 0
         self._restore()
@@ -58,8 +57,6 @@ class Daemon:
             learner.load_state_dict(state["learner"])
             key = (spec.job_id, site.name)
             self.learners[key], self.fitted[key] = learner, state["fitted_through"]
-            if learner.version > 0:  # resend: the server may not have it
-                self.unacked[key] = (_update_of(learner), state["fitted_through"])
         if self.learners:
             log.info("restored %d learners from %s", len(self.learners), self.state_dir)
 
@@ -107,8 +104,9 @@ class Daemon:
         outq: queue.Queue = queue.Queue()
         send = lambda **kw: outq.put(serde.frame_message(worker_pb2.WorkerMessage(**kw)))  # noqa: E731
         send(hello=worker_pb2.Hello(session=reg.session, progress=self.progress()))
-        for frame in self.unacked.values():
-            self._send_update(outq, frame)
+        for key, learner in self.learners.items():  # the server may lack it (lost, or restarted)
+            if learner.version > 0:
+                self._send_update(outq, (_update_of(learner), self.fitted[key]))
         send(credit=worker_pb2.Credit(packets=CREDITS))
 
         def requests():
@@ -133,13 +131,10 @@ class Daemon:
                 elif kind == "assignment":
                     self._on_assignment(msg.assignment)
                 elif kind == "ack":
-                    key = (msg.ack.job, msg.ack.site)
-                    if key in self.unacked and self.unacked[key][0].version <= msg.ack.version:
-                        del self.unacked[key]
+                    pass  # updates are full state: on reconnect the newest is sent again anyway
                 elif kind == "revocation":
                     for site in msg.revocation.sites:
                         self.learners.pop((msg.revocation.job, site), None)
-                        self.unacked.pop((msg.revocation.job, site), None)
                     if self.state_dir is not None and not any(j == msg.revocation.job for j, _ in self.learners):
                         checkpoint.remove(self.state_dir, msg.revocation.job)
                     log.info("job %s: %d sites revoked (%s)", msg.revocation.job, len(msg.revocation.sites),
@@ -203,7 +198,6 @@ class Daemon:
             except OSError as e:  # e.g. a full disk: keep training, say so loudly
                 log.error("checkpoint of job %s failed: %s", job, e)
         for update, step in done:
-            self.unacked[(update.job, update.site)] = (update, step)
             self._send_update(outq, (update, step))
 
     def _send_update(self, outq: queue.Queue, pending: tuple) -> None:

@@ -45,3 +45,28 @@ def batches(examples: list[dict], size: int, seed: int = 0) -> Iterator[dict]:
         order = torch.randperm(len(examples), generator=g).tolist()
         for i in range(0, len(order) - size + 1, size):
             yield stack([examples[j] for j in order[i:i + size]])
+
+
+def from_map(d: dict) -> Iterator[dict]:
+    """Batches from a data map: {"examples": [{"input_ids": [...], "labels": [...]}], "batch_size", "seed"}.
+
+    The same map always yields the same batches, so a restarted server can skip to any step.
+    """
+    if not isinstance(d, dict) or not isinstance(d.get("examples"), list) or not d["examples"]:
+        raise ValueError("`data` must be a map with a non-empty `examples` list")
+    examples = []
+    for i, e in enumerate(d["examples"]):
+        if not isinstance(e, dict) or "input_ids" not in e:
+            raise ValueError(f"`data.examples[{i}]` must be a map with `input_ids`")
+        try:
+            ids = torch.tensor(e["input_ids"], dtype=torch.long)
+            labels = torch.tensor(e.get("labels", e["input_ids"]), dtype=torch.long)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            raise ValueError(f"`data.examples[{i}]`: token ids must be lists of integers ({err})") from None
+        if ids.dim() != 1 or labels.shape != ids.shape or ids.numel() == 0:
+            raise ValueError(f"`data.examples[{i}]`: `input_ids` and `labels` must be equal-length lists")
+        examples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    size = d.get("batch_size", 8)
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"`data.batch_size` must be a positive int, got {size!r}")
+    return batches(examples, size, seed=int(d.get("seed", 0)))

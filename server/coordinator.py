@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from colaflow.adapters import check_params, params_of
-from colaflow.data import collate
+from colaflow.data import collate, from_map
 from colaflow.gl import Packet, Update
 from colaflow.job import JobSpec
 from colaflow.sites import Site
 
 from .host import Host
+from .store import JobStore
 
 log = logging.getLogger("colaflow.server")
 
@@ -40,6 +41,7 @@ class JobRun:
     losses: list[float] = field(default_factory=list)
     max_staleness: int = 0
     metrics: list[dict] = field(default_factory=list)
+    recovered: bool = False  # restored from the state dir: a worker may report newer versions
 
     def need(self, t: int) -> int:
         """The adapter version every site must have before step t runs."""
@@ -73,9 +75,10 @@ class WorkerState:
 
 
 class Coordinator:
-    def __init__(self, host: Host, reassign_after: float = 30.0):
+    def __init__(self, host: Host, reassign_after: float = 30.0, store: JobStore | None = None):
         self.host = host
         self.reassign_after = reassign_after
+        self.store = store
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.jobs: dict[str, JobRun] = {}
@@ -83,19 +86,25 @@ class Coordinator:
         self.owner: dict[tuple[str, str], str] = {}  # (job, site) -> worker id
         self._pending: list[Update] = []  # received, applied at the next step boundary
         self._stop = False
+        if store is not None:
+            self._restore()
 
     # control
 
-    def submit(self, spec: JobSpec, data: Iterator[dict], steps: int) -> str:
+    def submit(self, spec: JobSpec, data: dict, steps: int) -> str:
+        """Host a job; `data` is a data map (see `colaflow.data.from_map`)."""
         if steps < 1:
             raise ValueError(f"`steps` must be >= 1, got {steps}")
+        batches = from_map(data)
         with self.lock:
             if spec.job_id in self.jobs:
                 raise ValueError(f"job {spec.job_id!r} already exists")
             sites = self.host.add_job(spec)
-            job = JobRun(spec, steps, data, {s.name: s for s in sites})
+            job = JobRun(spec, steps, batches, {s.name: s for s in sites})
             job.received = {s.name: (0, -1) for s in sites}
             self.jobs[spec.job_id] = job
+            if self.store is not None:
+                self.store.save_job(spec.job_id, spec.to_dict(), data, steps)
             self._assign()
             self.cond.notify_all()
         log.info("job %s submitted: %d sites, %d steps", spec.job_id, len(sites), steps)
@@ -106,6 +115,7 @@ class Coordinator:
             job = self.job(job_id)
             if job.state in ("waiting", "running"):
                 job.state = "cancelled"
+                self._snapshot(job)
                 self._revoke(job_id, "cancelled")
             self.cond.notify_all()
             return job
@@ -139,7 +149,11 @@ class Coordinator:
             w.connected, w.left_at, w.credits = True, None, 0
             w.control = []
             for job_id, site, version, fitted in progress:
-                if self.owner.get((job_id, site)) == worker_id:
+                key, job = (job_id, site), self.jobs.get(job_id)
+                if job is not None and job.state in ("waiting", "running") and site in job.sites \
+                        and key not in self.owner:
+                    self.owner[key] = worker_id  # it holds this site's optimizer state: give it back
+                if self.owner.get(key) == worker_id:
                     self._drop_fitted(w, job_id, site, fitted)
                 else:  # reassigned while it was away, or the job ended
                     w.control.append(("revoke", job_id, [site], "no longer assigned to this worker"))
@@ -200,6 +214,8 @@ class Coordinator:
                 # unknown and foreign jobs read the same: a worker learns nothing of other tenants
                 raise PermissionError(f"worker {worker_id!r} is not assigned site `{update.site}` of job {update.job!r}")
             version, _ = job.received[update.site]
+            if job.recovered and update.version > version + 1:
+                version = update.version - 1  # after a server restart a worker may be ahead: full state, take it
             if update.version <= version:  # a replay of what we have: acknowledge again, change nothing
                 self.workers[worker_id].control.append(("ack", update.job, update.site, version))
                 self.cond.notify_all()
@@ -245,6 +261,8 @@ class Coordinator:
                 except StopIteration:
                     job.state, job.error = "failed", "its data ran out"
             ready = [self.jobs[j] for j, _ in parts]
+            for job in ready:
+                self._snapshot(job)
             used = {j.spec.job_id: dict(self.host.jobs[j.spec.job_id].versions) for j in ready}
         if not ready:
             return False
@@ -288,11 +306,48 @@ class Coordinator:
         if job.step >= job.steps:
             if all(self.host.jobs[job.spec.job_id].versions[s] >= job.final_version() for s in job.sites):
                 job.state = "done"
+                self._snapshot(job)
                 self._revoke(job.spec.job_id, "done")
                 log.info("job %s done after %d steps", job.spec.job_id, job.steps)
             return False
         versions = self.host.jobs[job.spec.job_id].versions
         return all(versions[s] >= job.need(job.step) for s in job.sites)
+
+    def _snapshot(self, job: JobRun) -> None:
+        if self.store is not None:
+            hosted = self.host.jobs[job.spec.job_id]
+            owners = {site: w for (j, site), w in self.owner.items() if j == job.spec.job_id}
+            self.store.save_progress(job.spec.job_id, job.step, job.state, dict(hosted.versions),
+                                     {n: params_of(a) for n, a in hosted.adapters.items()}, owners)
+
+    def _restore(self) -> None:
+        """Bring back every stored job at its last snapshot (a restarted server)."""
+        for stored in self.store.load():
+            spec = JobSpec.from_dict(stored["spec"])
+            sites = self.host.add_job(spec)
+            batches = from_map(stored["data"])
+            job = JobRun(spec, stored["steps"], batches, {s.name: s for s in sites}, recovered=True)
+            job.received = {s.name: (0, -1) for s in sites}
+            prog = stored["progress"]
+            if prog is not None:
+                for site, params in prog["params"].items():
+                    version = prog["versions"][site]
+                    if version > 0:
+                        self.host.apply(Update(spec.job_id, site, version, params, 0.0))
+                    job.received[site] = (version, version * spec.fit_interval - 1)
+                # resume at the first step no site has folded in yet: every later step recomputes
+                # exactly (same data, same adapter versions) and workers skip what they already hold
+                job.step = min(prog["step"], min(prog["versions"].values()) * spec.fit_interval)
+                for _ in range(job.step):
+                    next(batches)
+                job.state = "waiting" if prog["state"] == "running" else prog["state"]
+                for site, wid in prog["owners"].items():  # sticky: its worker has the optimizer state
+                    if job.state == "waiting":
+                        self.owner[(spec.job_id, site)] = wid
+                        if wid not in self.workers:
+                            self.workers[wid] = WorkerState(wid, secrets.token_hex(8), left_at=time.monotonic())
+            self.jobs[spec.job_id] = job
+            log.info("job %s restored at step %d (%s)", spec.job_id, job.step, job.state)
 
     def _apply_pending(self) -> None:
         for u in self._pending:

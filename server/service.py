@@ -11,7 +11,6 @@ from pathlib import Path
 import grpc
 
 from colaflow import serde
-from colaflow.data import batches
 from colaflow.export import save, save_peft
 from colaflow.job import JobSpec
 from colaflow.v1 import control_pb2, control_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -160,8 +159,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
     def SubmitJob(self, request, context):
         def submit():
             spec = JobSpec.from_dict(serde.unpack(request.spec, "spec"))
-            return control_pb2.SubmitJobResponse(job=self.c.submit(spec, data_from_map(
-                serde.unpack(request.data, "data")), request.steps))
+            return control_pb2.SubmitJobResponse(job=self.c.submit(spec, serde.unpack(request.data, "data"),
+                                                                   request.steps))
         return self._call(context, submit)
 
     def GetJob(self, request, context):
@@ -210,24 +209,6 @@ class ControlService(control_pb2_grpc.ControlServicer):
     def Health(self, request, context):
         h = self.c.health()
         return control_pb2.HealthResponse(status="serving", workers=h["workers"], jobs=h["jobs"])
-
-
-def data_from_map(d: dict):
-    """Batches from a submitted data map: {"examples": [{"input_ids": [...], "labels": [...]}], ...}."""
-    import torch
-
-    if not isinstance(d, dict) or not isinstance(d.get("examples"), list) or not d["examples"]:
-        raise ValueError("`data` must be a map with a non-empty `examples` list")
-    examples = []
-    for i, e in enumerate(d["examples"]):
-        if not isinstance(e, dict) or "input_ids" not in e:
-            raise ValueError(f"`data.examples[{i}]` must be a map with `input_ids`")
-        ids = torch.tensor(e["input_ids"], dtype=torch.long)
-        labels = torch.tensor(e.get("labels", e["input_ids"]), dtype=torch.long)
-        if ids.dim() != 1 or labels.shape != ids.shape:
-            raise ValueError(f"`data.examples[{i}]`: `input_ids` and `labels` must be equal-length lists")
-        examples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return batches(examples, int(d.get("batch_size", 8)), seed=int(d.get("seed", 0)))
 
 
 def make_server(coordinator: Coordinator, tokens: Tokens, address: str = "127.0.0.1:0",

@@ -12,7 +12,7 @@ from colaflow.client import Client
 from colaflow.data import batches
 from colaflow.export import load
 from colaflow.models import tiny
-from colaflow.server.service import data_from_map
+from colaflow.data import from_map
 from conftest import rel_err
 from procs import examples, start_edge, start_server, stop, wait_done
 
@@ -25,7 +25,7 @@ def reference(spec: JobSpec, ex: list[dict], steps: int, batch_size: int = 4) ->
     torch.set_num_threads(1)
     try:
         trainer = Trainer(tiny("llama"), [spec])
-        data = data_from_map({"examples": ex, "batch_size": batch_size, "seed": 0})
+        data = from_map({"examples": ex, "batch_size": batch_size, "seed": 0})
         for _ in range(steps):
             trainer.step({spec.job_id: next(data)})
         trainer.flush()
@@ -149,3 +149,36 @@ def test_sigterm_checkpoints_says_goodbye_and_resumes(cluster, tmp_path):
     procs["a"] = start_edge(tmp_path, address, "a")
     assert wait_done(client, "graceful").state == "done"
     assert max_err(exported(client, "graceful", tmp_path), reference(spec, ex, 20)) <= 1e-6
+
+
+def test_server_restarted_from_its_state_dir_finishes_exactly(tmp_path):
+    """SIGKILL the server mid-run and start it again on the same port and state dir: the workers
+    reconnect, the server resumes from its last snapshot, the final adapters are unchanged."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    args = ("--port", port, "--state-dir", str(tmp_path / "server-state"))
+    server, address = start_server(tmp_path, *args)
+    edges = [start_edge(tmp_path, address, n) for n in ("a", "b")]
+    client = Client(address)
+    try:
+        end = time.time() + 60
+        while client.health().workers < 2:
+            assert time.time() < end
+            time.sleep(0.1)
+        ex = examples(96, 16, seed=8)
+        spec = JobSpec("restart", LowRank(r=4), AdamW(lr=1e-2), fit_interval=2)
+        client.submit(spec, ex, steps=24, batch_size=4)
+        while client.get("restart").step < 8:
+            time.sleep(0.02)
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        server, _ = start_server(tmp_path, *args)
+        assert wait_done(client, "restart", timeout=180).state == "done"
+        assert max_err(exported(client, "restart", tmp_path), reference(spec, ex, 24)) <= 1e-6
+        assert "restored at step" in (tmp_path / "server.log").read_text()
+    finally:
+        client.close()
+        stop(*edges, server)

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tls-cert"), p.add_argument("--tls-key")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     p.add_argument("--tokens", help="file of `TOKEN ROLE` lines; without it every caller is admin")
-    p.add_argument("--state-dir", help="reserved: server state persistence is not implemented yet")
+    p.add_argument("--state-dir", help="jobs and a per-step snapshot live here; a restarted server resumes them")
     p.add_argument("--reassign-after", type=float, default=30.0, help="seconds before a lost worker's sites move")
     p.add_argument("--threads", type=int, default=0)
 
@@ -53,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
     tune_allocator()
     tokens = Tokens.load(args.tokens)
-    coordinator = Coordinator(Host(load_model(args.model)), reassign_after=args.reassign_after)
+    from colaflow.server.store import JobStore
+
+    store = JobStore(args.state_dir) if args.state_dir else None
+    coordinator = Coordinator(Host(load_model(args.model)), reassign_after=args.reassign_after, store=store)
     server, port = make_server(coordinator, tokens, f"{args.host}:{args.port}", tls)
     server.start()
     print(f"colaflow serve: listening on {args.host}:{port}", flush=True)
