@@ -61,3 +61,29 @@ def report(result: dict) -> None:
 
 def mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def token_batch(vocab: int, rows: int, tokens: int, seed: int) -> dict:
+    """Random full-length token rows with labels: a benchmark batch."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, tokens), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def load_model(name: str):
+    from colaflow.models import load
+
+    return load(name, verbose=False)[0]
+
+
+def mem_side_main(run_side: Callable[[str, str], None]) -> None:
+    """The `python -m colaflow.bench.X --mem-side SIDE` entry that `measure_in_subprocess` starts."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--mem-side", required=True)
+    p.add_argument("--model", default="smollm2-135m")
+    a = p.parse_args()
+    run_side(a.mem_side, a.model)

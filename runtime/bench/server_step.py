@@ -12,16 +12,14 @@ import copy
 
 import torch
 
-from .common import alternate, measure_in_subprocess, mib, peak_during, report
+from .common import alternate, load_model, measure_in_subprocess, mem_side_main, mib, peak_during, report, token_batch
 
 MODULE = "colaflow.bench.server_step"
 ROWS, TOKENS = 8, 128
 
 
 def _batch(vocab: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (ROWS, TOKENS), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    return token_batch(vocab, ROWS, TOKENS, seed=0)
 
 
 def _sides(model, which: set[str]) -> dict:
@@ -53,16 +51,9 @@ def _sides(model, which: set[str]) -> dict:
     return sides
 
 
-def _load(name: str):
-    from colaflow.models import load
-
-    model, _ = load(name, verbose=False)
-    return model
-
-
 def main(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
-    model = _load(args.model)
+    model = load_model(args.model)
     print(f"server-step: {args.model}, batch {ROWS} x {TOKENS} tokens, lowrank r=8 on q_proj,v_proj, "
           f"{torch.get_num_threads()} threads, {args.repeats} alternating rounds", flush=True)
     t = alternate(_sides(model, {"colaflow", "colaflow-unmerged", "peft"}), args.repeats)
@@ -80,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _mem_side(side: str, model_name: str) -> None:
-    model = _load(model_name)
+    model = load_model(model_name)
     step = _sides(model, {side})[side]
     def two_steps():  # the second step shows the optimizer state PEFT keeps; results are dropped
         step()
@@ -90,8 +81,4 @@ def _mem_side(side: str, model_name: str) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--mem-side", required=True)
-    p.add_argument("--model", default="smollm2-135m")
-    a = p.parse_args()
-    _mem_side(a.mem_side, a.model)
+    mem_side_main(_mem_side)

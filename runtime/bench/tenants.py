@@ -13,16 +13,14 @@ import copy
 
 import torch
 
-from .common import alternate, measure_in_subprocess, mib, peak_during, report
+from .common import alternate, load_model, measure_in_subprocess, mem_side_main, mib, peak_during, report, token_batch
 
 MODULE = "colaflow.bench.tenants"
 K, TOKENS = 16, 128
 
 
 def _rows(vocab: int) -> dict:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (K, TOKENS), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    return token_batch(vocab, K, TOKENS, seed=1)
 
 
 def _colaflow(model, fits: bool = False):
@@ -78,15 +76,9 @@ def _peft(model):
     return sequential, held
 
 
-def _load(name):
-    from colaflow.models import load
-
-    return load(name, verbose=False)[0]
-
-
 def main(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
-    model = _load(args.model)
+    model = load_model(args.model)
     cola, cola_held = _colaflow(copy.deepcopy(model))
     cola_fits, _ = _colaflow(copy.deepcopy(model), fits=True)
     peft, peft_held = _peft(model)
@@ -110,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _mem_side(side: str, model_name: str) -> None:
-    model = _load(model_name)
+    model = load_model(model_name)
     step = _colaflow(model)[0] if side == "colaflow" else _peft(model)[0]
 
     def two_rounds():
@@ -120,8 +112,4 @@ def _mem_side(side: str, model_name: str) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--mem-side", required=True)
-    p.add_argument("--model", default="smollm2-135m")
-    a = p.parse_args()
-    _mem_side(a.mem_side, a.model)
+    mem_side_main(_mem_side)
