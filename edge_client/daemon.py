@@ -108,6 +108,12 @@ class Daemon:
             if learner.version > 0:
                 self._send_update(outq, (_update_of(learner), self.fitted[key]))
         send(credit=worker_pb2.Credit(packets=CREDITS))
+        beat = threading.Event()
+
+        def heartbeats():  # lets the server (and any proxy between) see a live, idle worker
+            while not beat.wait(reg.heartbeat_s or 5.0):
+                send(heartbeat=worker_pb2.Heartbeat(time=time.time()))
+        threading.Thread(target=heartbeats, daemon=True).start()
 
         def requests():
             while True:
@@ -153,6 +159,7 @@ class Daemon:
                     timer.cancel()
                     break
         finally:
+            beat.set()
             outq.put(None)
             responses.cancel()
 

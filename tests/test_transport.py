@@ -182,3 +182,30 @@ def test_server_restarted_from_its_state_dir_finishes_exactly(tmp_path):
     finally:
         client.close()
         stop(*edges, server)
+
+
+def test_lost_worker_sites_move_and_staleness_stays_bounded(tmp_path):
+    """A daemon that never comes back loses its sites after --reassign-after; the other daemon
+    takes them (from the server's parameters) and the job finishes. With S = 1 the forward never
+    runs more than one version behind."""
+    server, address = start_server(tmp_path, "--reassign-after", "1")
+    edges = {n: start_edge(tmp_path, address, n) for n in ("a", "b")}
+    client = Client(address)
+    try:
+        end = time.time() + 60
+        while client.health().workers < 2:
+            assert time.time() < end
+            time.sleep(0.1)
+        client.submit(JobSpec("moves", LowRank(r=4), AdamW(lr=1e-2), staleness=1), examples(96, 16, seed=9),
+                      steps=30, batch_size=4)
+        while client.get("moves").step < 5:
+            time.sleep(0.02)
+        edges["a"].send_signal(signal.SIGKILL)
+        status = wait_done(client, "moves")
+        assert status.state == "done" and status.step == 30
+        assert 1 <= status.max_staleness <= 1
+        log = (tmp_path / "server.log").read_text()
+        assert "worker a gone" in log and "-> worker b" in log.split("worker a gone")[1]
+    finally:
+        client.close()
+        stop(*edges.values(), server)
