@@ -126,6 +126,7 @@ class Host:
             with torch.enable_grad():
                 output = self._forward(inputs, ctx)
                 row_sum, row_count = self.loss_fn(output, batch)
+                del output  # the backward does not need the logits: keeping them costs a (B, T, V) tensor
                 losses = per_job(row_sum, row_count, self._row_index(jobs, row_sum.device))
                 names = list(ctx.outputs)
                 grads = torch.autograd.grad(sum(losses.values()), [ctx.outputs[n] for n in names],
