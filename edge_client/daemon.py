@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import grpc
-import torch
 
 from colaflow import checkpoint, serde
 from colaflow.gl import Learner

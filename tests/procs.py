@@ -29,3 +29,11 @@ def wait_done(client, job: str, timeout: float = 120.0):
             return s
         time.sleep(0.2)
     raise TimeoutError(f"job {job} not done after {timeout} s: {client.get(job)}")
+
+
+def wait_workers(client, n: int, timeout: float = 60.0) -> None:
+    end = time.time() + timeout
+    while client.health().workers < n:
+        if time.time() > end:
+            raise TimeoutError(f"fewer than {n} workers connected after {timeout} s")
+        time.sleep(0.1)

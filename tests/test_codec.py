@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from colaflow import Packet, serde
-from colaflow.codec import CODECS, Encoded, decode, encode
+from colaflow.codec import Encoded, decode, encode
 from colaflow.v1 import worker_pb2
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,12 +9,11 @@ import torch
 
 from colaflow import SGD, AdamW, JobSpec, LowRank, Trainer
 from colaflow.client import Client
-from colaflow.data import batches
 from colaflow.export import load
 from colaflow.models import tiny
 from colaflow.data import from_map
 from conftest import rel_err
-from procs import examples, start_edge, start_server, stop, wait_done
+from procs import examples, start_edge, start_server, stop, wait_done, wait_workers
 
 STEPS = 12
 
@@ -49,10 +48,7 @@ def cluster(tmp_path):
     server, address = start_server(tmp_path)
     procs = {"server": server, "a": start_edge(tmp_path, address, "a"), "b": start_edge(tmp_path, address, "b")}
     client = Client(address)
-    end = time.time() + 60
-    while client.health().workers < 2:
-        assert time.time() < end, (tmp_path / "server.log").read_text()[-2000:]
-        time.sleep(0.1)
+    wait_workers(client, 2)
     yield client, address, procs
     client.close()
     stop(*procs.values())
@@ -164,10 +160,7 @@ def test_server_restarted_from_its_state_dir_finishes_exactly(tmp_path):
     edges = [start_edge(tmp_path, address, n) for n in ("a", "b")]
     client = Client(address)
     try:
-        end = time.time() + 60
-        while client.health().workers < 2:
-            assert time.time() < end
-            time.sleep(0.1)
+        wait_workers(client, 2)
         ex = examples(96, 16, seed=8)
         spec = JobSpec("restart", LowRank(r=4), AdamW(lr=1e-2), fit_interval=2)
         client.submit(spec, ex, steps=24, batch_size=4)
@@ -192,10 +185,7 @@ def test_lost_worker_sites_move_and_staleness_stays_bounded(tmp_path):
     edges = {n: start_edge(tmp_path, address, n) for n in ("a", "b")}
     client = Client(address)
     try:
-        end = time.time() + 60
-        while client.health().workers < 2:
-            assert time.time() < end
-            time.sleep(0.1)
+        wait_workers(client, 2)
         client.submit(JobSpec("moves", LowRank(r=4), AdamW(lr=1e-2), staleness=1), examples(96, 16, seed=9),
                       steps=30, batch_size=4)
         while client.get("moves").step < 5:

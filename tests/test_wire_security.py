@@ -14,7 +14,7 @@ from colaflow import AdamW, JobSpec, LowRank, serde
 from colaflow.client import Client
 from colaflow.v1 import worker_pb2, worker_pb2_grpc
 from colaflow.wire import work_call
-from procs import examples, start_edge, start_server, stop, wait_done
+from procs import examples, start_edge, start_server, stop, wait_done, wait_workers
 from test_transport import exported, max_err, reference
 
 WORKER, CONTROL = "w" * 24, "c" * 24
@@ -80,10 +80,7 @@ def secured(tmp_path):
     server, address = start_server(tmp_path, "--tokens", str(tokens))
     edge = start_edge(tmp_path, address, "a", "--token-file", str(tmp_path / "worker.token"))
     client = Client(address, token=CONTROL)
-    end = time.time() + 60
-    while client.health().workers < 1:
-        assert time.time() < end
-        time.sleep(0.1)
+    wait_workers(client, 1)
     yield client, address
     client.close()
     stop(edge, server)
@@ -175,10 +172,7 @@ def test_tls_end_to_end(tmp_path):
     edge = start_edge(tmp_path, address, "a", "--tls-ca", str(certs["ca"]))
     client = Client(address, tls_ca=certs["ca"].read_bytes())
     try:
-        end = time.time() + 60
-        while client.health().workers < 1:
-            assert time.time() < end
-            time.sleep(0.1)
+        wait_workers(client, 1)
         client.submit(JobSpec("tls", LowRank(r=2)), examples(96, 8, seed=7), steps=4, batch_size=4)
         assert wait_done(client, "tls").state == "done"
         with pytest.raises(grpc.RpcError) as e:  # plaintext against a TLS port is refused
