@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 
 from colaflow import checkpoint, serde
+from colaflow.adapters import load_params
 from colaflow.gl import Learner
 from colaflow.job import JobSpec
 from colaflow.sites import Site
@@ -105,7 +106,7 @@ class Daemon:
         send(hello=worker_pb2.Hello(session=reg.session, progress=self.progress()))
         for key, learner in self.learners.items():  # the server may lack it (lost, or restarted)
             if learner.version > 0:
-                self._send_update(outq, (_update_of(learner), self.fitted[key]))
+                self._send_update(outq, (learner.current(), self.fitted[key]))
         send(credit=worker_pb2.Credit(packets=CREDITS))
         beat = threading.Event()
 
@@ -172,7 +173,6 @@ class Daemon:
                 continue  # our checkpoint is as new or newer: keep its optimizer state
             learner = Learner(spec, site, self.device)
             if info.version > 0:
-                from colaflow.adapters import load_params
                 load_params(learner.adapter, serde.params_from_proto(info.params))
                 learner.version = info.version
                 log.warning("job %s site %s: starting from the server's v%d with a fresh optimizer",
@@ -213,13 +213,6 @@ class Daemon:
 
     def stop(self) -> None:
         self.stopping.set()
-
-
-def _update_of(learner: Learner):
-    from colaflow.adapters import params_of
-    from colaflow.gl import Update
-
-    return Update(learner.spec.job_id, learner.site.name, learner.version, params_of(learner.adapter), 0.0)
 
 
 def _memory_bytes() -> int:

@@ -98,6 +98,10 @@ class Learner:
         loss = fit(self.adapter, self.optimizer, self.scheduler, pairs, self.spec.optimizer.clip_norm)
         self.buffer.clear()
         self.version += 1
+        return self.current(loss)
+
+    def current(self, loss: float = 0.0) -> Update:
+        """The full state at the current version, as an update (resent after a reconnect)."""
         return Update(self.spec.job_id, self.site.name, self.version, params_of(self.adapter), loss)
 
     def state_dict(self) -> dict:

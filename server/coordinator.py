@@ -71,7 +71,6 @@ class WorkerState:
     outbox: list[Outgoing] = field(default_factory=list)
     control: list[tuple] = field(default_factory=list)  # assignments, acks, revocations to send
     left_at: float | None = None
-    last_heard: float = 0.0
     capabilities: dict = field(default_factory=dict)
 
 
@@ -177,10 +176,6 @@ class Coordinator:
                 log.info("worker %s disconnected; its sites wait %.0f s before reassignment",
                          worker_id, self.reassign_after)
                 self.cond.notify_all()
-
-    def heard(self, worker_id: str) -> None:
-        with self.lock:
-            self.workers[worker_id].last_heard = time.time()
 
     def grant(self, worker_id: str, n: int) -> None:
         with self.lock:

@@ -127,7 +127,8 @@ class Host:
                 output = self._forward(inputs, ctx)
                 row_sum, row_count = self.loss_fn(output, batch)
                 del output  # the backward does not need the logits: keeping them costs a (B, T, V) tensor
-                losses = per_job(row_sum, row_count, self._row_index(jobs, row_sum.device))
+                losses = per_job(row_sum, row_count, {j: torch.arange(len(jobs)) if r is None else r
+                                                      for j, r in ctx.rows.items()})
                 names = list(ctx.outputs)
                 grads = torch.autograd.grad(sum(losses.values()), [ctx.outputs[n] for n in names],
                                             allow_unused=True)
@@ -179,12 +180,6 @@ class Host:
         row_job = torch.tensor([order.index(j) for j in jobs])
         rows = {j: (row_job == i).nonzero().squeeze(1) for i, j in enumerate(order)}
         return _Ctx(rows, row_job, order, set(), capture)
-
-    def _row_index(self, jobs: list[str], device) -> dict[str, torch.Tensor]:
-        idx = {}
-        for i, j in enumerate(jobs):
-            idx.setdefault(j, []).append(i)
-        return {j: torch.tensor(v, device=device) for j, v in idx.items()}
 
     def _mergeable(self, job: HostedJob, name: str) -> bool:
         adapter, mod = job.adapters[name], site_module(self.model, name)

@@ -111,8 +111,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                         frame = worker_pb2.UpdateFrame.FromString(whole[0])
                         update, fitted = serde.update_from_proto(frame, whole[1])
                         self.c.receive_update(worker_id, update, fitted)
-                elif kind == "heartbeat":
-                    self.c.heard(worker_id)
                 elif kind == "goodbye":
                     log.info("worker %s says goodbye: %s", worker_id, msg.goodbye.reason)
                     break
