@@ -30,7 +30,7 @@ def main() -> None:
     for step in range(20):
         losses = trainer.step({"acme": batch(vocab, step), "globex": batch(vocab, 1000 + step)})
     print("final losses", {k: round(v, 3) for k, v in losses.items()})
-    print("acme's PEFT adapter:", save_peft(trainer.adapters("acme"), "colaflow-out/acme-lora"))
+    print("acme's PEFT adapter:", save_peft(trainer.adapters("acme"), "colaflow-out/acme-lora", model=model))
 
 
 if __name__ == "__main__":

@@ -1,47 +1,55 @@
-"""Local checkpoints of a worker's learners, one file per job: written atomically, read back
-with `weights_only=True` (tensors and plain containers only, never arbitrary objects)."""
+"""A worker's local checkpoints: one file per job, written atomically, read back with
+`weights_only=True` (tensors and plain containers only, never arbitrary objects)."""
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import torch
 
-from .gl import Learner
+from .files import atomic_write
 
 
-def _path(state_dir: Path, job: str) -> Path:
-    return state_dir / f"{job}.pt"
+class Checkpoints:
+    """`DIR/<job>.pt` per job: what `colaflow.worker.Worker` needs to resume exactly."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+
+    def __repr__(self) -> str:
+        return str(self.path)
+
+    def _file(self, job: str) -> Path:
+        return self.path / f"{job}.pt"
+
+    def save(self, job: str, state: dict) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write(self._file(job), buf.getbuffer())
+
+    def load(self) -> dict[str, dict]:
+        if not self.path.exists():
+            return {}
+        return {p.stem: torch.load(p, weights_only=True, map_location="cpu") for p in sorted(self.path.glob("*.pt"))}
+
+    def remove(self, job: str) -> None:
+        self._file(job).unlink(missing_ok=True)
 
 
-def save_job(state_dir: Path, job: str, learners: dict[str, Learner], fitted: dict[str, int]) -> Path:
-    """Write every learner of `job` this worker owns (adapter, optimizer, schedule, version, progress)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    state = {site: {"spec": l.spec.to_dict(), "site": l.site.to_dict(), "fitted_through": fitted[site],
-                    "learner": l.state_dict()} for site, l in learners.items()}
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        # atomic against a killed process; no fsync per step: after a power cut the server still
-        # holds every acknowledged version and the worker resumes from it
-        os.replace(tmp, _path(state_dir, job))
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return _path(state_dir, job)
+class MemoryCheckpoints(Checkpoints):
+    """Checkpoints in a dict: they survive a `Worker` being dropped (a simulated crash), not its loss."""
 
+    def __init__(self):
+        self.jobs: dict[str, dict] = {}
 
-def load_all(state_dir: Path) -> list[dict]:
-    """Every checkpointed learner in `state_dir` as {spec, site, fitted_through, learner}."""
-    if not state_dir.exists():
-        return []
-    out = []
-    for p in sorted(state_dir.glob("*.pt")):
-        out += list(torch.load(p, weights_only=True, map_location="cpu").values())
-    return out
+    def __repr__(self) -> str:
+        return "memory"
 
+    def save(self, job: str, state: dict) -> None:
+        self.jobs[job] = state
 
-def remove(state_dir: Path, job: str) -> None:
-    _path(state_dir, job).unlink(missing_ok=True)
+    def load(self) -> dict[str, dict]:
+        return dict(self.jobs)
+
+    def remove(self, job: str) -> None:
+        self.jobs.pop(job, None)

@@ -14,11 +14,12 @@ import grpc
 from . import serde
 from .job import JobSpec
 from .v1 import control_pb2, control_pb2_grpc
+from .wire import MAX_MESSAGE_BYTES
 
 
 class Client:
     def __init__(self, address: str, token: str | None = None, tls_ca: bytes | None = None):
-        opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        opts = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
         self.channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_ca), options=opts)
                         if tls_ca else grpc.insecure_channel(address, options=opts))
         self.stub = control_pb2_grpc.ControlStub(self.channel)

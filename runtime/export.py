@@ -1,6 +1,6 @@
 """Export adapters: a PEFT LoRA directory for lowrank, and colaflow's native format for every kind.
 
-    save_peft(trainer.adapters("acme"), "out/acme-peft", base_model="smollm2-135m")
+    save_peft(trainer.adapters("acme"), "out/acme-peft", model=model)   # task type from the model
     PeftModel.from_pretrained(base, "out/acme-peft")      # loads in stock PEFT
     save(trainer.adapters("acme"), spec, "out/acme")       # adapter.safetensors + adapter.json
     spec, adapters = load("out/acme")
@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .adapters import Adapter, LowRank, build_adapter, load_params
+from .files import atomic_dir
 from .job import JobSpec
 from .sites import Site
 
@@ -26,27 +25,40 @@ FORMAT_VERSION = 1
 
 def _write_dir(path: str | os.PathLike, files: dict[str, object]) -> Path:
     """Write files into a sibling temp dir, then swap it in: a failure leaves the old export intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with atomic_dir(path) as tmp:
         for name, content in files.items():
             if isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
                 save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, str(tmp / name))
             else:
                 (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return Path(path)
+
+
+def peft_task_type(model) -> str | None:
+    """PEFT's `task_type` for a base model: CAUSAL_LM, SEQ_2_SEQ_LM, or None (a plain PeftModel).
+
+    Heads (sequence or token classification) are not adapters: colaflow never trains them, so
+    their export says None rather than SEQ_CLS/TOKEN_CLS, which would make PEFT expect the head in
+    `modules_to_save`. Load such an adapter onto the same base checkpoint, head included.
+    """
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and (
+            name.endswith("ForConditionalGeneration") or name.endswith("ForSeq2SeqLM")):
+        return "SEQ_2_SEQ_LM"
+    return None
 
 
 def save_peft(adapters: dict[str, Adapter], path: str | os.PathLike, base_model: str | None = None,
-              task_type: str | None = "CAUSAL_LM") -> Path:
-    """Write lowrank adapters as a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)."""
+              task_type: str | None = None, model=None) -> Path:
+    """Write lowrank adapters as a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).
+
+    With `model` (the base), `task_type` and `base_model` default to what it is.
+    """
+    if model is not None:
+        task_type = task_type or peft_task_type(model)
+        base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     if not adapters:
         raise ValueError("no adapters to export")
     specs = {a.spec for a in adapters.values()}

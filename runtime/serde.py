@@ -1,41 +1,33 @@
-"""Proto <-> Python for everything on the wire, in to_proto / from_proto pairs; framing; chunking.
+"""Proto <-> Python for everything on the wire, in to_proto / from_proto pairs, and the Work stream's
+typed messages (colaflow.protocol) to and from framed bytes.
 
-Tensors go through `codec` (the only place they become bytes); maps go through msgpack. Every
-`from_proto` checks what it reads and raises ValueError naming the field.
-
-Packets and updates travel as a header (the frame, tensors in payload mode) plus a raw payload,
-cut into chunks of at most 4 MiB. A Work message on the wire is
-`uint32 LE envelope length | envelope (protobuf) | raw payload bytes` (see worker.proto).
+Tensors go through `codec` (the only place they become bytes); maps go through msgpack, never
+pickle. Every `from_proto` checks what it reads and raises ValueError naming the field. Packets,
+updates and assignments travel as a header (the frame, tensors in payload mode) plus a raw
+payload cut into chunks (`framing`).
 """
 from __future__ import annotations
 
-import os
-import struct
+from dataclasses import dataclass
 from typing import Iterator
 
 import msgpack
 import torch
 
 from . import codec
-from .gl import Packet, Update
+from .framing import CHUNK_BYTES, MAX_FRAME_BYTES, Parts, Payload, Reassembler, frame_message, parse_message, to_chunks
+from .gl import LearnerState, OptimizerState, Packet, Update
+from .job import JobSpec
+from .protocol import Ack, Assign, Hello, Packets, Progress, Refusal, Revoke, SiteStart, ToServer, ToWorker
+from .sites import Site
 from .v1 import tensor_pb2, worker_pb2
 
-MAX_CHUNK_BYTES = 4 << 20  # at most 4 MiB of payload per message
-# smaller chunks may be asked for (tests cut connections mid-frame with them)
-CHUNK_BYTES = max(1024, min(MAX_CHUNK_BYTES, int(os.environ.get("COLAFLOW_CHUNK_BYTES", MAX_CHUNK_BYTES))))
-MAX_FRAME_BYTES = 1 << 30
-MAX_ENVELOPE_BYTES = 16 << 20
+__all__ = ["CHUNK_BYTES", "Credit", "Goodbye", "Heartbeat", "Inbox", "Opening", "pack", "unpack", "to_worker",
+           "to_server", "opening", "credit", "goodbye", "heartbeat_to_worker", "heartbeat_to_server"]
+
 _CODEC_PB = {"raw": tensor_pb2.CODEC_RAW, "bf16": tensor_pb2.CODEC_BF16, "fp16": tensor_pb2.CODEC_FP16,
              "int8": tensor_pb2.CODEC_INT8}
 _PB_CODEC = {v: k for k, v in _CODEC_PB.items()}
-_LEN = struct.Struct("<I")
-ALIGN = 64  # payload and every tensor in it start at a multiple of this: aligned, zero-copy tensors
-
-
-def _pad(n: int) -> int:
-    return -n % ALIGN
-
-Parts = list  # buffers (bytes, memoryview, numpy uint8) whose concatenation is a frame's payload
 
 
 # tensors
@@ -54,47 +46,7 @@ def tensor_to_proto(t: torch.Tensor, codec_name: str = "raw", parts: Parts | Non
     return m
 
 
-class _Payload:
-    """Reads tensors' bytes in order from a frame's payload, held as the chunks' own buffers.
-
-    A tensor that lies inside one chunk is returned as a view of it (no copy); one that spans
-    chunks (only tensors over the chunk size) is gathered into a new buffer.
-    """
-
-    def __init__(self, payload=None):
-        if payload is None:
-            payload = []
-        self.views = [memoryview(p).cast("B") for p in (payload if isinstance(payload, list) else [payload])]
-        self.i, self.at = 0, 0
-
-    def take(self, n: int, what: str) -> memoryview:
-        while self.i < len(self.views) and self.at == len(self.views[self.i]) and n:
-            self.i, self.at = self.i + 1, 0
-        if self.i < len(self.views) and self.at + n <= len(self.views[self.i]):
-            out = self.views[self.i][self.at:self.at + n]
-            self.at = min(len(self.views[self.i]), self.at + n + _pad(self.at + n))
-            return out
-        out, filled = bytearray(n), 0
-        while filled < n:
-            if self.i >= len(self.views):
-                raise ValueError(f"{what}: needs {n} payload bytes, only {filled} left")
-            v = self.views[self.i]
-            take = min(n - filled, len(v) - self.at)
-            out[filled:filled + take] = v[self.at:self.at + take]
-            filled, self.at = filled + take, self.at + take
-            if self.at == len(v):
-                self.i, self.at = self.i + 1, 0
-        if self.i < len(self.views):
-            self.at = min(len(self.views[self.i]), self.at + _pad(self.at))
-        return memoryview(out)
-
-    def done(self) -> None:
-        left = sum(len(v) for v in self.views[self.i:]) - self.at
-        if left:
-            raise ValueError(f"payload has {left} bytes that no tensor claims")
-
-
-def tensor_from_proto(m: tensor_pb2.Tensor, payload: _Payload | None = None) -> torch.Tensor:
+def tensor_from_proto(m: tensor_pb2.Tensor, payload: Payload | None = None) -> torch.Tensor:
     if m.codec not in _PB_CODEC:
         raise ValueError(f"tensor `codec` {m.codec} is unknown")
     if m.inline:
@@ -106,26 +58,52 @@ def tensor_from_proto(m: tensor_pb2.Tensor, payload: _Payload | None = None) -> 
     return codec.decode(codec.Encoded(m.dtype, tuple(m.shape), _PB_CODEC[m.codec], data, scales, m.block))
 
 
+def _tensors_to_proto(tensors: dict[str, torch.Tensor], into, parts: Parts) -> None:
+    """A `map<string, Tensor>` in payload mode, by sorted name (the payload order)."""
+    for k in sorted(tensors):
+        into[k].CopyFrom(tensor_to_proto(tensors[k], "raw", parts))
+
+
+def _tensors_from_proto(m, buf: Payload, what: str) -> dict[str, torch.Tensor]:
+    out = {k: tensor_from_proto(m[k], buf) for k in sorted(m)}
+    for k, v in out.items():
+        if not v.is_floating_point():
+            raise ValueError(f"{what}: tensor `{k}` has dtype {v.dtype}, expected floating")
+    return out
+
+
+def _optimizer_to_proto(o: OptimizerState, into: worker_pb2.OptimizerState, parts: Parts) -> None:
+    _tensors_to_proto(o.tensors, into.tensors, parts)
+    into.meta = pack(o.meta)
+
+
+def _optimizer_from_proto(m: worker_pb2.OptimizerState, buf: Payload, what: str) -> OptimizerState:
+    tensors = {k: tensor_from_proto(m.tensors[k], buf) for k in sorted(m.tensors)}
+    meta = unpack(m.meta, f"{what} optimizer `meta`")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{what}: optimizer `meta` must be a map")
+    return OptimizerState(tensors, meta)
+
+
 # packets: one job's step for one worker; inputs shared by several sites travel once
 
-def packets_to_proto(packets: list[Packet], codec_x: str = "raw", codec_g: str = "raw") -> tuple[worker_pb2.PacketFrame, Parts]:
-    job, step = packets[0].job, packets[0].step
-    frame, parts = worker_pb2.PacketFrame(job=job, step=step), []
+def packets_to_proto(msg: Packets, codec_x: str = "raw", codec_g: str = "raw") -> tuple[worker_pb2.PacketFrame, Parts]:
+    frame, parts = worker_pb2.PacketFrame(job=msg.job, step=msg.step), []
     index: dict[int, int] = {}
-    for p in packets:
-        if (p.job, p.step) != (job, step):
+    for p in msg.packets:
+        if (p.job, p.step) != (msg.job, msg.step):
             raise ValueError("one PacketFrame carries one job's step")
         if id(p.x) not in index:
             index[id(p.x)] = len(frame.inputs)
             frame.inputs.append(tensor_to_proto(p.x, codec_x, parts))
-    for p in packets:
+    for p in msg.packets:
         frame.sites.append(worker_pb2.SiteGrad(site=p.site, version=p.version, input=index[id(p.x)],
                                                g=tensor_to_proto(p.g, codec_g, parts)))
     return frame, parts
 
 
-def packets_from_proto(frame: worker_pb2.PacketFrame, payload=None) -> list[Packet]:
-    buf = _Payload(payload)
+def packets_from_proto(frame: worker_pb2.PacketFrame, payload=None) -> Packets:
+    buf = Payload(payload)
     inputs = [tensor_from_proto(t, buf) for t in frame.inputs]
     out = []
     for s in frame.sites:
@@ -133,35 +111,61 @@ def packets_from_proto(frame: worker_pb2.PacketFrame, payload=None) -> list[Pack
             raise ValueError(f"site `{s.site}`: `input` index {s.input} out of range ({len(inputs)} inputs)")
         out.append(Packet(frame.job, s.site, frame.step, s.version, inputs[s.input], tensor_from_proto(s.g, buf)))
     buf.done()
-    return out
+    return Packets(frame.job, frame.step, out)
 
 
-# updates: full parameters, versioned
+# updates: full parameters, versioned; every `state_every` fits the optimizer state too
 
-def update_to_proto(u: Update, fitted_through: int) -> tuple[worker_pb2.UpdateFrame, Parts]:
+def update_to_proto(u: Update) -> tuple[worker_pb2.UpdateFrame, Parts]:
     frame, parts = worker_pb2.UpdateFrame(job=u.job, site=u.site, version=u.version,
-                                          fitted_through=fitted_through, loss=u.loss), []
-    for k in sorted(u.params):
-        frame.params[k].CopyFrom(tensor_to_proto(u.params[k], "raw", parts))
+                                          fitted_through=u.fitted_through, loss=u.loss), []
+    _tensors_to_proto(u.params, frame.params, parts)
+    if u.optimizer is not None:
+        _optimizer_to_proto(u.optimizer, frame.optimizer, parts)
     return frame, parts
 
 
-def update_from_proto(m: worker_pb2.UpdateFrame, payload=None) -> tuple[Update, int]:
-    buf = _Payload(payload)
-    params = {k: tensor_from_proto(m.params[k], buf) for k in sorted(m.params)}
+def update_from_proto(m: worker_pb2.UpdateFrame, payload=None) -> Update:
+    buf = Payload(payload)
+    what = f"update of `{m.site}`"
+    params = _tensors_from_proto(m.params, buf, what)
+    optimizer = _optimizer_from_proto(m.optimizer, buf, what) if m.HasField("optimizer") else None
     buf.done()
-    for k, v in params.items():
-        if not v.is_floating_point():
-            raise ValueError(f"update of `{m.site}`: parameter `{k}` has dtype {v.dtype}, expected floating")
-    return Update(m.job, m.site, m.version, params, m.loss), m.fitted_through
+    return Update(m.job, m.site, m.version, params, m.loss, m.fitted_through, optimizer)
 
 
-def params_to_proto(params: dict[str, torch.Tensor]) -> dict[str, tensor_pb2.Tensor]:
-    return {k: tensor_to_proto(v) for k, v in params.items()}
+# assignments: where each site starts (fresh, or a learner state the server holds)
+
+def assign_to_proto(a: Assign) -> tuple[worker_pb2.Assignment, Parts]:
+    frame, parts = worker_pb2.Assignment(job=a.job, spec=pack(a.spec.to_dict())), []
+    for start in a.sites:
+        s = frame.sites.add(site=pack(start.site.to_dict()), has_state=start.state is not None)
+        if start.state is not None:
+            s.version = start.state.version
+            _tensors_to_proto(start.state.params, s.params, parts)
+            if start.state.optimizer is not None:
+                _optimizer_to_proto(start.state.optimizer, s.optimizer, parts)
+    return frame, parts
 
 
-def params_from_proto(m) -> dict[str, torch.Tensor]:
-    return {k: tensor_from_proto(v) for k, v in m.items()}
+def assign_from_proto(m: worker_pb2.Assignment, payload=None) -> Assign:
+    buf = Payload(payload)
+    spec = JobSpec.from_dict(unpack(m.spec, "assignment `spec`"))
+    starts = []
+    for s in m.sites:
+        try:
+            site = Site.from_dict(unpack(s.site, "assignment `site`"))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"assignment `site` is malformed: {e!r}") from None
+        state = None
+        if s.has_state:
+            what = f"start of `{site.name}`"
+            params = _tensors_from_proto(s.params, buf, what)
+            opt = _optimizer_from_proto(s.optimizer, buf, what) if s.HasField("optimizer") else None
+            state = LearnerState(s.version, params, opt)
+        starts.append(SiteStart(site, state))
+    buf.done()
+    return Assign(m.job, spec, starts)
 
 
 # maps: msgpack, never pickle
@@ -177,93 +181,130 @@ def unpack(data: bytes, field: str = "map"):
         raise ValueError(f"`{field}` is not valid msgpack: {e}") from None
 
 
-# framing of Work messages: envelope + raw payload
+# the Work stream: typed messages <-> framed bytes
 
-def frame_message(envelope, payload: Parts = ()) -> bytes:
-    """`uint32 LE len | envelope | zero pad to 64 | payload`, as one bytes object (one copy)."""
-    env = envelope.SerializeToString()
-    return b"".join([_LEN.pack(len(env)), env, bytes(_pad(4 + len(env))), *payload])
+@dataclass
+class Opening:
+    """The first message of a worker's Work stream."""
 
-
-def parse_message(data: bytes, cls):
-    """(envelope, payload memoryview) from a framed message; raises ValueError on bad framing."""
-    if len(data) < 4:
-        raise ValueError(f"message of {len(data)} bytes is shorter than its length prefix")
-    (n,) = _LEN.unpack_from(data)
-    if n > len(data) - 4 or n > MAX_ENVELOPE_BYTES:
-        raise ValueError(f"envelope length {n} exceeds the message ({len(data)} bytes)")
-    view = memoryview(data)
-    try:
-        envelope = cls.FromString(view[4:4 + n])
-    except Exception as e:
-        raise ValueError(f"envelope is not a valid {cls.__name__}: {e}") from None
-    return envelope, view[min(len(data), 4 + n + _pad(4 + n)):]
+    session: str
+    hello: Hello
 
 
-def to_chunks(header, parts: Parts, seq: int, wrap, size: int | None = None) -> Iterator[bytes]:
-    """Framed messages carrying `header` and its payload in chunks of <= `size` bytes.
+@dataclass
+class Credit:
+    packets: int
 
-    Parts are packed whole into chunks when they fit, so the receiver decodes them without a
-    copy; a part larger than a chunk is split. `wrap(chunk)` builds the envelope around a Chunk.
+
+@dataclass
+class Goodbye:
+    reason: str
+
+
+@dataclass
+class Heartbeat:
+    time: float
+    status: str = ""  # from a worker: why it is unhealthy, "" when healthy
+
+
+def to_worker(msg: ToWorker, seq: int, codec_x: str = "raw", codec_g: str = "raw") -> Iterator[bytes]:
+    """Framed ServerMessages for one message to a worker (several for a chunked frame)."""
+    env = worker_pb2.ServerMessage
+    if isinstance(msg, Packets):
+        frame, parts = packets_to_proto(msg, codec_x, codec_g)
+        yield from to_chunks(frame, parts, seq, lambda c: env(packet=c))
+    elif isinstance(msg, Assign):
+        frame, parts = assign_to_proto(msg)
+        yield from to_chunks(frame, parts, seq, lambda c: env(assignment=c))
+    elif isinstance(msg, Ack):
+        yield frame_message(env(ack=worker_pb2.UpdateAck(job=msg.job, site=msg.site, version=msg.version)))
+    elif isinstance(msg, Revoke):
+        yield frame_message(env(revocation=worker_pb2.Revocation(job=msg.job, sites=msg.sites, reason=msg.reason)))
+    else:
+        raise TypeError(f"no wire form for {type(msg).__name__}")
+
+
+def to_server(msg: ToServer, seq: int) -> Iterator[bytes]:
+    """Framed WorkerMessages for one message to the server."""
+    env = worker_pb2.WorkerMessage
+    if isinstance(msg, Update):
+        frame, parts = update_to_proto(msg)
+        yield from to_chunks(frame, parts, seq, lambda c: env(update=c))
+    elif isinstance(msg, Refusal):
+        yield frame_message(env(refusal=worker_pb2.Refusal(job=msg.job, site=msg.site, step=msg.step,
+                                                           reason=msg.reason[:4096])))
+    else:
+        raise TypeError(f"no wire form for {type(msg).__name__}")
+
+
+def opening(session: str, hello: Hello) -> bytes:
+    progress = [worker_pb2.SiteProgress(job=p.job, site=p.site, version=p.version, fitted_through=p.fitted_through)
+                for p in hello.progress]
+    return frame_message(worker_pb2.WorkerMessage(hello=worker_pb2.Hello(session=session, progress=progress)))
+
+
+def credit(n: int) -> bytes:
+    return frame_message(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(packets=n)))
+
+
+def goodbye(reason: str) -> bytes:
+    return frame_message(worker_pb2.WorkerMessage(goodbye=worker_pb2.Goodbye(reason=reason)))
+
+
+def heartbeat_to_server(t: float, status: str = "") -> bytes:
+    return frame_message(worker_pb2.WorkerMessage(heartbeat=worker_pb2.Heartbeat(time=t, status=status[:1024])))
+
+
+def heartbeat_to_worker(t: float) -> bytes:
+    return frame_message(worker_pb2.ServerMessage(heartbeat=worker_pb2.Heartbeat(time=t)))
+
+
+_CHUNKED = {"packet": (worker_pb2.PacketFrame, packets_from_proto),
+            "assignment": (worker_pb2.Assignment, assign_from_proto),
+            "update": (worker_pb2.UpdateFrame, update_from_proto)}
+
+
+class Inbox:
+    """Framed messages in, typed messages out; chunked frames are reassembled (one per kind).
+
+    `Inbox("server")` reads what workers send (Opening, Credit, Update, Refusal, Heartbeat,
+    Goodbye); `Inbox("worker")` what the server sends (Assign, Packets, Ack, Revoke, Heartbeat).
     """
-    size = (size or CHUNK_BYTES) // ALIGN * ALIGN
-    views = [memoryview(p).cast("B") for p in parts]
-    chunks: list[list] = [[]]
-    room = size
-    for v in views:
-        if len(v) > room and chunks[-1]:
-            chunks.append([])
-            room = size
-        while len(v) > room:  # larger than a whole chunk: split it
-            chunks[-1].append(v[:room])
-            v = v[room:]
-            chunks.append([])
-            room = size
-        if len(v):
-            pad = min(_pad(len(v)), room - len(v))  # the next part starts aligned (or in a new chunk)
-            chunks[-1] += [v, bytes(pad)] if pad else [v]
-            room -= len(v) + pad
-    total = sum(len(p) for c in chunks for p in c)
-    for i, pieces in enumerate(chunks):
-        chunk = worker_pb2.Chunk(seq=seq, index=i, count=len(chunks))
-        if i == 0:
-            chunk.header, chunk.payload_bytes = header.SerializeToString(), total
-        yield frame_message(wrap(chunk), pieces)
 
-
-class Reassembler:
-    """Collects one frame's chunks; returns (header, [chunk payloads]) when the frame is whole."""
-
-    def __init__(self, max_bytes: int = MAX_FRAME_BYTES):
+    def __init__(self, side: str, max_bytes: int = MAX_FRAME_BYTES):
+        self.cls = {"server": worker_pb2.WorkerMessage, "worker": worker_pb2.ServerMessage}[side]
         self.max_bytes = max_bytes
-        self.seq: int | None = None
-        self.parts: list | None = None
-        self.header = b""
-        self.count = self.expect = self.filled = 0
+        self.frames: dict[str, Reassembler] = {}
 
-    def feed(self, c: worker_pb2.Chunk, data) -> tuple[bytes, list] | None:
-        if c.count == 0 or c.index >= c.count:
-            raise ValueError(f"chunk `index` {c.index} / `count` {c.count} is invalid")
-        if len(data) > MAX_CHUNK_BYTES:
-            raise ValueError(f"chunk of {len(data)} bytes exceeds {MAX_CHUNK_BYTES}")
-        if c.index == 0:
-            if c.payload_bytes > self.max_bytes:
-                raise ValueError(f"frame of {c.payload_bytes} bytes exceeds {self.max_bytes}")
-            if c.payload_bytes > c.count * MAX_CHUNK_BYTES:
-                raise ValueError(f"`payload_bytes` {c.payload_bytes} cannot fit in {c.count} chunks")
-            self.seq, self.count, self.filled, self.expect = c.seq, c.count, 0, c.payload_bytes
-            self.header, self.parts = c.header, []
-        if self.parts is None or c.seq != self.seq or c.index != len(self.parts) or c.count != self.count:
-            raise ValueError(f"chunk seq {c.seq} index {c.index}/{c.count} arrived out of order "
-                             f"(expected seq {self.seq} index {len(self.parts or [])}/{self.count})")
-        self.filled += len(data)
-        if self.filled > self.expect:
-            raise ValueError(f"chunks carry more than the {self.expect} payload bytes announced")
-        self.parts.append(data)
-        if len(self.parts) < self.count:
-            return None
-        if self.filled != self.expect:
-            raise ValueError(f"frame ended with {self.filled} of {self.expect} payload bytes")
-        header, parts = self.header, self.parts
-        self.parts = None
-        return header, parts
+    def feed(self, raw: bytes):
+        """The typed message `raw` completes, or None (a chunk of a frame still in flight)."""
+        msg, payload = parse_message(raw, self.cls)
+        kind = msg.WhichOneof("kind")
+        if kind is None:
+            raise ValueError(f"{self.cls.__name__} carries no message")
+        m = getattr(msg, kind)
+        if kind in _CHUNKED:
+            whole = self.frames.setdefault(kind, Reassembler(self.max_bytes)).feed(m, payload)
+            if whole is None:
+                return None
+            cls, decode = _CHUNKED[kind]
+            try:
+                header = cls.FromString(whole[0])
+            except Exception as e:
+                raise ValueError(f"{kind} header is not a valid {cls.__name__}: {e}") from None
+            return decode(header, whole[1])
+        if kind == "hello":
+            return Opening(m.session, Hello([Progress(p.job, p.site, p.version, p.fitted_through) for p in m.progress]))
+        if kind == "credit":
+            return Credit(m.packets)
+        if kind == "heartbeat":
+            return Heartbeat(m.time, m.status)
+        if kind == "goodbye":
+            return Goodbye(m.reason)
+        if kind == "refusal":
+            return Refusal(m.job, m.site, m.step, m.reason)
+        if kind == "ack":
+            return Ack(m.job, m.site, m.version)
+        if kind == "revocation":
+            return Revoke(m.job, list(m.sites), m.reason)
+        raise ValueError(f"unknown message kind {kind!r}")

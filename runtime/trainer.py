@@ -1,7 +1,8 @@
-"""The reference loop: a server step and the device fits in one process.
+"""The reference loop: the server's step and the devices' fits in one process.
 
-This is the path every transport wraps, never forks: `Host.step` makes packets, `Learner.consume`
-fits, `Host.apply` takes the updates at a step boundary.
+The same three objects every transport runs — `Host` (the capture step), `Scheduler` and
+`Worker` — with synchronous delivery: each step's packets reach the worker, and its updates the
+scheduler, before the next step begins.
 
     trainer = Trainer(model, [JobSpec("acme", LowRank(r=8), AdamW(lr=1e-3))])
     for _ in range(100):
@@ -17,37 +18,42 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .data import collate
-from .gl import Learner, Update
+from .host import Host
 from .job import JobSpec
 from .loss import LossFn, causal_lm
+from .scheduler import Scheduler
+from .worker import Worker
+
+LOCAL = "local"
 
 
 class Trainer:
-    """Runs jobs in-process: one mixed batch per step, every (job, site) fitted by its Learner."""
+    """Runs jobs in-process: the jobs of one `step` call share one forward (a mixed batch)."""
 
     def __init__(self, model: nn.Module, jobs: list[JobSpec], loss_fn: LossFn = causal_lm):
-        from colaflow.server.host import Host  # the server half of the loop
-
         self.host = Host(model, loss_fn)
+        self.scheduler = Scheduler()
+        self.worker = Worker(LOCAL)
         self.specs = {s.job_id: s for s in jobs}
-        self.learners: dict[tuple[str, str], Learner] = {}
         for spec in jobs:
-            for site in self.host.add_job(spec):
-                self.learners[(spec.job_id, site.name)] = Learner(spec, site)
-        self._pending: list[tuple[int, Update]] = []  # (step from which the server uses it, update)
+            self.scheduler.add_job(spec, self.host.add_job(spec))
+        self._stream = self.scheduler.connect(LOCAL, self.scheduler.register(LOCAL), self.worker.hello())
+        self.scheduler.grant(LOCAL, self._stream, 1 << 62)  # in-process: no flow control needed
+        self._deliver()
         self.history: dict[str, list[float]] = {j: [] for j in self.specs}
 
     def step(self, batches: dict[str, dict]) -> dict[str, float]:
         """One server step over the jobs in `batches` ({job_id: batch}); returns their losses."""
-        self._apply_due()
+        plans = [self.scheduler.begin(job) for job in batches]
+        for plan in plans:
+            for update in plan.apply:
+                self.host.apply(update)
         result = self.host.step(collate(list(batches.items())))
-        for packet in result.packets:
-            update = self.learners[(packet.job, packet.site)].consume(packet)
-            if update is not None:
-                # With staleness S the server may run S more steps before it sees this update.
-                self._pending.append((result.step + 1 + self.specs[update.job].staleness, update))
-        for job, loss in result.losses.items():
-            self.history[job].append(loss)
+        for plan in plans:
+            packets = [p for p in result.packets if p.job == plan.job]
+            self.scheduler.finish(plan, packets, result.losses[plan.job], result.tokens[plan.job])
+            self.history[plan.job].append(result.losses[plan.job])
+        self._deliver()
         return result.losses
 
     def run(self, data: dict[str, Iterator[dict]], steps: int, progress: bool = True) -> dict[str, list[float]]:
@@ -60,20 +66,21 @@ class Trainer:
         return self.history
 
     def flush(self) -> None:
-        """Apply every update still in flight (the end of a run)."""
-        for _, update in self._pending:
-            self.host.apply(update)
-        self._pending.clear()
+        """Load every job's newest adapters into the server's copies (the end of a run)."""
+        for job in self.specs:
+            for update in self.scheduler.latest(job):
+                self.host.apply(update)
 
-    def _apply_due(self) -> None:
-        now = self.host.steps
-        due = [u for at, u in self._pending if at <= now]
-        self._pending = [(at, u) for at, u in self._pending if at > now]
-        for update in due:
-            self.host.apply(update)
+    def _deliver(self) -> None:
+        """Synchronous delivery: move messages both ways until neither side has anything left."""
+        while (msg := self.scheduler.next_message(LOCAL, self._stream)) is not None:
+            for reply in self.worker.handle(msg):
+                self.scheduler.receive(LOCAL, reply)
+        for job in self.scheduler.take_ended():
+            raise RuntimeError(f"job {job!r} ended: {self.scheduler.job(job).error}")
 
     def adapters(self, job_id: str) -> dict[str, Adapter]:
         """The device-side (authoritative) adapters of a job, by site name."""
         if job_id not in self.specs:
             raise KeyError(f"unknown job {job_id!r}; jobs: {sorted(self.specs)}")
-        return {site: l.adapter for (j, site), l in self.learners.items() if j == job_id}
+        return {site: l.adapter for (j, site), l in self.worker.learners.items() if j == job_id}

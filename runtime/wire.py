@@ -12,8 +12,12 @@ from .v1 import worker_pb2
 
 SERVICE = "colaflow.v1.Worker"
 WORK = f"/{SERVICE}/Work"
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+MAX_MESSAGE_BYTES = 64 << 20  # one gRPC message, either way, on every channel and server of colaflow
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.http2.max_frame_size", (1 << 24) - 1)]  # big HTTP/2 frames: ~2x loopback throughput
+# A second server on a taken port must fail, not silently share it (gRPC's default is SO_REUSEPORT).
+SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)]
 
 
 def _identity(b: bytes) -> bytes:

@@ -1,4 +1,2 @@
-"""colaflow.server: the adaptation server — model host, capture step, update applier."""
-from .host import Host, StepResult
-
-__all__ = ["Host", "StepResult"]
+"""colaflow.server: the service process — a thread and a lock around the scheduler, the capture step
+on the model, the gRPC services, the job store and auth."""

@@ -1,4 +1,8 @@
-"""gRPC servicers: parse, check, call the coordinator, map exceptions to status codes. Thin."""
+"""gRPC servicers: parse, check, call the coordinator, map exceptions to status codes. Thin.
+
+Every proto <-> Python conversion is `colaflow.serde`'s; every state read is the coordinator's,
+under its lock.
+"""
 from __future__ import annotations
 
 import logging
@@ -11,16 +15,16 @@ from pathlib import Path
 import grpc
 
 from colaflow import serde
-from colaflow.export import save, save_peft
+from colaflow.export import peft_task_type, save, save_peft
 from colaflow.job import JobSpec
-from colaflow.v1 import control_pb2, control_pb2_grpc, worker_pb2, worker_pb2_grpc
-from colaflow.wire import CHANNEL_OPTIONS, add_worker_service
+from colaflow.protocol import Packets
+from colaflow.v1 import control_pb2, control_pb2_grpc, worker_pb2
+from colaflow.wire import MAX_MESSAGE_BYTES, SERVER_OPTIONS, add_worker_service
 
 from .auth import Tokens
-from .coordinator import Coordinator
+from .coordinator import Closed, Coordinator, JobStatus
 
 log = logging.getLogger("colaflow.server")
-MAX_MESSAGE_BYTES = 64 << 20
 HEARTBEAT_S = 1.0
 
 
@@ -32,6 +36,8 @@ def _status(e: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(e, (ValueError, TypeError)):
         return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(e, OSError):  # e.g. the state dir is full: retry later
+        return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
 
 
@@ -45,7 +51,9 @@ def _guard(context, tokens: Tokens, role: str) -> None:
                       else grpc.StatusCode.PERMISSION_DENIED, f"this call needs a `{role}` token")
 
 
-class WorkerService(worker_pb2_grpc.WorkerServicer):
+class WorkerService:
+    """Register, and one Work stream per worker: a pump between gRPC and the coordinator."""
+
     def __init__(self, coordinator: Coordinator, tokens: Tokens):
         self.c, self.tokens = coordinator, tokens
 
@@ -63,16 +71,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def Work(self, request_iterator, context):
         _guard(context, self.tokens, "worker")
         worker_id = dict(context.invocation_metadata()).get("x-worker-id", "")
+        inbox = serde.Inbox("server", max_bytes=MAX_MESSAGE_BYTES)
         try:
-            hello = serde.parse_message(next(request_iterator), worker_pb2.WorkerMessage)[0].hello
-            progress = [(p.job, p.site, p.version, p.fitted_through) for p in hello.progress]
-            stream = self.c.connect(worker_id, hello.session, progress)
+            first = inbox.feed(next(request_iterator))
+            if not isinstance(first, serde.Opening):
+                raise ValueError(f"a Work stream opens with Hello, not {type(first).__name__}")
+            stream = self.c.connect(worker_id, first.session, first.hello)
         except StopIteration:
             return
         except Exception as e:
             context.abort(_status(e), _message(e))
         errors: queue.Queue = queue.Queue()
-        reader = threading.Thread(target=self._read, args=(worker_id, request_iterator, errors), daemon=True)
+        reader = threading.Thread(target=self._read, args=(worker_id, stream, inbox, request_iterator, errors),
+                                  daemon=True)
         reader.start()
         seq, idle_since = 0, time.monotonic()
         try:
@@ -81,73 +92,50 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     e = errors.get()
                     if e is None:
                         return  # the worker said goodbye or closed its side
-                    log.warning("worker %s sent a bad frame: %s", worker_id, e)
+                    log.warning("worker %s: %s", worker_id, e)
                     context.abort(_status(e), _message(e))
-                msg = self.c.next_message(worker_id, stream, timeout=0.2)
+                try:
+                    msg = self.c.next_message(worker_id, stream, timeout=0.2)
+                except Closed:
+                    return
                 if msg is None:
                     if time.monotonic() - idle_since >= HEARTBEAT_S:
                         idle_since = time.monotonic()
-                        yield serde.frame_message(worker_pb2.ServerMessage(heartbeat=worker_pb2.Heartbeat(time=time.time())))
+                        yield serde.heartbeat_to_worker(time.time())
                     continue
                 idle_since = time.monotonic()
-                if msg[0] == "closed":
-                    return
-                yield from self._encode(msg, seq)
+                codecs = self.c.codecs(msg.job) if isinstance(msg, Packets) else ("raw", "raw")
+                yield from serde.to_worker(msg, seq, *codecs)
                 seq += 1
         finally:
             self.c.disconnect(worker_id, stream)
 
-    def _read(self, worker_id: str, request_iterator, errors: queue.Queue) -> None:
-        updates = serde.Reassembler(max_bytes=MAX_MESSAGE_BYTES)
+    def _read(self, worker_id: str, stream: int, inbox: serde.Inbox, request_iterator, errors: queue.Queue) -> None:
         try:
             for raw in request_iterator:
-                msg, payload = serde.parse_message(raw, worker_pb2.WorkerMessage)
-                kind = msg.WhichOneof("kind")
-                if kind == "credit":
-                    self.c.grant(worker_id, min(msg.credit.packets, 1024))
-                elif kind == "update":
-                    whole = updates.feed(msg.update, payload)
-                    if whole is not None:
-                        frame = worker_pb2.UpdateFrame.FromString(whole[0])
-                        update, fitted = serde.update_from_proto(frame, whole[1])
-                        self.c.receive_update(worker_id, update, fitted)
-                elif kind == "goodbye":
-                    log.info("worker %s says goodbye: %s", worker_id, msg.goodbye.reason)
+                msg = inbox.feed(raw)
+                if isinstance(msg, serde.Credit):
+                    self.c.grant(worker_id, stream, msg.packets)
+                elif isinstance(msg, serde.Goodbye):
+                    log.info("worker %s says goodbye: %s", worker_id, msg.reason)
                     break
+                elif isinstance(msg, serde.Heartbeat):
+                    self.c.worker_status(worker_id, stream, msg.status)
+                elif msg is not None:
+                    self.c.receive(worker_id, msg)
             errors.put(None)
         except Exception as e:  # a bad frame ends this stream with a status; other workers go on
             errors.put(e)
 
-    def _encode(self, msg: tuple, seq: int):
-        """Framed ServerMessages for one coordinator message."""
-        kind, env = msg[0], worker_pb2.ServerMessage
-        if kind == "assign":
-            a = msg[1]
-            sites = [worker_pb2.SiteInfo(site=serde.pack(site.to_dict()), version=version,
-                                         params=serde.params_to_proto(params)) for site, version, params in a["sites"]]
-            yield serde.frame_message(env(assignment=worker_pb2.Assignment(
-                job=a["job"], spec=serde.pack(a["spec"].to_dict()), sites=sites)))
-        elif kind == "packets":
-            _, job_id, step, packets = msg
-            spec = self.c.jobs[job_id].spec
-            frame, parts = serde.packets_to_proto(packets, spec.codec_x, spec.codec_g)
-            yield from serde.to_chunks(frame, parts, seq, lambda c: env(packet=c))
-        elif kind == "ack":
-            yield serde.frame_message(env(ack=worker_pb2.UpdateAck(job=msg[1], site=msg[2], version=msg[3])))
-        elif kind == "revoke":
-            yield serde.frame_message(env(revocation=worker_pb2.Revocation(job=msg[1], sites=msg[2], reason=msg[3])))
 
-
-def _status_pb(job) -> control_pb2.JobStatus:
-    return control_pb2.JobStatus(
-        job=job.spec.job_id, state=job.state, step=job.step, steps=job.steps,
-        versions={s: v for s, (v, _) in job.received.items()}, loss=job.losses[-1] if job.losses else 0.0,
-        error=job.error, max_staleness=job.max_staleness)
+def _status_pb(s: JobStatus) -> control_pb2.JobStatus:
+    return control_pb2.JobStatus(job=s.job, state=s.state, step=s.step, steps=s.steps, versions=s.versions,
+                                 loss=s.loss, error=s.error, max_staleness=s.max_staleness)
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
-    def __init__(self, coordinator: Coordinator, tokens: Tokens):
-        self.c, self.tokens = coordinator, tokens
+    def __init__(self, coordinator: Coordinator, tokens: Tokens, model_name: str | None = None):
+        self.c, self.tokens, self.model_name = coordinator, tokens, model_name
 
     def _call(self, context, fn):
         _guard(context, self.tokens, "control")
@@ -159,44 +147,39 @@ class ControlService(control_pb2_grpc.ControlServicer):
     def SubmitJob(self, request, context):
         def submit():
             spec = JobSpec.from_dict(serde.unpack(request.spec, "spec"))
-            return control_pb2.SubmitJobResponse(job=self.c.submit(spec, serde.unpack(request.data, "data"),
-                                                                   request.steps))
+            job = self.c.submit(spec, serde.unpack(request.data, "data"), request.steps)
+            return control_pb2.SubmitJobResponse(job=job)
         return self._call(context, submit)
 
     def GetJob(self, request, context):
-        return self._call(context, lambda: control_pb2.GetJobResponse(status=_status_pb(self.c.job(request.job))))
+        return self._call(context, lambda: control_pb2.GetJobResponse(status=_status_pb(self.c.status(request.job))))
 
     def ListJobs(self, request, context):
-        return self._call(context, lambda: control_pb2.ListJobsResponse(
-            jobs=[_status_pb(j) for j in list(self.c.jobs.values())]))
+        return self._call(context, lambda: control_pb2.ListJobsResponse(jobs=[_status_pb(s) for s in self.c.statuses()]))
 
     def CancelJob(self, request, context):
         return self._call(context, lambda: control_pb2.CancelJobResponse(status=_status_pb(self.c.cancel(request.job))))
 
     def StreamMetrics(self, request, context):
-        job = self._call(context, lambda: self.c.job(request.job))
+        self._call(context, lambda: self.c.status(request.job))  # auth and existence first
         sent = 0
         while context.is_active():
-            with self.c.lock:
-                new = job.metrics[sent:]
-                if not new and job.state not in ("waiting", "running"):
-                    return
-                if not new:
-                    self.c.cond.wait(0.5)
-                    continue
+            new, ended = self._call(context, lambda: self.c.metrics(request.job, sent, timeout=0.5))
             for m in new:
                 yield control_pb2.StreamMetricsResponse(metrics=serde.pack(m))
             sent += len(new)
+            if ended and not new:
+                return
 
     def ExportAdapter(self, request, context):
         def files():
-            job = self.c.job(request.job)
-            adapters = self.c.host.jobs[request.job].adapters
+            e = self.c.export(request.job)
             with tempfile.TemporaryDirectory() as tmp:
                 if request.format in ("", "native"):
-                    path = save(adapters, job.spec, Path(tmp) / "out", {s: v for s, (v, _) in job.received.items()})
+                    path = save(e.adapters, e.spec, Path(tmp) / "out", e.versions)
                 elif request.format == "peft":
-                    path = save_peft(adapters, Path(tmp) / "out")
+                    path = save_peft(e.adapters, Path(tmp) / "out", base_model=self.model_name,
+                                     task_type=peft_task_type(self.c.host.model))
                 else:
                     raise ValueError(f"`format` must be native or peft, got {request.format!r}")
                 return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
@@ -208,24 +191,29 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
     def Health(self, request, context):
         h = self.c.health()
-        return control_pb2.HealthResponse(status="serving", workers=h["workers"], jobs=h["jobs"])
+        return control_pb2.HealthResponse(status=h.status, workers=h.workers, jobs=h.jobs)
 
 
 def make_server(coordinator: Coordinator, tokens: Tokens, address: str = "127.0.0.1:0",
-                tls: tuple[bytes, bytes, bytes | None] | None = None) -> tuple[grpc.Server, int]:
+                tls: tuple[bytes, bytes, bytes | None] | None = None,
+                model_name: str | None = None) -> tuple[grpc.Server, int]:
     """A gRPC server with both services; returns it (not started) and its bound port."""
     from concurrent import futures
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=CHANNEL_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
     add_worker_service(server, WorkerService(coordinator, tokens))
-    control_pb2_grpc.add_ControlServicer_to_server(ControlService(coordinator, tokens), server)
-    if tls is None:
-        port = server.add_insecure_port(address)
-    else:
-        key, cert, client_ca = tls
-        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                            require_client_auth=client_ca is not None)
-        port = server.add_secure_port(address, creds)
+    control_pb2_grpc.add_ControlServicer_to_server(ControlService(coordinator, tokens, model_name), server)
+    try:
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            key, cert, client_ca = tls
+            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                                require_client_auth=client_ca is not None)
+            port = server.add_secure_port(address, creds)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"cannot listen on {address}: the port is taken (another colaflow serve?) or the "
+                      "address is not this machine's")
     return server, port

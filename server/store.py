@@ -1,73 +1,79 @@
-"""The server's state directory: every job's spec and data, and a snapshot before each step.
+"""The server's state directory: the scheduler's `Store`, as files.
 
-    DIR/<job>/job.msgpack           spec, data map, steps (written once, at submit)
-    DIR/<job>/progress.safetensors  the adapters' parameters + {step, state, versions} metadata
+    DIR/<job>/job.msgpack                spec, sites, steps, data map (written once, at submit)
+    DIR/<job>/progress.json              next step, state, error, owners (after every step)
+    DIR/<job>/sites/<site>.safetensors   the versions a restart can need, and the newest learner
+                                         state (optimizer moments): written before an update is acked
 
-A snapshot is taken before each step runs, when (with S = 0) every site of the job is exactly at
-version floor(step / I): a restarted server recomputes from there, and the workers' checkpoints
-and replay make the run finish exactly as the failure-free one. Files are replaced atomically.
+A restarted server resumes each live job at its restart step — the first step no durable
+learner state covers — with exactly the adapter versions those steps used; workers resend what
+was not acknowledged and skip what they already hold. Every file is replaced atomically.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from colaflow import serde
+from colaflow.files import atomic_write
+from colaflow.gl import LearnerState, OptimizerState
+from colaflow.scheduler import SiteRecord, Store
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-class JobStore:
+class DirStore(Store):
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def save_job(self, job_id: str, spec: dict, data: dict, steps: int) -> None:
-        d = self.root / job_id
-        d.mkdir(exist_ok=True)
-        blob = serde.pack({"spec": spec, "data": data, "steps": steps})
-        _atomic(d / "job.msgpack", lambda tmp: Path(tmp).write_bytes(blob))
+    def __repr__(self) -> str:
+        return str(self.root)
 
-    def save_progress(self, job_id: str, step: int, state: str, versions: dict[str, int],
-                      params: dict[str, dict[str, torch.Tensor]], owners: dict[str, str]) -> None:
-        tensors = {f"{site}::{name}": t.detach().contiguous() for site, p in params.items() for name, t in p.items()}
-        meta = {"step": str(step), "state": state, "versions": json.dumps(versions), "owners": json.dumps(owners)}
-        _atomic(self.root / job_id / "progress.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
+    def save_job(self, job_id: str, record: dict) -> None:
+        atomic_write(self.root / job_id / "job.msgpack", serde.pack(record))
+
+    def save_progress(self, job_id: str, progress: dict) -> None:
+        atomic_write(self.root / job_id / "progress.json", json.dumps(progress).encode())
+
+    def save_site(self, job_id: str, site: str, rec: SiteRecord) -> None:
+        tensors = {f"v{v}::{name}": t.detach().contiguous().cpu() for v, p in rec.versions.items() for name, t in p.items()}
+        meta = {"received": str(rec.received), "state_version": "", "optimizer": ""}
+        if rec.state is not None:
+            meta["state_version"] = str(rec.state.version)
+            if rec.state.optimizer is not None:
+                tensors |= {f"opt::{k}": t.detach().contiguous().cpu() for k, t in rec.state.optimizer.tensors.items()}
+                meta["optimizer"] = json.dumps(rec.state.optimizer.meta)
+        atomic_write(self.root / job_id / "sites" / f"{site}.safetensors", save(tensors, metadata=meta))
 
     def load(self) -> list[dict]:
-        """Every stored job: {spec, data, steps, progress: {step, state, versions, params} | None}."""
         out = []
         for d in sorted(p for p in self.root.iterdir() if p.is_dir()):
             if not (d / "job.msgpack").exists():
                 continue
-            job = serde.unpack((d / "job.msgpack").read_bytes(), f"{d}/job.msgpack")
-            job["progress"] = None
-            prog = d / "progress.safetensors"
-            if prog.exists():
-                from safetensors import safe_open
-
-                with safe_open(str(prog), "pt") as f:
-                    meta = f.metadata()
-                params: dict[str, dict[str, torch.Tensor]] = {}
-                for key, t in load_file(str(prog)).items():
-                    site, name = key.split("::", 1)
-                    params.setdefault(site, {})[name] = t
-                job["progress"] = {"step": int(meta["step"]), "state": meta["state"],
-                                   "versions": json.loads(meta["versions"]), "owners": json.loads(meta["owners"]),
-                                   "params": params}
-            out.append(job)
+            progress = d / "progress.json"
+            out.append({"job": serde.unpack((d / "job.msgpack").read_bytes(), f"{d}/job.msgpack"),
+                        "progress": json.loads(progress.read_text()) if progress.exists() else None,
+                        "sites": {f.name[:-len(".safetensors")]: _load_site(f) for f in sorted(d.glob("sites/*.safetensors"))}})
         return out
+
+
+def _load_site(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    versions: dict[int, dict] = {}
+    opt: dict = {}
+    for key, t in load_file(str(path)).items():
+        kind, _, name = key.partition("::")
+        if kind == "opt":
+            opt[name] = t
+        else:
+            versions.setdefault(int(kind[1:]), {})[name] = t
+    state = None
+    if meta["state_version"]:
+        v = int(meta["state_version"])
+        optimizer = OptimizerState(opt, json.loads(meta["optimizer"])) if meta["optimizer"] else None
+        state = LearnerState(v, versions[v], optimizer)
+    return {"received": int(meta["received"]), "versions": versions, "state": state}

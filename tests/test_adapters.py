@@ -8,7 +8,7 @@ from torch import nn
 from colaflow import MLP, SGD, AdamW, AdapterSpec, JobSpec, Learner, Linear, LowRank, Packet, Schedule, find_sites
 from colaflow.adapters import build_adapter, load_params, register_adapter
 from colaflow.models import tiny
-from colaflow.server import Host
+from colaflow.host import Host
 from colaflow.sites import site_of
 
 
@@ -154,13 +154,15 @@ def test_server_refuses_nan_gradient_naming_the_site():
         host.step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "jobs": ["a", "a"]})
 
 
-def test_stale_and_duplicate_updates_are_ignored():
+def test_host_loads_the_version_it_is_given():
+    """The scheduler picks the version; the host loads it, and a repeat of its version is a no-op."""
     host = Host(tiny("llama"))
     (site, *_) = host.add_job(JobSpec("a", LowRank(r=2)))
     from colaflow import Update
     params = {"A": torch.ones(2, 32), "B": torch.ones(32, 2)}
-    assert host.apply(Update("a", site.name, 1, params, 0.0))
-    assert not host.apply(Update("a", site.name, 1, {"A": torch.zeros(2, 32), "B": torch.zeros(32, 2)}, 0.0))
+    host.apply(Update("a", site.name, 1, params, 0.0))
+    host.apply(Update("a", site.name, 1, {"A": torch.zeros(2, 32), "B": torch.zeros(32, 2)}, 0.0))
     assert torch.equal(host.jobs["a"].adapters[site.name].A, torch.ones(2, 32))
+    assert host.jobs["a"].versions[site.name] == 1
     with pytest.raises(KeyError, match="unknown job 'zz'"):
         host.apply(Update("zz", site.name, 1, params, 0.0))

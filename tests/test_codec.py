@@ -8,11 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from colaflow import Packet, serde
+from colaflow import Packet, framing, serde
+from colaflow.protocol import Packets
 from colaflow.codec import Encoded, decode, encode
 from colaflow.v1 import worker_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _frame(packets: list[Packet]) -> Packets:
+    return Packets(packets[0].job, packets[0].step, packets)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32])
@@ -69,10 +74,10 @@ def test_bad_frames_are_refused(bad, match):
 
 def _send(frame, parts, size=None):
     """Frame, chunk and reassemble as the Work stream does; returns (header, payload chunks, messages)."""
-    msgs = list(serde.to_chunks(frame, parts, 7, lambda c: worker_pb2.ServerMessage(packet=c), size))
-    r, whole = serde.Reassembler(), None
+    msgs = list(framing.to_chunks(frame, parts, 7, lambda c: worker_pb2.ServerMessage(packet=c), size))
+    r, whole = framing.Reassembler(), None
     for m in msgs:
-        env, payload = serde.parse_message(m, worker_pb2.ServerMessage)
+        env, payload = framing.parse_message(m, worker_pb2.ServerMessage)
         whole = r.feed(env.packet, payload)
     return whole[0], whole[1], msgs
 
@@ -80,10 +85,10 @@ def _send(frame, parts, size=None):
 def test_packet_frame_sends_shared_input_once_and_round_trips():
     x = torch.randn(40, 16)
     packets = [Packet("j", "q", 3, 1, x, torch.randn(40, 16)), Packet("j", "v", 3, 1, x, torch.randn(40, 8))]
-    frame, parts = serde.packets_to_proto(packets)
+    frame, parts = serde.packets_to_proto(_frame(packets))
     assert len(frame.inputs) == 1 and sum(len(p) for p in parts) == (40 * 16 * 2 + 40 * 8) * 4
     header, payload, _ = _send(frame, parts)
-    back = serde.packets_from_proto(worker_pb2.PacketFrame.FromString(header), payload)
+    back = serde.packets_from_proto(worker_pb2.PacketFrame.FromString(header), payload).packets
     for a, b in zip(packets, back):
         assert (a.job, a.site, a.step, a.version) == (b.job, b.site, b.step, b.version)
         assert torch.equal(a.x, b.x) and torch.equal(a.g, b.g)
@@ -92,36 +97,36 @@ def test_packet_frame_sends_shared_input_once_and_round_trips():
 
 def test_large_frames_are_chunked_and_decoded_without_copies():
     big = [Packet("j", f"s{i}", 0, 0, torch.randn(1024, 576), torch.randn(1024, 576)) for i in range(4)]
-    frame, parts = serde.packets_to_proto(big)  # 8 tensors of 2.25 MiB
+    frame, parts = serde.packets_to_proto(_frame(big))  # 8 tensors of 2.25 MiB
     header, payload, msgs = _send(frame, parts)
-    assert len(msgs) == 8 and all(len(m) <= serde.MAX_CHUNK_BYTES + 4096 for m in msgs)
-    back = serde.packets_from_proto(worker_pb2.PacketFrame.FromString(header), payload)
+    assert len(msgs) == 8 and all(len(m) <= framing.MAX_CHUNK_BYTES + 4096 for m in msgs)
+    back = serde.packets_from_proto(worker_pb2.PacketFrame.FromString(header), payload).packets
     assert all(torch.equal(a.g, b.g) for a, b in zip(big, back))
     # every tensor is a view of the message it arrived in, not a copy
     import numpy as np
     spans = [(np.frombuffer(p, np.uint8).ctypes.data, len(p)) for p in payload]
     assert all(any(a <= t.data_ptr() < a + n for a, n in spans) for b in back for t in (b.x, b.g))
     huge = [Packet("j", "s", 0, 0, torch.randn(3000, 576), torch.randn(3000, 576))]  # 6.6 MiB tensors
-    h, p, msgs = _send(*serde.packets_to_proto(huge))
+    h, p, msgs = _send(*serde.packets_to_proto(_frame(huge)))
     assert len(msgs) == 4
-    assert torch.equal(serde.packets_from_proto(worker_pb2.PacketFrame.FromString(h), p)[0].g, huge[0].g)
+    assert torch.equal(serde.packets_from_proto(worker_pb2.PacketFrame.FromString(h), p).packets[0].g, huge[0].g)
 
 
 def test_reassembler_refuses_bad_chunk_sequences():
-    frame, parts = serde.packets_to_proto([Packet("j", "s", 0, 0, torch.randn(3000, 576), torch.randn(3000, 576))])
-    msgs = [serde.parse_message(m, worker_pb2.ServerMessage) for m in
-            serde.to_chunks(frame, parts, 1, lambda c: worker_pb2.ServerMessage(packet=c))]
-    r = serde.Reassembler()
+    frame, parts = serde.packets_to_proto(_frame([Packet("j", "s", 0, 0, torch.randn(3000, 576), torch.randn(3000, 576))]))
+    msgs = [framing.parse_message(m, worker_pb2.ServerMessage) for m in
+            framing.to_chunks(frame, parts, 1, lambda c: worker_pb2.ServerMessage(packet=c))]
+    r = framing.Reassembler()
     r.feed(msgs[0][0].packet, msgs[0][1])
     with pytest.raises(ValueError, match="out of order"):
         r.feed(msgs[2][0].packet, msgs[2][1])
     with pytest.raises(ValueError, match="exceeds"):
-        serde.Reassembler(max_bytes=5 << 20).feed(msgs[0][0].packet, msgs[0][1])
+        framing.Reassembler(max_bytes=5 << 20).feed(msgs[0][0].packet, msgs[0][1])
     with pytest.raises(ValueError, match="exceeds 4194304"):
-        serde.Reassembler().feed(worker_pb2.Chunk(seq=1, index=0, count=2, payload_bytes=5 << 20), b"\0" * (5 << 20))
+        framing.Reassembler().feed(worker_pb2.Chunk(seq=1, index=0, count=2, payload_bytes=5 << 20), b"\0" * (5 << 20))
     with pytest.raises(ValueError, match="envelope length"):
-        serde.parse_message(b"\xff\xff\x00\x00abc", worker_pb2.ServerMessage)
-    small, small_parts = serde.packets_to_proto([Packet("j", "s", 0, 0, torch.randn(4, 8), torch.randn(4, 8))])
+        framing.parse_message(b"\xff\xff\x00\x00abc", worker_pb2.ServerMessage)
+    small, small_parts = serde.packets_to_proto(_frame([Packet("j", "s", 0, 0, torch.randn(4, 8), torch.randn(4, 8))]))
     with pytest.raises(ValueError, match="needs 128 payload bytes"):  # the payload is short of its tensors
         serde.packets_from_proto(small, [bytes(small_parts[0]), bytes(small_parts[1])[:-8]])
     with pytest.raises(ValueError, match="no tensor claims"):

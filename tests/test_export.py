@@ -27,7 +27,7 @@ def test_peft_export_loads_in_peft_with_equal_outputs(tmp_path, family, targets)
     from peft import PeftModel
 
     model, trainer, _ = _trained(family, LowRank(r=4, alpha=8), targets)
-    path = save_peft(trainer.adapters("a"), tmp_path / "peft", base_model=f"tiny-{family}")
+    path = save_peft(trainer.adapters("a"), tmp_path / "peft", base_model=f"tiny-{family}", model=model)
     cfg = json.loads((path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
     batch = random_batch(96, 2, 8, 0)

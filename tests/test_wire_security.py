@@ -10,8 +10,10 @@ import grpc
 import pytest
 import torch
 
-from colaflow import AdamW, JobSpec, LowRank, serde
+from colaflow import AdamW, JobSpec, LowRank, Update, serde
 from colaflow.client import Client
+from colaflow.framing import frame_message, to_chunks
+from colaflow.protocol import Ack, Assign
 from colaflow.v1 import worker_pb2, worker_pb2_grpc
 from colaflow.wire import work_call
 from procs import examples, start_edge, start_server, stop, wait_done, wait_workers
@@ -39,19 +41,20 @@ class Rogue:
         return self
 
     def send(self, **kw):
-        self.out.put(serde.frame_message(worker_pb2.WorkerMessage(**kw)))
+        self.out.put(frame_message(worker_pb2.WorkerMessage(**kw)))
 
-    def next(self, kind: str, timeout: float = 20):
-        end = time.time() + timeout
+    def next(self, cls: type, timeout: float = 20):
+        """The next message of type `cls` (colaflow.protocol), decoded as a worker decodes it."""
+        end, inbox = time.time() + timeout, serde.Inbox("worker")
         for raw in self.responses:
-            msg, _ = serde.parse_message(raw, worker_pb2.ServerMessage)
-            if msg.WhichOneof("kind") == kind:
+            msg = inbox.feed(raw)
+            if isinstance(msg, cls):
                 return msg
-            assert time.time() < end, f"no {kind} message"
+            assert time.time() < end, f"no {cls.__name__} message"
 
     def send_update(self, frame_parts):
         frame, parts = frame_parts
-        for m in serde.to_chunks(frame, parts, 1, lambda c: worker_pb2.WorkerMessage(update=c)):
+        for m in to_chunks(frame, parts, 1, lambda c: worker_pb2.WorkerMessage(update=c)):
             self.out.put(m)
 
     def refused(self) -> grpc.RpcError:
@@ -67,9 +70,7 @@ class Rogue:
 
 
 def update(job: str, site: str, version: int, fitted: int, params: dict):
-    from colaflow import Update
-
-    return serde.update_to_proto(Update(job, site, version, params, 0.0), fitted)
+    return serde.update_to_proto(Update(job, site, version, params, 0.0, fitted))
 
 
 @pytest.fixture
@@ -107,10 +108,12 @@ def test_bad_frames_are_refused_and_other_jobs_are_untouched(secured, tmp_path):
     while client.get("good").state == "waiting":
         time.sleep(0.05)
     rogue = Rogue(address).open()
-    client.submit(JobSpec("mine", LowRank(r=4)), examples(96, 8, seed=6), steps=5, batch_size=4)
-    a = rogue.next("assignment")
-    assert a.assignment.job == "mine" and len(a.assignment.sites) == 4  # the idle worker takes the new job
-    site = serde.unpack(a.assignment.sites[0].site)["name"]
+    wait_workers(client, 2)  # the rogue's stream is live before the job it should get exists
+    # state_every=0: the rogue's hand-made updates need not carry an optimizer state
+    client.submit(JobSpec("mine", LowRank(r=4), state_every=0), examples(96, 8, seed=6), steps=5, batch_size=4)
+    a = rogue.next(Assign)
+    assert a.job == "mine" and len(a.sites) == 4  # the idle worker takes the new job
+    site = a.sites[0].site.name
     ok = {"A": torch.randn(4, 32), "B": torch.zeros(32, 4)}
     foreign = client.get("good").versions
     cases = [
@@ -131,20 +134,20 @@ def test_bad_frames_are_refused_and_other_jobs_are_untouched(secured, tmp_path):
         assert err.code() == code and text in err.details(), (err.code(), err.details())
         rogue = Rogue(address).open()
     # an oversized chunk, and a message over the server's limit
-    rogue.out.put(serde.frame_message(worker_pb2.WorkerMessage(update=worker_pb2.Chunk(
+    rogue.out.put(frame_message(worker_pb2.WorkerMessage(update=worker_pb2.Chunk(
         seq=1, index=0, count=2, payload_bytes=6 << 20)), [b"\0" * (5 << 20)]))
     err = rogue.refused()
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds" in err.details()
     rogue = Rogue(address).open()
-    rogue.out.put(serde.frame_message(worker_pb2.WorkerMessage(update=worker_pb2.Chunk(seq=1, index=0, count=1)),
+    rogue.out.put(frame_message(worker_pb2.WorkerMessage(update=worker_pb2.Chunk(seq=1, index=0, count=1)),
                                       [b"\0" * (70 << 20)]))
     assert rogue.refused().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # a valid update is taken; replaying its sequence number (version) changes nothing
     rogue = Rogue(address).open()
     rogue.send_update(update("mine", site, 1, 0, ok))
-    assert rogue.next("ack").ack.version == 1
+    assert rogue.next(Ack).version == 1
     rogue.send_update(update("mine", site, 1, 0, {"A": torch.ones(4, 32), "B": torch.ones(32, 4)}))
-    assert rogue.next("ack").ack.version == 1
+    assert rogue.next(Ack).version == 1
     client.cancel("mine")
     kept = exported(client, "mine", tmp_path)[site]
     assert torch.equal(kept["A"], ok["A"]) and torch.equal(kept["B"], ok["B"])  # the replay changed nothing

@@ -24,7 +24,7 @@ def _batch(vocab: int) -> dict:
 
 def _sides(model, which: set[str]) -> dict:
     from colaflow import JobSpec, LowRank
-    from colaflow.server import Host
+    from colaflow.host import Host
 
     batch = _batch(model.config.vocab_size)
     sides = {}

@@ -40,11 +40,15 @@ def step_packets(step: int = 0):
 def _server(codec: str):
     from colaflow import JobSpec
     from colaflow.server.auth import Tokens
-    from colaflow.server.coordinator import Coordinator, JobRun
+    from colaflow.server.coordinator import Coordinator
     from colaflow.server.service import make_server
+    from colaflow.sites import Site
 
-    coord = Coordinator(host=None)  # no model: the bench feeds the worker's outbox directly
-    coord.jobs["bench"] = JobRun(JobSpec("bench", codec_x=codec, codec_g=codec), 1, iter(()), {})
+    coord = Coordinator(host=None)  # no model: the bench hands the scheduler ready-made packets
+    sites = [Site(f"model.layers.{layer}.self_attn.{name}", "linear", HIDDEN, out)
+             for layer in range(LAYERS) for name, out in (("q_proj", HIDDEN), ("v_proj", KV))]
+    # a staleness bound past the bench's steps: every step is ready without any update
+    coord.scheduler.add_job(JobSpec("bench", codec_x=codec, codec_g=codec, staleness=1 << 20, state_every=0), sites)
     server, port = make_server(coord, Tokens(None))
     server.start()
     return coord, server, f"127.0.0.1:{port}"
@@ -53,7 +57,8 @@ def _server(codec: str):
 def grpc_round(codec: str, steps: int) -> tuple[float, int, list]:
     """Seconds to move `steps` frames through Work; wire bytes; the decoded packets of the last."""
     from colaflow import serde
-    from colaflow.server.coordinator import Outgoing
+    from colaflow.framing import parse_message
+    from colaflow.protocol import Hello, Packets
     from colaflow.v1 import worker_pb2, worker_pb2_grpc
     from colaflow.wire import CHANNEL_OPTIONS, work_call
 
@@ -64,27 +69,24 @@ def grpc_round(codec: str, steps: int) -> tuple[float, int, list]:
     md = [("x-worker-id", "bench")]
     session = stub.Register(worker_pb2.RegisterRequest(worker_id="bench"), metadata=md).session
     out: queue.Queue = queue.Queue()
-    send = lambda **kw: out.put(serde.frame_message(worker_pb2.WorkerMessage(**kw)))  # noqa: E731
-    send(hello=worker_pb2.Hello(session=session))
+    out.put(serde.opening(session, Hello()))
     responses = work_call(channel)(iter(out.get, None), metadata=md)
-    while not coord.workers["bench"].connected:
+    while not coord.health().workers:
         time.sleep(0.01)
-    with coord.lock:
-        for s, packets in enumerate(frames):
-            coord.workers["bench"].outbox.append(Outgoing("bench", s, packets))
-    r, got, wire, last = serde.Reassembler(), 0, 0, None
+    with coord.lock:  # the steps' packets, as the step loop would leave them
+        for packets in frames:
+            plan = coord.scheduler.begin("bench")
+            coord.scheduler.finish(plan, packets, 0.0, TOKENS)
+    inbox, got, wire, last = serde.Inbox("worker"), 0, 0, None
     t = time.perf_counter()
-    send(credit=worker_pb2.Credit(packets=2))
+    out.put(serde.credit(2))
     for raw in responses:
-        msg, payload = serde.parse_message(raw, worker_pb2.ServerMessage)
-        if msg.WhichOneof("kind") != "packet":
-            continue
-        wire += len(payload)
-        whole = r.feed(msg.packet, payload)
-        if whole is not None:
-            last = serde.packets_from_proto(worker_pb2.PacketFrame.FromString(whole[0]), whole[1])
+        wire += len(parse_message(raw, worker_pb2.ServerMessage)[1])
+        msg = inbox.feed(raw)
+        if isinstance(msg, Packets):
+            last = msg.packets
             got += 1
-            send(credit=worker_pb2.Credit(packets=1))
+            out.put(serde.credit(1))
             if got == steps:
                 break
     elapsed = time.perf_counter() - t

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     with merged(model, adapters):  # adapted inference at the base model's cost
         after = exact_match(model, tokenizer, held_out)
         seen = exact_match(model, tokenizer, eval_pairs(facts, held_out=False))
-    save_peft(adapters, out / "peft", base_model=args.model)
+    save_peft(adapters, out / "peft", base_model=args.model, model=model)
     print(f"  loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps")
     print(f"  exact match after fine-tuning:  {after:.1%} on held-out paraphrases ({seen:.1%} on training phrasings)")
     print(f"  adapter saved to {out / 'native'} (colaflow) and {out / 'peft'} (PEFT LoRA)")

@@ -21,6 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tokens", help="file of `TOKEN ROLE` lines; without it every caller is admin")
     p.add_argument("--state-dir", help="jobs and a per-step snapshot live here; a restarted server resumes them")
     p.add_argument("--reassign-after", type=float, default=30.0, help="seconds before a lost worker's sites move")
+    p.add_argument("--mix", action="store_true",
+                   help="run every ready job in one mixed forward (throughput) instead of one job per step "
+                        "(bit-for-bit deterministic runs)")
     p.add_argument("--threads", type=int, default=0)
 
 
@@ -32,13 +35,26 @@ def load_model(name: str):
     return load(name)[0]
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: only a live listener fails
+            s.bind((host, port))
+    except OSError as e:
+        raise SystemExit(f"colaflow serve: cannot listen on {host}:{port}: {e.strerror} "
+                         "(another colaflow serve? pick another --port)") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from colaflow.host import Host
     from colaflow.server.auth import Tokens
     from colaflow.server.coordinator import Coordinator
-    from colaflow.server.host import Host
     from colaflow.server.service import make_server
+    from colaflow.server.store import DirStore
 
     logging.basicConfig(level=os.environ.get("COLAFLOW_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads:
@@ -53,11 +69,15 @@ def run(args: argparse.Namespace) -> int:
 
     tune_allocator()
     tokens = Tokens.load(args.tokens)
-    from colaflow.server.store import JobStore
-
-    store = JobStore(args.state_dir) if args.state_dir else None
-    coordinator = Coordinator(Host(load_model(args.model)), reassign_after=args.reassign_after, store=store)
-    server, port = make_server(coordinator, tokens, f"{args.host}:{args.port}", tls)
+    if args.port:
+        _check_port_free(args.host, args.port)  # before the model loads: fail in a second, not a minute
+    store = DirStore(args.state_dir) if args.state_dir else None
+    coordinator = Coordinator(Host(load_model(args.model)), reassign_after=args.reassign_after, store=store,
+                              mix=args.mix)
+    try:
+        server, port = make_server(coordinator, tokens, f"{args.host}:{args.port}", tls, model_name=args.model)
+    except OSError as e:
+        raise SystemExit(f"colaflow serve: {e}") from None
     server.start()
     print(f"colaflow serve: listening on {args.host}:{port}", flush=True)
     done = threading.Event()

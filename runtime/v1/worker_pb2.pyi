@@ -38,18 +38,20 @@ class RegisterResponse(_message.Message):
     def __init__(self, session: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "credit", "update", "heartbeat", "goodbye")
+    __slots__ = ("hello", "credit", "update", "heartbeat", "goodbye", "refusal")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     credit: Credit
     update: Chunk
     heartbeat: Heartbeat
     goodbye: Goodbye
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., update: _Optional[_Union[Chunk, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
+    refusal: Refusal
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., update: _Optional[_Union[Chunk, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("session", "progress")
@@ -77,11 +79,25 @@ class Credit(_message.Message):
     packets: int
     def __init__(self, packets: _Optional[int] = ...) -> None: ...
 
+class Refusal(_message.Message):
+    __slots__ = ("job", "site", "step", "reason")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    site: str
+    step: int
+    reason: str
+    def __init__(self, job: _Optional[str] = ..., site: _Optional[str] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class Heartbeat(_message.Message):
-    __slots__ = ("time",)
+    __slots__ = ("time", "status")
     TIME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     time: float
-    def __init__(self, time: _Optional[float] = ...) -> None: ...
+    status: str
+    def __init__(self, time: _Optional[float] = ..., status: _Optional[str] = ...) -> None: ...
 
 class Goodbye(_message.Message):
     __slots__ = ("reason",)
@@ -90,7 +106,7 @@ class Goodbye(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class UpdateFrame(_message.Message):
-    __slots__ = ("job", "site", "version", "fitted_through", "params", "loss")
+    __slots__ = ("job", "site", "version", "fitted_through", "params", "loss", "optimizer")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -104,27 +120,44 @@ class UpdateFrame(_message.Message):
     FITTED_THROUGH_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     job: str
     site: str
     version: int
     fitted_through: int
     params: _containers.MessageMap[str, _tensor_pb2.Tensor]
     loss: float
-    def __init__(self, job: _Optional[str] = ..., site: _Optional[str] = ..., version: _Optional[int] = ..., fitted_through: _Optional[int] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., loss: _Optional[float] = ...) -> None: ...
+    optimizer: OptimizerState
+    def __init__(self, job: _Optional[str] = ..., site: _Optional[str] = ..., version: _Optional[int] = ..., fitted_through: _Optional[int] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., loss: _Optional[float] = ..., optimizer: _Optional[_Union[OptimizerState, _Mapping]] = ...) -> None: ...
+
+class OptimizerState(_message.Message):
+    __slots__ = ("tensors", "meta")
+    class TensorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    meta: bytes
+    def __init__(self, tensors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., meta: _Optional[bytes] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("assignment", "packet", "ack", "revocation", "heartbeat")
-    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("packet", "ack", "revocation", "heartbeat", "assignment")
     PACKET_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     REVOCATION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
-    assignment: Assignment
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     packet: Chunk
     ack: UpdateAck
     revocation: Revocation
     heartbeat: Heartbeat
-    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., packet: _Optional[_Union[Chunk, _Mapping]] = ..., ack: _Optional[_Union[UpdateAck, _Mapping]] = ..., revocation: _Optional[_Union[Revocation, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    assignment: Chunk
+    def __init__(self, packet: _Optional[_Union[Chunk, _Mapping]] = ..., ack: _Optional[_Union[UpdateAck, _Mapping]] = ..., revocation: _Optional[_Union[Revocation, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., assignment: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("job", "spec", "sites")
@@ -133,11 +166,11 @@ class Assignment(_message.Message):
     SITES_FIELD_NUMBER: _ClassVar[int]
     job: str
     spec: bytes
-    sites: _containers.RepeatedCompositeFieldContainer[SiteInfo]
-    def __init__(self, job: _Optional[str] = ..., spec: _Optional[bytes] = ..., sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ...) -> None: ...
+    sites: _containers.RepeatedCompositeFieldContainer[SiteStart]
+    def __init__(self, job: _Optional[str] = ..., spec: _Optional[bytes] = ..., sites: _Optional[_Iterable[_Union[SiteStart, _Mapping]]] = ...) -> None: ...
 
-class SiteInfo(_message.Message):
-    __slots__ = ("site", "version", "params")
+class SiteStart(_message.Message):
+    __slots__ = ("site", "has_state", "version", "params", "optimizer")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -146,12 +179,16 @@ class SiteInfo(_message.Message):
         value: _tensor_pb2.Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     SITE_FIELD_NUMBER: _ClassVar[int]
+    HAS_STATE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     site: bytes
+    has_state: bool
     version: int
     params: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, site: _Optional[bytes] = ..., version: _Optional[int] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    optimizer: OptimizerState
+    def __init__(self, site: _Optional[bytes] = ..., has_state: _Optional[bool] = ..., version: _Optional[int] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., optimizer: _Optional[_Union[OptimizerState, _Mapping]] = ...) -> None: ...
 
 class Revocation(_message.Message):
     __slots__ = ("job", "sites", "reason")

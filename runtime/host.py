@@ -1,4 +1,4 @@
-"""The model host: a frozen base model, the server's copy of every job's adapters, and the step.
+"""The capture step: a frozen base model, the server's copy of every job's adapters, and the step.
 
 One `step` runs forward with each row's job's adapters and a backward that computes no parameter
 gradient at all, only g = dL/dh at every adapted site, and returns one packet per (job, site):
@@ -7,7 +7,10 @@ gradient at all, only g = dL/dh at every adapted site, and returns one packet pe
     host.add_job(JobSpec("acme"))
     result = host.step(batch)          # batch: model inputs + labels + jobs (one job id per row)
     for p in result.packets: ...       # Packet(job, site, step, version, x, g) -> the owning worker
-    host.apply(update)                 # at a step boundary: new parameters, version checked
+    host.apply(update)                 # at a step boundary: the version the scheduler chose
+
+It lives in the library (not the service) because the in-process `Trainer` runs it too; the
+server's coordinator runs the same object on its device.
 """
 from __future__ import annotations
 
@@ -18,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colaflow.adapters import Adapter, LowRankAdapter, build_adapter, load_params
-from colaflow.gl import Packet, Update, site_seed
-from colaflow.job import JobSpec
-from colaflow.loss import LossFn, causal_lm, per_job
-from colaflow.merge import merged_weights
-from colaflow.sites import Site, find_sites, site_module
+from .adapters import Adapter, LowRankAdapter, build_adapter, load_params
+from .gl import Packet, Update, site_seed
+from .job import JobSpec
+from .loss import LossFn, causal_lm, per_job
+from .merge import merged_weights
+from .sites import Site, find_sites, site_module
 
 
 @dataclass
@@ -94,17 +97,16 @@ class Host:
         for name in [n for n in self._hooks if n not in live]:
             self._hooks.pop(name).remove()
 
-    def apply(self, update: Update) -> bool:
-        """Use an update's parameters from the next forward; False if it is not newer (idempotent)."""
+    def apply(self, update: Update) -> None:
+        """Use an update's parameters (and version) from the next forward; the scheduler picks which."""
         job = self._job(update.job)
         if update.site not in job.adapters:
             raise ValueError(f"job {update.job!r} has no site `{update.site}`")
-        if update.version <= job.versions[update.site]:
-            return False
+        if update.version == job.versions[update.site]:
+            return
         load_params(job.adapters[update.site], update.params)
         job.versions[update.site] = update.version
         job.merged.pop(update.site, None)
-        return True
 
     def _job(self, job_id: str) -> HostedJob:
         if job_id not in self.jobs:
@@ -139,20 +141,24 @@ class Host:
         packets, tokens = [], {}
         for job_id, rows in ctx.rows.items():
             job = self.jobs[job_id]
-            m = None if mask is None else (mask if rows is None else mask[rows]).bool()
+            m = None if mask is None else (mask if rows is None else mask[rows])
             tokens[job_id] = int(m.sum()) if m is not None else len(jobs)
-            picked: dict[int, torch.Tensor] = {}  # sites sharing one input send one tensor
+            by_input: dict[int, list[str]] = {}  # sites reading one input share its tensor on the wire
             for name in job.sites:
                 if name not in g_of:
                     raise RuntimeError(f"site `{name}` of job {job_id!r} was not called in the forward")
-                x = ctx.inputs[(job_id, name)]
-                if id(x) not in picked:
-                    picked[id(x)] = _select(x, rows, m)
-                g = _select(g_of[name], rows, m)
-                if not torch.isfinite(g).all():
-                    raise FloatingPointError(f"site `{name}`: gradient of job {job_id!r} at step "
-                                             f"{self.steps} holds NaN or Inf (loss {float(losses[job_id].detach()):.4g})")
-                packets.append(Packet(job_id, name, self.steps, job.versions[name], picked[id(x)], g))
+                by_input.setdefault(id(ctx.inputs[(job_id, name)]), []).append(name)
+            for group in by_input.values():
+                x = _rows(ctx.inputs[(job_id, group[0])], rows)
+                gs = {n: _rows(g_of[n], rows) for n in group}
+                for n, g in gs.items():
+                    if not torch.isfinite(g).all():
+                        raise FloatingPointError(f"site `{n}`: gradient of job {job_id!r} at step {self.steps} "
+                                                 f"holds NaN or Inf (loss {float(losses[job_id].detach()):.4g})")
+                keep = _live_tokens(x, list(gs.values()), [job.sites[n].kind for n in group])
+                xs = _cut(x, keep)
+                for n in group:
+                    packets.append(Packet(job_id, n, self.steps, job.versions[n], xs, _cut(gs[n], keep)))
         result = StepResult(self.steps, {j: float(v.detach()) for j, v in losses.items()}, packets, tokens)
         self.steps += 1
         return result
@@ -278,12 +284,32 @@ def _mixed_lowrank(x: torch.Tensor, adapters: list[LowRankAdapter], row_job: tor
     return d.reshape(*x.shape[:-1], d.shape[-1])
 
 
-def _select(t: torch.Tensor, rows: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-    """A job's part of a site tensor: its rows, and of those only real (unpadded) tokens."""
+def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """A job's rows of a site tensor (all of them for a single-job batch)."""
     t = t.detach()
-    if rows is not None:
-        t = t[rows]
-    if mask is not None and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
-        # (N, ...): a view when nothing is padded, a copy of the real tokens otherwise
-        t = t.flatten(0, 1) if bool(mask.all()) else t[mask]
-    return t
+    return t if rows is None else t[rows]
+
+
+def _live_tokens(x: torch.Tensor, gs: list[torch.Tensor], kinds: list[str]) -> torch.Tensor | None:
+    """(B, T) mask of the tokens where any of the sites reading `x` has a nonzero gradient.
+
+    Adapters act token by token, so a token whose g is zero adds exactly nothing to J^T g: it
+    need not travel. This cuts padding (either side) and tokens no loss depends on, for every
+    sequence of every architecture (encoder, decoder, cross-attention) without knowing which mask
+    belongs to which sequence. None: not token-shaped (conv2d, per-row outputs); send everything.
+    """
+    if any(k not in ("linear", "conv1d", "embedding") for k in kinds):
+        return None
+    if any(g.dim() < 3 or tuple(g.shape[:2]) != tuple(x.shape[:2]) for g in gs):
+        return None
+    keep = gs[0].flatten(2).ne(0).any(-1)  # (B, T)
+    for g in gs[1:]:
+        keep |= g.flatten(2).ne(0).any(-1)
+    return keep
+
+
+def _cut(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """(N, ...) rows of the kept tokens: a view when every token is kept, a copy otherwise."""
+    if keep is None:
+        return t
+    return t.flatten(0, 1) if bool(keep.all()) else t[keep]

@@ -1,0 +1,585 @@
+"""The scheduler: the server's transport-free state machine. Plain objects, an injected clock.
+
+It decides which job steps when, which adapter version each step uses, what goes to which worker,
+and what is acknowledged. It never computes (the driver runs `Host.step`) and never does I/O
+except through its `Store`. Drivers: `colaflow.Trainer` (in-process, synchronous delivery) and
+the server's coordinator (a thread and a lock around it, gRPC pumps to the workers).
+
+    s = Scheduler(store, reassign_after=30.0, clock=time.monotonic)
+    s.add_job(spec, sites, steps)                  # sites from Host.add_job
+    session = s.register("w1"); stream = s.connect("w1", session, Hello())
+    for job in s.ready():
+        plan = s.begin(job)                        # host.apply(u) for u in plan.apply; then the forward
+        s.finish(plan, packets, loss, tokens)      # packets are kept until durable state covers them
+    msg = s.next_message("w1", stream)             # Assign | Packets | Ack | Revoke, or None
+    s.receive("w1", update)                        # Update | Refusal from the worker
+
+Staleness is deterministic: step t uses exactly version need(t) = max(0, t - S) // I of every
+site, never a newer one that happened to arrive early, so a run is a function of (spec, data,
+seed). A worker's learner state (optimizer included) reaches the server every `state_every`
+fits; the packets since are retained, so a site moves to another worker exactly.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .adapters import Adapter, build_adapter, load_params
+from .gl import LearnerState, Packet, Update, site_seed
+from .job import JobSpec
+from .protocol import Ack, Assign, Hello, Packets, Refusal, Revoke, SiteStart, ToServer, ToWorker
+from .sites import Site
+
+log = logging.getLogger("colaflow.scheduler")
+LIVE = ("waiting", "running")
+ENDED = ("done", "cancelled", "failed")
+
+
+@dataclass
+class SiteRecord:
+    """The server's view of one (job, site)."""
+
+    site: Site
+    shapes: dict[str, tuple[int, ...]]  # the adapter's parameter shapes: every update is checked against them
+    received: int = 0  # newest version received (and stored)
+    versions: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # params by version, pruned
+    state: LearnerState | None = None  # newest learner state with optimizer the server holds
+    retained: dict[int, Packet] = field(default_factory=dict)  # step -> packet, contiguous steps
+    owner: str | None = None
+    applied: int = 0  # the version the host's copy holds
+
+
+@dataclass
+class JobRecord:
+    spec: JobSpec
+    steps: int | None  # None: open-ended (the in-process Trainer)
+    sites: dict[str, SiteRecord]
+    data: dict | None = None  # the driver's data map, stored with the job; opaque here
+    t: int = 0  # the next step to run
+    state: str = "waiting"  # waiting, running, done, cancelled, failed
+    error: str = ""
+    losses: list[float] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    max_staleness: int = 0
+    former: set[str] = field(default_factory=set)  # past owners: their late updates get a Revoke, not an error
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.job_id
+
+    def need(self, t: int) -> int:
+        """The adapter version every site has in step t: exactly this one, no newer."""
+        return max(0, t - self.spec.staleness) // self.spec.fit_interval
+
+    def final_version(self) -> int | None:
+        return None if self.steps is None else self.steps // self.spec.fit_interval
+
+    def durable(self, rec: SiteRecord) -> int:
+        """The version a new owner can continue this site from, exactly if `state_every` > 0."""
+        if self.spec.state_every == 0:
+            return rec.received
+        return rec.state.version if rec.state is not None else 0
+
+    def restart_step(self) -> int:
+        """The first step whose packets are not covered by durable state (a restart recomputes from it)."""
+        return min([self.t] + [self.durable(r) * self.spec.fit_interval for r in self.sites.values()])
+
+
+@dataclass
+class WorkerRecord:
+    worker_id: str
+    session: str
+    capabilities: dict = field(default_factory=dict)
+    status: str = ""  # the worker's own word on its health ("" = healthy)
+    connected: bool = False
+    stream: int = 0  # +1 per connection: a stale connection can neither send nor take messages
+    credits: int = 0
+    left_at: float | None = None
+    control: deque = field(default_factory=deque)  # Assign, Ack, Revoke: sent before any packets
+    cursor: dict[tuple[str, str], int] = field(default_factory=dict)  # last step sent (or fitted) per site
+
+
+@dataclass
+class StepPlan:
+    """One job's next step: load `apply` into the host's copies, then run the forward."""
+
+    job: str
+    step: int
+    need: int  # the version of every site in this step
+    apply: list[Update]
+
+
+class Store:
+    """Where the scheduler keeps what must survive a server restart. This one keeps nothing."""
+
+    def save_job(self, job_id: str, record: dict) -> None:
+        """Once per job: {spec, sites, steps, data}."""
+
+    def save_progress(self, job_id: str, progress: dict) -> None:
+        """After every step and state change: {t, state, error, owners}."""
+
+    def save_site(self, job_id: str, site: str, rec: SiteRecord) -> None:
+        """Before an update is acknowledged: the site's received version, versions and learner state."""
+
+    def load(self) -> list[dict]:
+        """Every stored job: {job: {...}, progress: {...} | None, sites: {name: {received, versions, state}}}."""
+        return []
+
+
+class MemoryStore(Store):
+    """Keeps everything in a dict: survives a Scheduler being dropped (a simulated server crash)."""
+
+    def __init__(self):
+        self.jobs: dict[str, dict] = {}
+
+    def save_job(self, job_id, record):
+        self.jobs[job_id] = {"job": dict(record), "progress": None, "sites": {}}
+
+    def save_progress(self, job_id, progress):
+        self.jobs[job_id]["progress"] = dict(progress)
+
+    def save_site(self, job_id, site, rec):
+        self.jobs[job_id]["sites"][site] = {"received": rec.received, "versions": dict(rec.versions),
+                                            "state": rec.state}
+
+    def load(self):
+        return [dict(v) for v in self.jobs.values()]
+
+
+def param_shapes(spec: JobSpec, site: Site) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes of `spec`'s adapter at `site`, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        adapter = build_adapter(spec.adapter, site)
+    return {n: tuple(p.shape) for n, p in adapter.named_parameters()}
+
+
+class Scheduler:
+    def __init__(self, store: Store | None = None, reassign_after: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.store = store if store is not None else Store()
+        self.reassign_after = reassign_after
+        self.clock = clock
+        self.jobs: dict[str, JobRecord] = {}
+        self.workers: dict[str, WorkerRecord] = {}
+        self._ended: list[str] = []
+        self._restore()
+
+    # jobs
+
+    def add_job(self, spec: JobSpec, sites: list[Site], steps: int | None = None, data: dict | None = None) -> JobRecord:
+        """Schedule a job over `sites` for `steps` steps (None: until cancelled)."""
+        if spec.job_id in self.jobs:
+            raise ValueError(f"job {spec.job_id!r} already exists")
+        if steps is not None and (not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"`steps` must be an int >= 1, got {steps!r}")
+        if not sites:
+            raise ValueError(f"job {spec.job_id!r} has no sites")
+        recs = {s.name: SiteRecord(s, param_shapes(spec, s)) for s in sites}
+        self.store.save_job(spec.job_id, {"spec": spec.to_dict(), "sites": [s.to_dict() for s in sites],
+                                          "steps": steps, "data": data})
+        job = self.jobs[spec.job_id] = JobRecord(spec, steps, recs, data)
+        self._save_progress(job)
+        self._assign()
+        return job
+
+    def job(self, job_id: str) -> JobRecord:
+        if job_id not in self.jobs:
+            raise KeyError(f"unknown job {job_id!r}")
+        return self.jobs[job_id]
+
+    def cancel(self, job_id: str, reason: str = "cancelled") -> JobRecord:
+        job = self.job(job_id)
+        if job.state in LIVE:
+            self._end(job, "cancelled", reason)
+        return job
+
+    def fail(self, job_id: str, reason: str) -> None:
+        job = self.job(job_id)
+        if job.state in LIVE:
+            log.error("job %s failed: %s", job_id, reason)
+            self._end(job, "failed", reason)
+
+    def take_ended(self) -> list[str]:
+        """Jobs that ended since the last call (the driver frees their host state)."""
+        out, self._ended = self._ended, []
+        return out
+
+    def adapters(self, job_id: str) -> dict[str, Adapter]:
+        """The job's adapters at the newest version the server holds, built fresh (for export)."""
+        job = self.job(job_id)
+        out = {}
+        for name, rec in job.sites.items():
+            adapter = build_adapter(job.spec.adapter, rec.site, seed=site_seed(job.spec, rec.site))
+            if rec.received > 0:
+                load_params(adapter, rec.versions[rec.received])
+            out[name] = adapter.requires_grad_(False)
+        return out
+
+    def latest(self, job_id: str) -> list[Update]:
+        """The newest received update of every site, for the host to load now (the Trainer's `flush`)."""
+        job, out = self.job(job_id), []
+        for name, rec in job.sites.items():
+            if rec.received > 0:
+                out.append(Update(job_id, name, rec.received, rec.versions[rec.received], 0.0))
+                rec.applied = rec.received  # the next `begin` puts the host back on need(t)
+        return out
+
+    # steps
+
+    def ready(self) -> list[str]:
+        """Jobs whose next step may run now; also moves lost workers' sites and finishes jobs."""
+        self._reassign_lost()
+        return [j.job_id for j in list(self.jobs.values()) if self._advance(j)]
+
+    def begin(self, job_id: str) -> StepPlan:
+        """The plan of a ready job's next step; raises if it is not ready."""
+        job = self.job(job_id)
+        if not self._advance(job):
+            lagging = {n: r.received for n, r in job.sites.items() if r.received < job.need(job.t)}
+            raise RuntimeError(f"job {job_id!r} ({job.state}) cannot run step {job.t}: it needs version "
+                               f"{job.need(job.t)} of every site; behind: {lagging}")
+        need, apply = job.need(job.t), []
+        for name, rec in job.sites.items():
+            if rec.applied != need:
+                apply.append(Update(job_id, name, need, rec.versions[need], 0.0))
+                rec.applied = need
+        return StepPlan(job_id, job.t, need, apply)
+
+    def finish(self, plan: StepPlan, packets: list[Packet], loss: float, tokens: int) -> None:
+        """Take a step's packets (kept until durable state covers them) and advance the job."""
+        job = self.jobs.get(plan.job)
+        if job is None or job.state != "running" or job.t != plan.step:
+            return  # cancelled or failed while the step ran
+        for p in packets:
+            if p.site not in job.sites or p.version != plan.need:
+                raise RuntimeError(f"host packet for site `{p.site}` used version {p.version}; "
+                                   f"the scheduler planned {plan.need}")
+            p.step = plan.step
+            job.sites[p.site].retained[plan.step] = p
+        newest = max(r.received for r in job.sites.values())
+        job.max_staleness = max(job.max_staleness, newest - plan.need)
+        job.losses.append(loss)
+        job.metrics.append({"step": plan.step, "loss": loss, "tokens": tokens, "staleness": newest - plan.need,
+                            "time": time.time()})
+        job.t += 1
+        self._save_progress(job)
+
+    def _advance(self, job: JobRecord) -> bool:
+        """Move a job through waiting -> running -> done; True if its next step may run now."""
+        if job.state == "waiting" and all(r.owner is not None for r in job.sites.values()):
+            job.state = "running"
+            self._save_progress(job)
+        if job.state != "running":
+            return False
+        if job.steps is not None and job.t >= job.steps:
+            if all(r.received >= job.final_version() for r in job.sites.values()):
+                log.info("job %s done after %d steps", job.job_id, job.steps)
+                self._end(job, "done", "")
+            return False
+        need = job.need(job.t)
+        return all(r.received >= need for r in job.sites.values())
+
+    def _end(self, job: JobRecord, state: str, reason: str) -> None:
+        job.state, job.error = state, reason
+        self._revoke(job, reason or state)
+        for rec in job.sites.values():
+            rec.retained.clear()
+            rec.versions = {rec.received: rec.versions[rec.received]} if rec.received else {}
+        self._save_progress(job)
+        self._ended.append(job.job_id)
+
+    # workers
+
+    def register(self, worker_id: str, capabilities: dict | None = None) -> str:
+        """A worker announces itself; returns the session its connections must present."""
+        w = self.workers.get(worker_id)
+        if w is None:
+            w = self.workers[worker_id] = WorkerRecord(worker_id, secrets.token_hex(8))
+        w.capabilities = dict(capabilities or {})
+        return w.session
+
+    def connect(self, worker_id: str, session: str, hello: Hello) -> int:
+        """A connection opened: resume from the worker's progress; returns the connection's stream id."""
+        w = self.workers.get(worker_id)
+        if w is None or not secrets.compare_digest(w.session, session):
+            raise PermissionError(f"worker {worker_id!r} must Register before Work (unknown session)")
+        w.stream += 1
+        w.connected, w.left_at, w.credits = True, None, 0
+        w.control.clear()
+        w.cursor.clear()
+        for p in hello.progress:
+            job = self.jobs.get(p.job)
+            rec = job.sites.get(p.site) if job is not None and job.state in LIVE else None
+            if rec is not None and rec.owner is None:
+                rec.owner = worker_id  # unowned (e.g. after a server restart): its holder takes it back
+            if rec is not None and rec.owner == worker_id:
+                w.cursor[(p.job, p.site)] = max(p.fitted_through, self._floor(job, rec))
+            else:
+                if job is not None:
+                    job.former.add(worker_id)  # it held the site: its resent updates are expected, not hostile
+                w.control.append(Revoke(p.job, [p.site], "no longer assigned to this worker"))
+        for job in self.jobs.values():
+            mine = [n for n, r in job.sites.items() if r.owner == worker_id] if job.state in LIVE else []
+            if mine:
+                self._send_assign(w, job, mine)
+        self._assign()
+        log.info("worker %s connected (stream %d), owns %d sites", worker_id, w.stream, self._load(worker_id))
+        return w.stream
+
+    def disconnect(self, worker_id: str, stream: int) -> None:
+        w = self.workers.get(worker_id)
+        if w is not None and w.stream == stream and w.connected:
+            w.connected, w.left_at = False, self.clock()
+            log.info("worker %s disconnected; its sites wait %.0f s before they move", worker_id, self.reassign_after)
+
+    def current(self, worker_id: str, stream: int) -> bool:
+        """True while `stream` is the worker's live connection."""
+        w = self.workers.get(worker_id)
+        return w is not None and w.connected and w.stream == stream
+
+    def grant(self, worker_id: str, stream: int, n: int) -> None:
+        """The worker may take `n` more packet frames."""
+        if self.current(worker_id, stream):
+            self.workers[worker_id].credits += max(0, int(n))
+
+    def next_message(self, worker_id: str, stream: int) -> ToWorker | None:
+        """The next message for the worker's live connection, or None (nothing now, or no credit)."""
+        if not self.current(worker_id, stream):
+            return None
+        w = self.workers[worker_id]
+        if w.control:
+            return w.control.popleft()
+        if w.credits <= 0:
+            return None
+        frame = self._next_frame(w)
+        if frame is not None:
+            w.credits -= 1
+        return frame
+
+    def receive(self, worker_id: str, msg: ToServer) -> None:
+        """Take an Update or Refusal from a worker. Raises PermissionError / ValueError on bad input."""
+        if isinstance(msg, Refusal):
+            job = self.jobs.get(msg.job)
+            rec = job.sites.get(msg.site) if job is not None else None
+            if rec is not None and rec.owner == worker_id and job.state in LIVE:
+                self.fail(msg.job, f"worker {worker_id} refused step {msg.step} of site `{msg.site}`: {msg.reason}")
+            return
+        if not isinstance(msg, Update):
+            raise TypeError(f"a worker sends Update or Refusal, not {type(msg).__name__}")
+        self._on_update(worker_id, msg)
+
+    def _on_update(self, worker_id: str, u: Update) -> None:
+        job = self.jobs.get(u.job)
+        rec = job.sites.get(u.site) if job is not None else None
+        w = self.workers.get(worker_id)
+        if rec is None or rec.owner != worker_id or w is None:
+            if job is not None and w is not None and worker_id in job.former:
+                w.control.append(Revoke(u.job, [u.site], "no longer assigned to this worker"))
+                return  # late, from a past owner: normal after a move or a cancel
+            # unknown and foreign jobs read the same: a worker learns nothing of other tenants
+            raise PermissionError(f"worker {worker_id!r} is not assigned site `{u.site}` of job {u.job!r}")
+        if u.version <= rec.received:  # a replay: acknowledge again, change nothing
+            w.control.append(Ack(u.job, u.site, rec.received))
+            return
+        if u.version != rec.received + 1:
+            raise ValueError(f"update of `{u.site}` has version {u.version}; expected {rec.received + 1}")
+        want = u.version * job.spec.fit_interval - 1
+        if u.fitted_through != want:
+            raise ValueError(f"update of `{u.site}` v{u.version} says it fitted through step "
+                             f"{u.fitted_through}; expected {want}")
+        _check_update(job.spec, rec, u)
+        prev = rec.received, rec.state
+        rec.versions[u.version] = u.params
+        rec.received = u.version
+        if u.optimizer is not None:
+            rec.state = LearnerState(u.version, u.params, u.optimizer)
+        try:
+            self.store.save_site(u.job, u.site, rec)
+        except BaseException:
+            rec.versions.pop(u.version, None)
+            rec.received, rec.state = prev
+            raise
+        self._prune(job)
+        w.control.append(Ack(u.job, u.site, u.version))
+
+    def _prune(self, job: JobRecord) -> None:
+        """Drop packets that durable state covers and versions no restart or step can need."""
+        keep = job.need(job.restart_step())
+        for rec in job.sites.values():
+            first = self._floor(job, rec) + 1
+            for step in list(rec.retained):
+                if step >= first:
+                    break
+                del rec.retained[step]
+            for v in [v for v in rec.versions if v < keep and v != rec.received]:
+                del rec.versions[v]
+
+    def _floor(self, job: JobRecord, rec: SiteRecord) -> int:
+        """The last step that the site's durable state already folds in."""
+        return job.durable(rec) * job.spec.fit_interval - 1
+
+    def _start(self, job: JobRecord, rec: SiteRecord) -> LearnerState | None:
+        """Where a new owner of the site starts: the durable learner state (None: fresh)."""
+        if job.spec.state_every:
+            return rec.state
+        if rec.received == 0:
+            return None
+        log.warning("job %s site %s moves with parameters only (state_every=0): a fresh optimizer",
+                    job.job_id, rec.site.name)
+        return LearnerState(rec.received, rec.versions[rec.received], None)
+
+    def _next_frame(self, w: WorkerRecord) -> Packets | None:
+        """The oldest step any of the worker's sites still lacks on this connection, as one frame."""
+        best: tuple[int, str] | None = None
+        for job_id, job in self.jobs.items():
+            if job.state not in LIVE:
+                continue
+            for name, rec in job.sites.items():
+                if rec.owner != w.worker_id or not rec.retained:
+                    continue
+                first = next(iter(rec.retained))
+                nxt = max(w.cursor.get((job_id, name), first - 1) + 1, first)
+                if nxt < first + len(rec.retained) and (best is None or nxt < best[0]):
+                    best = (nxt, job_id)
+        if best is None:
+            return None
+        step, job_id = best
+        packets = []
+        for name, rec in self.jobs[job_id].sites.items():
+            key = (job_id, name)
+            if rec.owner == w.worker_id and step in rec.retained and w.cursor.get(key, -1) < step:
+                packets.append(rec.retained[step])
+                w.cursor[key] = step
+        return Packets(job_id, step, packets)
+
+    def _load(self, worker_id: str) -> int:
+        return sum(r.owner == worker_id for j in self.jobs.values() for r in j.sites.values())
+
+    def _assign(self) -> None:
+        """Give every unowned site of a live job to the connected worker with the fewest sites."""
+        live = sorted(w.worker_id for w in self.workers.values() if w.connected)
+        if not live:
+            return
+        load = {wid: self._load(wid) for wid in live}
+        for job in self.jobs.values():
+            if job.state not in LIVE:
+                continue
+            new: dict[str, list[str]] = {}
+            for name, rec in job.sites.items():
+                if rec.owner is None:
+                    wid = min(live, key=lambda k: (load[k], k))
+                    rec.owner = wid
+                    load[wid] += 1
+                    new.setdefault(wid, []).append(name)
+            for wid, names in new.items():
+                self._send_assign(self.workers[wid], job, names)
+                log.info("assigned job %s sites %d -> worker %s", job.job_id, len(names), wid)
+            if new:
+                self._save_progress(job)
+
+    def _send_assign(self, w: WorkerRecord, job: JobRecord, names: list[str]) -> None:
+        starts = []
+        for name in names:
+            rec = job.sites[name]
+            starts.append(SiteStart(rec.site, self._start(job, rec)))
+            key = (job.job_id, name)
+            w.cursor[key] = max(w.cursor.get(key, -1), self._floor(job, rec))
+        w.control.append(Assign(job.job_id, job.spec, starts))
+
+    def _reassign_lost(self) -> None:
+        """Sites of a worker gone longer than `reassign_after` move to connected workers."""
+        now = self.clock()
+        gone = [w for w in self.workers.values()
+                if not w.connected and w.left_at is not None and now - w.left_at >= self.reassign_after]
+        if not gone or not any(w.connected for w in self.workers.values()):
+            return  # nobody to move them to: they wait (and their worker may come back)
+        for w in gone:
+            moved = 0
+            for job in self.jobs.values():
+                for rec in job.sites.values():
+                    if rec.owner == w.worker_id:
+                        rec.owner = None
+                        job.former.add(w.worker_id)
+                        moved += 1
+            del self.workers[w.worker_id]  # forgotten: if it returns, it registers anew
+            log.warning("worker %s gone for %.0f s: moving its %d sites", w.worker_id, now - w.left_at, moved)
+        self._assign()
+
+    def _revoke(self, job: JobRecord, reason: str) -> None:
+        by_owner: dict[str, list[str]] = {}
+        for name, rec in job.sites.items():
+            if rec.owner is not None:
+                by_owner.setdefault(rec.owner, []).append(name)
+                job.former.add(rec.owner)
+                rec.owner = None
+        for wid, names in by_owner.items():
+            if wid in self.workers:
+                self.workers[wid].control.append(Revoke(job.job_id, names, reason))
+
+    # durability
+
+    def _save_progress(self, job: JobRecord) -> None:
+        self.store.save_progress(job.job_id, {
+            "t": job.t, "state": job.state, "error": job.error,
+            "owners": {n: r.owner for n, r in job.sites.items() if r.owner is not None}})
+
+    def _restore(self) -> None:
+        """Bring back every stored job (a restarted server): it resumes at its restart step."""
+        for stored in self.store.load():
+            meta, progress = stored["job"], stored.get("progress") or {}
+            spec = JobSpec.from_dict(meta["spec"])
+            sites = [Site.from_dict(s) for s in meta["sites"]]
+            job = JobRecord(spec, meta["steps"], {s.name: SiteRecord(s, param_shapes(spec, s)) for s in sites},
+                            meta.get("data"))
+            for name, s in stored.get("sites", {}).items():
+                rec = job.sites[name]
+                rec.received, rec.versions, rec.state = s["received"], dict(s["versions"]), s["state"]
+            job.state = progress.get("state", "waiting")
+            job.error = progress.get("error", "")
+            job.t = progress.get("t", 0)
+            if job.state in LIVE:
+                job.state = "waiting"
+                job.t = job.restart_step()  # recompute from there: same data, same versions, same packets
+                for name, wid in progress.get("owners", {}).items():
+                    job.sites[name].owner = wid  # it holds the newest state: it has `reassign_after` to return
+                    if wid not in self.workers:
+                        self.workers[wid] = WorkerRecord(wid, secrets.token_hex(8), left_at=self.clock())
+            self.jobs[spec.job_id] = job
+            log.info("job %s restored at step %d (%s)", spec.job_id, job.t, job.state)
+
+
+def _check_update(spec: JobSpec, rec: SiteRecord, u: Update) -> None:
+    """Refuse an update whose parameters or optimizer state do not fit the site's adapter."""
+    site = rec.site.name
+    if set(u.params) != set(rec.shapes):
+        raise ValueError(f"site `{site}`: adapter parameters {sorted(u.params)} do not match the "
+                         f"{spec.adapter.kind} adapter's {sorted(rec.shapes)}")
+    for name, value in u.params.items():
+        if tuple(value.shape) != rec.shapes[name]:
+            raise ValueError(f"site `{site}`: parameter `{name}` has shape {tuple(value.shape)}, "
+                             f"the adapter expects {rec.shapes[name]}")
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise ValueError(f"site `{site}`: parameter `{name}` holds non-finite values")
+    every = spec.state_every
+    if every and u.version % every == 0 and u.optimizer is None:
+        raise ValueError(f"update of `{site}` v{u.version} lacks the learner state "
+                         f"(`state_every` is {every})")
+    if u.optimizer is None:
+        return
+    for key, value in u.optimizer.tensors.items():
+        name, _, _ = key.rpartition("/")
+        if name not in rec.shapes or (tuple(value.shape) != rec.shapes[name] and value.numel() > 1):
+            raise ValueError(f"site `{site}`: optimizer tensor `{key}` of shape {tuple(value.shape)} "
+                             "matches no adapter parameter")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"site `{site}`: optimizer tensor `{key}` holds non-finite values")
+    meta = u.optimizer.meta
+    if not (isinstance(meta, dict) and isinstance(meta.get("groups"), list) and isinstance(meta.get("values"), dict)
+            and isinstance(meta.get("schedule"), dict)):
+        raise ValueError(f"site `{site}`: optimizer state needs `groups`, `values` and `schedule`")

@@ -1,0 +1,212 @@
+"""The worker: the transport-free state machine of a device that owns adapters. Plain objects.
+
+The edge daemon, a Ray actor and the in-process `Trainer` are pumps around this one class: they
+move its messages (colaflow.protocol) and call `retry` on a timer, nothing else.
+
+    w = Worker("laptop-1", Checkpoints("~/.colaflow-edge"))
+    w.hello()              # on every connect: how far each site got
+    w.resend()             # then every update the server has not acknowledged, oldest first
+    w.handle(msg)          # Assign | Packets | Ack | Revoke -> [Update | Refusal] to send
+    w.retry()              # a checkpoint that failed (full disk) is retried with back-off
+
+A fit's updates leave only once they are durable here (checkpoint before emit); the learner's
+full state also rides with every `state_every`-th update, so the server can hand the site to
+another worker exactly if this one is lost for good.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from .checkpoint import Checkpoints
+from .gl import Learner, LearnerState, OptimizerState, Update
+from .job import JobSpec
+from .protocol import Ack, Assign, Hello, Packets, Progress, Refusal, Revoke, ToServer, ToWorker
+from .sites import Site
+
+log = logging.getLogger("colaflow.worker")
+Key = tuple[str, str]  # (job, site)
+
+
+class Worker:
+    def __init__(self, worker_id: str, store: Checkpoints | None = None, device: str = "cpu",
+                 clock: Callable[[], float] = time.monotonic, max_backoff: float = 30.0):
+        self.worker_id, self.store, self.device = worker_id, store, device
+        self.clock, self.max_backoff = clock, max_backoff
+        self.learners: dict[Key, Learner] = {}
+        self.unacked: dict[Key, list[Update]] = {}  # fitted, not yet acknowledged (held ones included)
+        self.held: dict[str, list[Update]] = {}  # per job: fitted but not yet durable, so not yet sent
+        self.failure = ""  # why the last checkpoint failed; "" when healthy
+        self.retry_at = 0.0
+        self._failures = 0
+        self.fits = 0
+        if store is not None:
+            self._restore()
+
+    @property
+    def healthy(self) -> bool:
+        return not self.held
+
+    def hello(self) -> Hello:
+        return Hello([Progress(j, s, l.version, l.fitted_through) for (j, s), l in sorted(self.learners.items())])
+
+    def resend(self) -> list[Update]:
+        """Every update the server may lack, oldest first (after each connect)."""
+        held = {id(u) for us in self.held.values() for u in us}
+        return [u for key in sorted(self.unacked) for u in self.unacked[key] if id(u) not in held]
+
+    def handle(self, msg: ToWorker) -> list[ToServer]:
+        if isinstance(msg, Packets):
+            return self._packets(msg)
+        if isinstance(msg, Assign):
+            return self._assign(msg)
+        if isinstance(msg, Ack):
+            key = (msg.job, msg.site)
+            if key in self.unacked:
+                self.unacked[key] = [u for u in self.unacked[key] if u.version > msg.version]
+            return []
+        if isinstance(msg, Revoke):
+            self._revoke(msg)
+            return []
+        raise TypeError(f"a worker takes Assign, Packets, Ack or Revoke, not {type(msg).__name__}")
+
+    def retry(self) -> list[Update]:
+        """Try the failed checkpoints again once their back-off has passed; the updates they release."""
+        if not self.held or self.clock() < self.retry_at:
+            return []
+        out: list[Update] = []
+        for job in list(self.held):
+            out += self._emit(job, [])
+        return out
+
+    # messages
+
+    def _assign(self, a: Assign) -> list[ToServer]:
+        out: list[ToServer] = []
+        for start in a.sites:
+            key = (a.job, start.site.name)
+            have = self.learners.get(key)
+            version = start.state.version if start.state is not None else 0
+            if have is not None and have.version >= version:
+                continue  # ours is as new or newer: keep it (and its unacknowledged updates)
+            learner = Learner(a.spec, start.site, self.device)
+            if start.state is not None:
+                try:
+                    learner.restore(start.state)
+                except ValueError as e:
+                    out.append(Refusal(a.job, start.site.name, version, str(e)))
+                    continue
+                if start.state.optimizer is None:
+                    log.warning("job %s site %s: continuing from v%d with a fresh optimizer", a.job,
+                                start.site.name, version)
+            self.learners[key] = learner
+            self.unacked[key] = []
+            if a.job in self.held:
+                self.held[a.job] = [u for u in self.held[a.job] if (u.job, u.site) != key]
+        log.info("assigned job %s: %d sites", a.job, len(a.sites))
+        return out
+
+    def _packets(self, frame: Packets) -> list[ToServer]:
+        """Fit what the frame completes, checkpoint the job once, then release the updates."""
+        out: list[ToServer] = []
+        new: list[Update] = []
+        for p in frame.packets:
+            learner = self.learners.get((p.job, p.site))
+            if learner is None or p.step <= learner.fitted_through + len(learner.buffer):
+                continue  # not ours (revoked), or a replay of a step we already hold
+            try:
+                update = learner.consume(p)
+            except ValueError as e:  # a bad packet fails its job on the server, never this worker
+                out.append(Refusal(p.job, p.site, p.step, str(e)))
+                continue
+            if update is not None:
+                self.fits += 1
+                self.unacked.setdefault((p.job, p.site), []).append(update)
+                new.append(update)
+        if new:  # held ones from an earlier failure go with them, in order
+            out += self._emit(frame.job, new)
+        return out
+
+    def _emit(self, job: str, new: list[Update]) -> list[Update]:
+        """Checkpoint `job`, then release its held updates; on failure hold them and back off."""
+        held = self.held.setdefault(job, [])
+        held += new
+        if self.store is not None:
+            try:
+                self.store.save(job, self._checkpoint(job))
+            except OSError as e:
+                self._failures += 1
+                delay = min(self.max_backoff, 0.5 * 2 ** min(self._failures, 10))
+                self.retry_at = self.clock() + delay
+                self.failure = f"checkpoint of job {job} failed: {e}"
+                log.error("%s; holding %d updates, retrying in %.1f s", self.failure, len(held), delay)
+                return []
+        released = self.held.pop(job)
+        if not self.held:
+            self.failure, self._failures = "", 0
+        return released
+
+    def _revoke(self, r: Revoke) -> None:
+        for site in r.sites:
+            key = (r.job, site)
+            self.learners.pop(key, None)
+            self.unacked.pop(key, None)
+        if r.job in self.held:
+            self.held[r.job] = [u for u in self.held[r.job] if u.site not in r.sites]
+            if not self.held[r.job]:
+                del self.held[r.job]
+        log.info("job %s: %d sites revoked (%s)", r.job, len(r.sites), r.reason)
+        if self.store is None:
+            return
+        try:
+            if any(j == r.job for j, _ in self.learners):
+                self.store.save(r.job, self._checkpoint(r.job))
+            else:
+                self.store.remove(r.job)
+        except OSError as e:  # a stale checkpoint is harmless: the server revokes it again on connect
+            log.warning("could not update the checkpoint of job %s after a revocation: %s", r.job, e)
+
+    # checkpoints: plain dicts of tensors and values (read back with weights_only=True)
+
+    def _checkpoint(self, job: str) -> dict:
+        return {site: {"spec": l.spec.to_dict(), "site": l.site.to_dict(), "state": state_to_dict(l.state()),
+                       "unacked": [update_to_dict(u) for u in self.unacked.get((j, site), [])]}
+                for (j, site), l in self.learners.items() if j == job}
+
+    def _restore(self) -> None:
+        for job, sites in self.store.load().items():
+            for name, entry in sites.items():
+                spec, site = JobSpec.from_dict(entry["spec"]), Site.from_dict(entry["site"])
+                learner = Learner(spec, site, self.device)
+                learner.restore(state_from_dict(entry["state"]))
+                self.learners[(job, name)] = learner
+                self.unacked[(job, name)] = [update_from_dict(u) for u in entry["unacked"]]
+        if self.learners:
+            log.info("restored %d learners from %s", len(self.learners), self.store)
+
+
+def _opt_to_dict(o: OptimizerState | None) -> dict | None:
+    return None if o is None else {"tensors": o.tensors, "meta": o.meta}
+
+
+def _opt_from_dict(d: dict | None) -> OptimizerState | None:
+    return None if d is None else OptimizerState(d["tensors"], d["meta"])
+
+
+def state_to_dict(s: LearnerState) -> dict:
+    return {"version": s.version, "params": s.params, "optimizer": _opt_to_dict(s.optimizer)}
+
+
+def state_from_dict(d: dict) -> LearnerState:
+    return LearnerState(d["version"], d["params"], _opt_from_dict(d["optimizer"]))
+
+
+def update_to_dict(u: Update) -> dict:
+    return {"job": u.job, "site": u.site, "version": u.version, "params": u.params, "loss": u.loss,
+            "fitted_through": u.fitted_through, "optimizer": _opt_to_dict(u.optimizer)}
+
+
+def update_from_dict(d: dict) -> Update:
+    return Update(d["job"], d["site"], d["version"], d["params"], d["loss"], d["fitted_through"],
+                  _opt_from_dict(d["optimizer"]))
