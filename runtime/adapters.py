@@ -232,7 +232,9 @@ def build_adapter(spec: AdapterSpec, site: Site, seed: int | None = None) -> Ada
     if seed is None:
         return module_cls(spec, site)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # the CPU generator only (adapters are built on the CPU): torch.manual_seed would also seed
+        # every accelerator's generator, which costs a traceback capture per call
+        torch.default_generator.manual_seed(seed)
         return module_cls(spec, site)
 
 

@@ -68,3 +68,75 @@ def test_trajectory_differs_when_wrong(peft_reference):
     err, _ = _run("llama", ["q_proj", "v_proj"], AdamW(lr=1.1e-2),
                   lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0), peft_reference, steps=5)
     assert err > 100 * TOL
+
+
+def _seq2seq(family: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "t5":
+        cfg = tf.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                          num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+        return tf.T5ForConditionalGeneration(cfg).eval(), ["q", "v"], 0
+    cfg = tf.BartConfig(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
+    return tf.BartForConditionalGeneration(cfg).eval(), ["q_proj", "v_proj"], 1
+
+
+def _seq2seq_batch(model, pad: int, t_enc: int, t_dec: int, seed: int) -> dict:
+    """Encoder rows padded on the left or the right, decoder rows padded on the right."""
+    from colaflow.loss import IGNORE
+
+    g = torch.Generator().manual_seed(seed)
+    rows = 3
+    ids = torch.randint(3, 96, (rows, t_enc), generator=g)
+    mask = torch.ones_like(ids)
+    for r in range(rows):
+        n = int(torch.randint(t_enc // 2, t_enc + 1, (1,), generator=g))
+        if r % 2:  # left padding
+            mask[r, : t_enc - n] = 0
+        else:
+            mask[r, n:] = 0
+    ids = ids.masked_fill(mask == 0, pad)
+    labels = torch.randint(3, 96, (rows, t_dec), generator=g)
+    for r in range(rows):
+        labels[r, int(torch.randint(t_dec // 2, t_dec + 1, (1,), generator=g)):] = IGNORE
+    dec = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec,
+            "decoder_attention_mask": (labels != IGNORE).long(), "labels": labels}
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("t_enc,t_dec", [(10, 10), (12, 7)])
+def test_encoder_decoder_equals_peft(family, t_enc, t_dec):
+    """Decoder and cross-attention sites keep their own real tokens, equal lengths or not."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from colaflow.loss import token_cls
+
+    model, targets, pad = _seq2seq(family)
+    spec = LowRank(r=4, alpha=8)
+    trainer = Trainer(model, [JobSpec("j", spec, AdamW(lr=1e-2), target_modules=targets)], loss_fn=token_cls)
+    sites = list(trainer.adapters("j"))
+    assert any("decoder" in s and ("EncDec" in s or "encoder_attn" in s) for s in sites)  # cross-attention too
+    ref = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=sites))
+    layers = {s: ref.base_model.model.get_submodule(s) for s in sites}
+    with torch.no_grad():
+        for s, a in trainer.adapters("j").items():
+            layers[s].lora_A["default"].weight.copy_(a.A)
+            layers[s].lora_B["default"].weight.copy_(a.B)
+    opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    for step in range(6):
+        batch = _seq2seq_batch(model, pad, t_enc, t_dec, seed=step)
+        trainer.step({"j": batch})
+        opt.zero_grad()
+        rs, rc = token_cls(ref(**{k: v for k, v in batch.items() if k != "labels"}), batch)
+        (rs.sum() / rc.sum()).backward()
+        opt.step()
+    errs = [rel_err(getattr(a, n).detach(), layers[s].__getattr__(f"lora_{n}")["default"].weight.detach())
+            for s, a in trainer.adapters("j").items() for n in ("A", "B")]
+    assert max(errs) <= TOL, max(errs)

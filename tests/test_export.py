@@ -73,3 +73,34 @@ def test_failed_export_keeps_the_previous_one(tmp_path, monkeypatch):
         save(trainer.adapters("a"), job, path)
     assert (path / "adapter.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["native"]
+
+
+def test_peft_export_of_a_classifier_and_a_seq2seq_model_says_what_peft_expects(tmp_path):
+    """A BertForSequenceClassification adapter loads in stock PEFT (no SEQ_CLS, whose loader wants the
+    head in modules_to_save: colaflow never trains heads); T5 says SEQ_2_SEQ_LM, Llama CAUSAL_LM."""
+    from peft import PeftModel
+
+    from colaflow.export import peft_task_type
+    from colaflow.loss import seq_cls
+
+    model = tiny("bert")
+    trainer = Trainer(model, [JobSpec("a", LowRank(r=4), AdamW(lr=3e-2))], loss_fn=seq_cls)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ids = torch.randint(1, 96, (4, 8), generator=g)
+        trainer.step({"a": {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                            "labels": torch.randint(0, 3, (4,), generator=g)}})
+    trainer.flush()
+    path = save_peft(trainer.adapters("a"), tmp_path / "bert", model=model)
+    assert json.loads((path / "adapter_config.json").read_text())["task_type"] is None
+    ids = torch.randint(1, 96, (2, 8), generator=g)
+    with torch.no_grad():
+        with trainer.host.using("a"):
+            ours = model(input_ids=ids).logits
+        theirs = PeftModel.from_pretrained(model, str(path))(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    import transformers as tf
+
+    t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
+    assert (peft_task_type(t5), peft_task_type(tiny("llama")), peft_task_type(tiny("gpt2"))) == \
+        ("SEQ_2_SEQ_LM", "CAUSAL_LM", "CAUSAL_LM")

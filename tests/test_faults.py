@@ -47,7 +47,7 @@ def _assert_equal(got: dict, want: dict) -> None:
             assert torch.equal(got[site][name], want[site][name]), (site, name)
 
 
-schedules = st.lists(st.tuples(st.sampled_from(ACTIONS), st.integers(0, 7)), min_size=5, max_size=80)
+schedules = st.lists(st.tuples(st.sampled_from(ACTIONS), st.integers(0, 7)), min_size=20, max_size=100)
 
 
 @pytest.mark.parametrize("staleness,interval", [(0, 1), (0, 2), (1, 1), (1, 2), (3, 1), (3, 2)])

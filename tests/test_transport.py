@@ -54,18 +54,23 @@ def cluster(tmp_path):
     stop(*procs.values())
 
 
-def test_grpc_run_equals_in_process(cluster, tmp_path):
+@pytest.mark.parametrize("staleness,interval", [(0, 1), (2, 2)])
+def test_grpc_run_equals_in_process(cluster, tmp_path, staleness, interval):
+    """Bit for bit at any S and I: the server uses exactly version need(t), whenever updates arrive."""
     client, _, _ = cluster
     ex = examples(96, 16, seed=0)
-    spec = JobSpec("exact", LowRank(r=4), AdamW(lr=1e-2))
+    spec = JobSpec(f"exact-{staleness}-{interval}", LowRank(r=4), AdamW(lr=1e-2), staleness=staleness,
+                   fit_interval=interval)
     client.submit(spec, ex, steps=STEPS, batch_size=4)
-    status = wait_done(client, "exact")
+    status = wait_done(client, spec.job_id)
     assert status.state == "done", status
-    got, want = exported(client, "exact", tmp_path), reference(spec, ex, STEPS)
+    got, want = exported(client, spec.job_id, tmp_path), reference(spec, ex, STEPS)
     assert set(got) == set(want)
     err = max_err(got, want)
-    print(f"grpc vs in-process: max relative error {err:.2e}")
+    print(f"S={staleness} I={interval}: grpc vs in-process max relative error {err:.2e}")
     assert err == 0.0  # bit for bit: same code, same thread count, lossless codec
+    if staleness:
+        assert status.max_staleness >= 1  # the pipeline did run ahead
     log = (tmp_path / "server.log").read_text()
     assert "-> worker a" in log and "-> worker b" in log  # the job's sites spread over both daemons
 
@@ -103,7 +108,7 @@ def test_killed_daemon_restarts_and_the_run_is_unchanged(cluster, tmp_path):
     assert client.get("resume").step < steps  # it stalls without its worker
     procs["a"] = start_edge(tmp_path, address, "a")
     assert wait_done(client, "resume").state == "done"
-    assert max_err(exported(client, "resume", tmp_path), reference(spec, ex, steps)) <= 1e-6
+    assert max_err(exported(client, "resume", tmp_path), reference(spec, ex, steps)) == 0.0
     assert "restored" in (tmp_path / "edge-a.log").read_text()
 
 
@@ -123,7 +128,7 @@ def test_connection_cut_mid_frame_recovers_exactly(tmp_path, monkeypatch):
         client.submit(spec, ex, steps=STEPS, batch_size=16)
         assert wait_done(client, "cut").state == "done"
         assert proxy.cuts >= 1 and proxy.connections >= 2
-        assert max_err(exported(client, "cut", tmp_path), reference(spec, ex, STEPS, batch_size=16)) <= 1e-6
+        assert max_err(exported(client, "cut", tmp_path), reference(spec, ex, STEPS, batch_size=16)) == 0.0
         assert "reconnecting" in (tmp_path / "edge-a.log").read_text()
     finally:
         client.close()
@@ -144,12 +149,12 @@ def test_sigterm_checkpoints_says_goodbye_and_resumes(cluster, tmp_path):
     assert "says goodbye" in (tmp_path / "server.log").read_text()
     procs["a"] = start_edge(tmp_path, address, "a")
     assert wait_done(client, "graceful").state == "done"
-    assert max_err(exported(client, "graceful", tmp_path), reference(spec, ex, 20)) <= 1e-6
+    assert max_err(exported(client, "graceful", tmp_path), reference(spec, ex, 20)) == 0.0
 
 
 def test_server_restarted_from_its_state_dir_finishes_exactly(tmp_path):
-    """SIGKILL the server mid-run and start it again on the same port and state dir: the workers
-    reconnect, the server resumes from its last snapshot, the final adapters are unchanged."""
+    """SIGKILL the server mid-run (S = 1, I = 2) and start it again on the same port and state dir: the
+    workers reconnect, the server resumes at its restart step, the final adapters are unchanged."""
     import socket
 
     with socket.socket() as s:
@@ -162,7 +167,7 @@ def test_server_restarted_from_its_state_dir_finishes_exactly(tmp_path):
     try:
         wait_workers(client, 2)
         ex = examples(96, 16, seed=8)
-        spec = JobSpec("restart", LowRank(r=4), AdamW(lr=1e-2), fit_interval=2)
+        spec = JobSpec("restart", LowRank(r=4), AdamW(lr=1e-2), fit_interval=2, staleness=1)
         client.submit(spec, ex, steps=24, batch_size=4)
         while client.get("restart").step < 8:
             time.sleep(0.02)
@@ -170,32 +175,69 @@ def test_server_restarted_from_its_state_dir_finishes_exactly(tmp_path):
         server.wait()
         server, _ = start_server(tmp_path, *args)
         assert wait_done(client, "restart", timeout=180).state == "done"
-        assert max_err(exported(client, "restart", tmp_path), reference(spec, ex, 24)) <= 1e-6
+        assert max_err(exported(client, "restart", tmp_path), reference(spec, ex, 24)) == 0.0
         assert "restored at step" in (tmp_path / "server.log").read_text()
     finally:
         client.close()
         stop(*edges, server)
 
 
-def test_lost_worker_sites_move_and_staleness_stays_bounded(tmp_path):
-    """A daemon that never comes back loses its sites after --reassign-after; the other daemon
-    takes them (from the server's parameters) and the job finishes. With S = 1 the forward never
-    runs more than one version behind."""
+def test_a_daemon_lost_for_good_is_replaced_exactly(tmp_path):
+    """kill -9 one of two daemons mid-run and delete its state dir: after --reassign-after its sites
+    move to the other daemon with the learner state the server holds, plus the packets since; the
+    job finishes with the failure-free adapters, bit for bit."""
+    import shutil
+
     server, address = start_server(tmp_path, "--reassign-after", "1")
     edges = {n: start_edge(tmp_path, address, n) for n in ("a", "b")}
     client = Client(address)
     try:
         wait_workers(client, 2)
-        client.submit(JobSpec("moves", LowRank(r=4), AdamW(lr=1e-2), staleness=1), examples(96, 16, seed=9),
-                      steps=30, batch_size=4)
-        while client.get("moves").step < 5:
+        ex = examples(96, 16, seed=9)
+        spec = JobSpec("moves", LowRank(r=4), AdamW(lr=1e-2), staleness=1, fit_interval=2)
+        client.submit(spec, ex, steps=30, batch_size=4)
+        while client.get("moves").step < 7:
             time.sleep(0.02)
         edges["a"].send_signal(signal.SIGKILL)
+        edges["a"].wait()
+        shutil.rmtree(tmp_path / "edge-a")  # its disk is gone too
         status = wait_done(client, "moves")
         assert status.state == "done" and status.step == 30
-        assert 1 <= status.max_staleness <= 1
+        assert status.max_staleness <= 1  # the bound holds whatever the timing
         log = (tmp_path / "server.log").read_text()
         assert "worker a gone" in log and "-> worker b" in log.split("worker a gone")[1]
+        assert max_err(exported(client, "moves", tmp_path), reference(spec, ex, 30)) == 0.0
     finally:
         client.close()
         stop(*edges.values(), server)
+
+
+def test_a_second_server_on_a_taken_port_refuses_to_start(tmp_path):
+    import subprocess
+    import sys
+
+    server, address = start_server(tmp_path)
+    try:
+        port = address.rsplit(":", 1)[1]
+        out = subprocess.run([sys.executable, "-m", "colaflow.cli.main", "serve", "--model", "tiny-llama",
+                              "--port", port], capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    finally:
+        stop(server)
+
+
+def test_the_daemon_survives_a_frame_it_cannot_decode(monkeypatch):
+    """A bad frame (ValueError) makes the daemon reconnect, not die."""
+    from colaflow.edge_client.daemon import Daemon
+
+    daemon = Daemon("127.0.0.1:1", None, "w", None, max_backoff=0.01)
+    calls = []
+
+    def session(stub, work):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("chunk `index` 7 / `count` 2 is invalid")
+        daemon.stop()
+    monkeypatch.setattr(daemon, "_session", session)
+    assert daemon.run() == 0 and len(calls) == 2

@@ -1,0 +1,150 @@
+"""The service's coordinator without gRPC (an in-process worker pumps its messages), and the house
+rules that keep the library, the service and the daemon apart."""
+from __future__ import annotations
+
+import ast
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from colaflow import AdamW, JobSpec, LowRank, Trainer, Worker
+from colaflow.data import from_map
+from colaflow.host import Host
+from colaflow.models import tiny
+from colaflow.server.coordinator import Closed, Coordinator
+from procs import examples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data(n: int = 8, seed: int = 0, batch_size: int = 4) -> dict:
+    return {"examples": examples(96, n, seed), "batch_size": batch_size, "seed": 0}
+
+
+class Pumped:
+    """A coordinator on a tiny Llama and one in-process worker; `run()` drives both to quiescence."""
+
+    def __init__(self, mix: bool = False):
+        self.c = Coordinator(Host(tiny("llama")), mix=mix)
+        self.worker = Worker("w")
+        self.stream = self.c.connect("w", self.c.register("w", {}), self.worker.hello())
+        self.c.grant("w", self.stream, 1000)
+
+    def run(self, rounds: int = 200) -> None:
+        for _ in range(rounds):
+            busy = self.c.step_once()
+            while (msg := self.c.next_message("w", self.stream, timeout=0)) is not None:
+                busy = True
+                for reply in self.worker.handle(msg):
+                    self.c.receive("w", reply)
+            if not busy:
+                return
+
+
+def test_a_finished_job_frees_the_host_and_still_exports(tmp_path):
+    p = Pumped()
+    hooks_before = len(p.c.host._hooks)
+    p.c.submit(JobSpec("a", LowRank(r=4), AdamW(lr=1e-2)), data(), steps=4)
+    assert len(p.c.host._hooks) > hooks_before
+    p.run()
+    assert p.c.status("a").state == "done"
+    p.c.step_once()  # the loop frees what ended
+    assert "a" not in p.c.host.jobs and not p.c.host._hooks and "a" not in p.c.data
+    exported = p.c.export("a")
+    assert set(exported.versions.values()) == {4}
+    trainer = Trainer(tiny("llama"), [JobSpec("a", LowRank(r=4), AdamW(lr=1e-2))])  # the same run in-process
+    batches = from_map(data())
+    for _ in range(4):
+        trainer.step({"a": next(batches)})
+    for site, a in trainer.adapters("a").items():
+        assert torch.equal(exported.adapters[site].B, a.B.detach()) and torch.equal(exported.adapters[site].A, a.A.detach())
+
+
+def test_a_failing_step_fails_its_job_with_a_traceback_and_the_loop_goes_on(caplog):
+    p = Pumped()
+    bad = data()
+    bad["examples"][0]["input_ids"][0] = 10_000  # beyond the vocabulary: the embedding raises
+    p.c.submit(JobSpec("bad", LowRank(r=4)), {**bad, "batch_size": 8}, steps=3)
+    p.c.submit(JobSpec("good", LowRank(r=4)), data(seed=1), steps=3)
+    with caplog.at_level(logging.ERROR, "colaflow"):
+        p.run()
+    assert p.c.status("good").state == "done"
+    status = p.c.status("bad")
+    assert status.state == "failed" and "IndexError" in status.error
+    tracebacks = [r for r in caplog.records if r.exc_info and "bad" in r.getMessage()]
+    assert tracebacks, "the failure was logged without its traceback"
+
+
+def test_a_mixed_step_that_fails_is_retried_job_by_job():
+    p = Pumped(mix=True)
+    bad = data()
+    bad["examples"][0]["input_ids"][0] = 10_000
+    p.c.submit(JobSpec("good", LowRank(r=4)), data(seed=1), steps=3)
+    p.c.submit(JobSpec("bad", LowRank(r=4)), {**bad, "batch_size": 8}, steps=3)
+    p.run()
+    assert p.c.status("bad").state == "failed" and p.c.status("good").state == "done"
+
+
+def test_a_stale_stream_is_closed():
+    p = Pumped()
+    newer = p.c.connect("w", p.c.register("w", {}), p.worker.hello())
+    with pytest.raises(Closed):
+        p.c.next_message("w", p.stream, timeout=0)
+    assert p.c.next_message("w", newer, timeout=0) is None
+
+
+def _attributes_of(tree: ast.AST, owner: str) -> set[str]:
+    return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
+            and n.value.attr == owner}
+
+
+def test_servicers_use_only_the_coordinators_methods():
+    """Thin servicers: every use of the coordinator is a call of its locked API, never its state."""
+    tree = ast.parse((ROOT / "server" / "service.py").read_text())
+    used = _attributes_of(tree, "c")
+    api = {n for n, v in vars(Coordinator).items() if callable(v) and not n.startswith("_")}
+    assert used - api == {"host"} or used <= api, used - api  # the host only for its model's PEFT task type
+
+
+def test_the_library_never_imports_the_service_or_the_daemon():
+    code = ("import sys, colaflow, colaflow.trainer, colaflow.scheduler, colaflow.worker, colaflow.serde, "
+            "colaflow.client, colaflow.local;"
+            "print([m for m in sys.modules if m.startswith(('colaflow.server', 'colaflow.edge_client'))])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    for path in (ROOT / "server").glob("*.py"):
+        assert "edge_client" not in path.read_text(), path
+    for path in (ROOT / "edge_client").glob("*.py"):
+        assert "colaflow.server" not in path.read_text(), path
+
+
+def test_one_place_each_for_atomic_writes_and_the_message_limit():
+    sources = {p: p.read_text() for d in ("runtime", "server", "edge_client") for p in (ROOT / d).rglob("*.py")
+               if "/v1/" not in str(p)}
+    assert [p.name for p, s in sources.items() if "os.replace(" in s] == ["files.py"]
+    assert [p.name for p, s in sources.items() if "64 << 20" in s] == ["wire.py"]
+
+
+def test_optimizers_register_like_adapters():
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from colaflow.optim import OptimizerSpec, optimizer_kinds, register_optimizer
+
+    @dataclass(frozen=True)
+    class Lion(OptimizerSpec):  # stands in for a user's optimizer; built as SGD for the test
+        kind: ClassVar[str] = "lion-test"
+
+        def _build(self, params):
+            return torch.optim.SGD(params, lr=self.lr)
+
+    register_optimizer(Lion)
+    assert "lion-test" in optimizer_kinds()
+    spec = JobSpec.from_dict(JobSpec("a", optimizer=Lion(lr=0.1)).to_dict())
+    assert isinstance(spec.optimizer, Lion)
+    with pytest.raises(ValueError, match="already registered"):
+        register_optimizer(Lion)

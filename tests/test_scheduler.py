@@ -1,0 +1,227 @@
+"""The scheduler as a plain object: deterministic staleness, what it accepts and refuses, when sites
+move, what it keeps, and how it comes back from its store. Milliseconds, no transport, no threads."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from colaflow import AdamW, JobSpec, LowRank, Scheduler, Update, Worker
+from colaflow.data import collate
+from colaflow.host import Host
+from colaflow.protocol import Ack, Assign, Hello, Packets, Refusal, Revoke
+from colaflow.scheduler import MemoryStore
+from sim import Clock, Toy, toy_batches, toy_loss
+
+SPEC = JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1", "l2"])
+
+
+class Rig:
+    """A scheduler, a host on the toy model, and one in-process worker with hand-driven delivery."""
+
+    def __init__(self, spec: JobSpec = SPEC, steps: int | None = 8, store=None, reassign_after: float = 10.0):
+        self.clock = Clock()
+        self.host = Host(Toy(), toy_loss)
+        self.sched = Scheduler(store, reassign_after, self.clock)
+        self.spec = spec
+        self.batches = toy_batches(16)
+        self.sched.add_job(spec, self.host.add_job(spec), steps)
+        self.worker = Worker("w")
+        self.stream = self.connect("w", self.worker)
+
+    def connect(self, name: str, worker: Worker) -> int:
+        stream = self.sched.connect(name, self.sched.register(name), worker.hello())
+        self.sched.grant(name, stream, 1000)
+        return stream
+
+    def step(self) -> int:
+        plan = self.sched.begin(self.spec.job_id)
+        for u in plan.apply:
+            self.host.apply(u)
+        result = self.host.step(collate([(plan.job, self.batches[plan.step])]))
+        self.sched.finish(plan, result.packets, result.losses[plan.job], result.tokens[plan.job])
+        return plan.need
+
+    def messages(self, name: str = "w", stream: int | None = None) -> list:
+        out = []
+        while (m := self.sched.next_message(name, self.stream if stream is None else stream)) is not None:
+            out.append(m)
+        return out
+
+    def deliver(self) -> list[Update]:
+        """Everything to the worker; its updates back to the scheduler; returns those updates."""
+        updates = []
+        for m in self.messages():
+            for reply in self.worker.handle(m):
+                updates.append(reply)
+                self.sched.receive("w", reply)
+        return updates
+
+
+def test_a_step_uses_exactly_need_t_even_when_newer_versions_arrived():
+    """S = 2, I = 1: updates arrive at once, yet step t runs on version max(0, t - 2), never newer."""
+    rig = Rig(JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1", "l2"], staleness=2))
+    rig.deliver()
+    used = []
+    for _ in range(6):
+        used.append(rig.step())
+        rig.deliver()
+        assert all(r.received == rig.sched.job("j").t for r in rig.sched.job("j").sites.values())  # early arrivals
+    assert used == [0, 0, 0, 1, 2, 3]
+    assert set(rig.host.jobs["j"].versions.values()) == {3}
+
+
+def test_a_job_waits_for_the_versions_it_needs():
+    rig = Rig()
+    rig.deliver()
+    rig.step()
+    assert rig.sched.ready() == []  # S = 0: step 1 needs version 1 of every site
+    with pytest.raises(RuntimeError, match="cannot run step 1: it needs version 1"):
+        rig.sched.begin("j")
+    rig.deliver()
+    assert rig.sched.ready() == ["j"]
+
+
+def test_replays_are_acknowledged_and_change_nothing_and_gaps_are_refused():
+    rig = Rig()
+    rig.deliver()
+    rig.step()
+    (u1, u2) = rig.deliver()
+    site = rig.sched.job("j").sites[u1.site]
+    forged = Update(u1.job, u1.site, 1, {k: torch.ones_like(v) for k, v in u1.params.items()}, 0.0, 0, u1.optimizer)
+    rig.sched.receive("w", forged)
+    assert torch.equal(site.versions[1]["A"], u1.params["A"])  # the replayed version keeps its first value
+    assert rig.messages()[-1] == Ack("j", u1.site, 1)
+    with pytest.raises(ValueError, match="has version 3; expected 2"):
+        rig.sched.receive("w", Update("j", u1.site, 3, u1.params, 0.0, 2, u1.optimizer))
+    with pytest.raises(ValueError, match="fitted through step 5; expected 1"):
+        rig.sched.receive("w", Update("j", u1.site, 2, u1.params, 0.0, 5, u1.optimizer))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda u: {"A": u.params["A"]}, "adapter parameters \\['A'\\] do not match"),
+    (lambda u: {"A": u.params["A"], "B": torch.zeros(3, 3)}, "parameter `B` has shape \\(3, 3\\)"),
+    (lambda u: {"A": u.params["A"], "B": torch.full_like(u.params["B"], float("nan"))}, "non-finite"),
+])
+def test_bad_parameters_are_refused_and_nothing_is_stored(bad, match):
+    rig = Rig()
+    rig.deliver()
+    rig.step()
+    u = next(r for r in rig.worker.handle(rig.messages()[0]) if isinstance(r, Update))
+    with pytest.raises(ValueError, match=match):
+        rig.sched.receive("w", Update(u.job, u.site, u.version, bad(u), 0.0, u.fitted_through, u.optimizer))
+    assert rig.sched.job("j").sites[u.site].received == 0
+
+
+def test_learner_state_is_required_every_state_every_fits_and_checked():
+    rig = Rig()
+    rig.deliver()
+    rig.step()
+    u = next(r for r in rig.worker.handle(rig.messages()[0]) if isinstance(r, Update))
+    with pytest.raises(ValueError, match="lacks the learner state"):
+        rig.sched.receive("w", Update(u.job, u.site, 1, u.params, 0.0, 0, None))
+    bad = type(u.optimizer)({**u.optimizer.tensors, "A/exp_avg": torch.zeros(7)}, u.optimizer.meta)
+    with pytest.raises(ValueError, match="optimizer tensor `A/exp_avg` of shape \\(7,\\)"):
+        rig.sched.receive("w", Update(u.job, u.site, 1, u.params, 0.0, 0, bad))
+
+
+def test_foreign_updates_are_refused_but_a_past_owner_is_only_revoked():
+    rig = Rig()
+    rig.deliver()
+    rig.step()
+    u = next(r for r in rig.worker.handle(rig.messages()[0]) if isinstance(r, Update))
+    stranger = Worker("x")
+    rig.connect("x", stranger)
+    with pytest.raises(PermissionError, match="not assigned site"):
+        rig.sched.receive("x", u)
+    with pytest.raises(PermissionError, match="not assigned site"):  # unknown jobs read the same
+        rig.sched.receive("x", Update("nope", u.site, 1, u.params, 0.0, 0))
+    rig.sched.cancel("j")
+    rig.sched.receive("w", u)  # in flight when the job was cancelled: a normal event
+    assert isinstance(rig.messages()[-1], Revoke)
+
+
+def test_a_lost_worker_sites_move_once_with_its_learner_state(caplog):
+    rig = Rig()
+    rig.deliver()
+    for _ in range(3):
+        rig.step()
+        rig.deliver()
+    spare = Worker("spare")
+    spare_stream = rig.connect("spare", spare)
+    rig.sched.disconnect("w", rig.stream)
+    rig.clock.now += 9.9
+    rig.sched.ready()
+    assert rig.sched.job("j").sites["l1"].owner == "w"  # not gone yet: it may come back
+    rig.clock.now += 0.2
+    with caplog.at_level(logging.WARNING, "colaflow.scheduler"):
+        for _ in range(50):
+            rig.sched.ready()
+    assert sum("gone" in r.message for r in caplog.records) == 1  # said once, not forty times a second
+    assert "w" not in rig.sched.workers
+    (assign,) = rig.messages("spare", spare_stream)
+    assert isinstance(assign, Assign) and all(s.state.version == 3 and s.state.optimizer for s in assign.sites)
+
+
+def test_packets_are_kept_until_durable_state_covers_them():
+    spec = JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1", "l2"], state_every=3)
+    rig = Rig(spec)
+    rig.deliver()
+    kept = []
+    for _ in range(5):
+        rig.step()
+        rig.deliver()
+        kept.append(list(rig.sched.job("j").sites["l1"].retained))
+    # the learner state rides with version 3 (the fit of step 2): it covers steps 0-2; the packets
+    # of later steps stay until version 6 brings the next one
+    assert kept == [[0], [0, 1], [], [3], [3, 4]]
+
+
+def test_a_cancel_while_a_step_runs_is_harmless():
+    rig = Rig()
+    rig.deliver()
+    plan = rig.sched.begin("j")
+    result = rig.host.step(collate([("j", rig.batches[0])]))
+    rig.sched.cancel("j")
+    rig.sched.finish(plan, result.packets, result.losses["j"], result.tokens["j"])  # no KeyError: ignored
+    assert rig.sched.job("j").state == "cancelled" and rig.sched.take_ended() == ["j"]
+
+
+def test_a_refusal_fails_only_its_job_with_the_reason():
+    rig = Rig()
+    rig.deliver()
+    rig.sched.receive("w", Refusal("j", "l1", 0, "gradient `g` holds NaN"))
+    job = rig.sched.job("j")
+    assert job.state == "failed" and "worker w refused step 0 of site `l1`: gradient `g` holds NaN" in job.error
+
+
+def test_restart_from_the_store_resumes_at_the_first_step_not_covered():
+    store = MemoryStore()
+    rig = Rig(JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1", "l2"], staleness=1,
+                      fit_interval=2), store=store)
+    rig.deliver()
+    for _ in range(5):
+        rig.step()
+        rig.deliver()
+    before = rig.sched.job("j")
+    assert before.t == 5 and before.sites["l1"].received == 2
+    again = Scheduler(store, 10.0, rig.clock)
+    job = again.job("j")
+    assert job.state == "waiting" and job.t == 4  # version 2 covers steps 0-3
+    assert job.sites["l1"].owner == "w" and set(job.sites["l1"].versions) >= {1, 2}
+    assert job.need(job.t) == 1  # step 4 runs on version 1, which the store kept
+
+
+def test_done_jobs_keep_only_their_final_version_and_tell_the_driver():
+    rig = Rig(steps=3)
+    rig.deliver()
+    for _ in range(3):
+        rig.step()
+        rig.deliver()
+    assert rig.sched.ready() == []
+    job = rig.sched.job("j")
+    assert job.state == "done" and rig.sched.take_ended() == ["j"]
+    assert all(list(r.versions) == [3] and not r.retained and r.owner is None for r in job.sites.values())
+    adapters = rig.sched.adapters("j")
+    assert torch.equal(adapters["l1"].A, rig.worker.learners[("j", "l1")].adapter.A)
