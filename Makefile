@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(VENV)/bin/colaflow bench server-step
 	$(VENV)/bin/colaflow bench tenants
 	$(VENV)/bin/colaflow bench wire
+	$(VENV)/bin/colaflow bench state
 
 # regenerate runtime/v1 (colaflow.v1) from proto/colaflow/v1/*.proto; a test fails when it is stale
 proto: $(STAMP)

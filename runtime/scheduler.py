@@ -313,6 +313,7 @@ class Scheduler:
         w.connected, w.left_at, w.credits = True, None, 0
         w.control.clear()
         w.cursor.clear()
+        holds = {(p.job, p.site): p.version for p in hello.progress}
         for p in hello.progress:
             job = self.jobs.get(p.job)
             rec = job.sites.get(p.site) if job is not None and job.state in LIVE else None
@@ -327,7 +328,7 @@ class Scheduler:
         for job in self.jobs.values():
             mine = [n for n, r in job.sites.items() if r.owner == worker_id] if job.state in LIVE else []
             if mine:
-                self._send_assign(w, job, mine)
+                self._send_assign(w, job, mine, holds)
         self._assign()
         log.info("worker %s connected (stream %d), owns %d sites", worker_id, w.stream, self._load(worker_id))
         return w.stream
@@ -483,11 +484,14 @@ class Scheduler:
             if new:
                 self._save_progress(job)
 
-    def _send_assign(self, w: WorkerRecord, job: JobRecord, names: list[str]) -> None:
+    def _send_assign(self, w: WorkerRecord, job: JobRecord, names: list[str], holds: dict | None = None) -> None:
         starts = []
         for name in names:
             rec = job.sites[name]
-            starts.append(SiteStart(rec.site, self._start(job, rec)))
+            held = (holds or {}).get((job.job_id, name), -1)
+            # a worker that holds this version or a newer one keeps its own: no need to resend the state
+            start = None if held >= job.durable(rec) else self._start(job, rec)
+            starts.append(SiteStart(rec.site, start))
             key = (job.job_id, name)
             w.cursor[key] = max(w.cursor.get(key, -1), self._floor(job, rec))
         w.control.append(Assign(job.job_id, job.spec, starts))

@@ -2,8 +2,9 @@
 
     DIR/<job>/job.msgpack                spec, sites, steps, data map (written once, at submit)
     DIR/<job>/progress.json              next step, state, error, owners (after every step)
-    DIR/<job>/sites/<site>.safetensors   the versions a restart can need, and the newest learner
-                                         state (optimizer moments): written before an update is acked
+    DIR/<job>/sites/<site>/v<N>.safetensors   the parameters of each version a restart can need
+    DIR/<job>/sites/<site>/state.safetensors  the newest learner state (optimizer moments, schedule)
+                                              both written before the update is acknowledged
 
 A restarted server resumes each live job at its restart step — the first step no durable
 learner state covers — with exactly the adapter versions those steps used; workers resend what
@@ -26,6 +27,7 @@ class DirStore(Store):
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._state_versions: dict[tuple[str, str], int] = {}  # the learner state on disk, per site
 
     def __repr__(self) -> str:
         return str(self.root)
@@ -37,14 +39,20 @@ class DirStore(Store):
         atomic_write(self.root / job_id / "progress.json", json.dumps(progress).encode())
 
     def save_site(self, job_id: str, site: str, rec: SiteRecord) -> None:
-        tensors = {f"v{v}::{name}": t.detach().contiguous().cpu() for v, p in rec.versions.items() for name, t in p.items()}
-        meta = {"received": str(rec.received), "state_version": "", "optimizer": ""}
-        if rec.state is not None:
-            meta["state_version"] = str(rec.state.version)
-            if rec.state.optimizer is not None:
-                tensors |= {f"opt::{k}": t.detach().contiguous().cpu() for k, t in rec.state.optimizer.tensors.items()}
-                meta["optimizer"] = json.dumps(rec.state.optimizer.meta)
-        atomic_write(self.root / job_id / "sites" / f"{site}.safetensors", save(tensors, metadata=meta))
+        """Write what is new (a version's parameters once, the learner state when it changes), then
+        drop the versions the scheduler no longer keeps: each fit writes its update, not the history."""
+        d = self.root / job_id / "sites" / site
+        on_disk = {int(p.name[1:-len(".safetensors")]) for p in d.glob("v*.safetensors")}
+        for v, params in rec.versions.items():
+            if v not in on_disk:
+                atomic_write(d / f"v{v}.safetensors", save(_cpu(params)))
+        if rec.state is not None and self._state_versions.get((job_id, site)) != rec.state.version:
+            opt = rec.state.optimizer
+            meta = {"version": str(rec.state.version), "optimizer": json.dumps(opt.meta) if opt else ""}
+            atomic_write(d / "state.safetensors", save(_cpu(opt.tensors) if opt else {}, metadata=meta))
+            self._state_versions[(job_id, site)] = rec.state.version
+        for v in on_disk - set(rec.versions):
+            (d / f"v{v}.safetensors").unlink(missing_ok=True)
 
     def load(self) -> list[dict]:
         out = []
@@ -54,26 +62,25 @@ class DirStore(Store):
             progress = d / "progress.json"
             out.append({"job": serde.unpack((d / "job.msgpack").read_bytes(), f"{d}/job.msgpack"),
                         "progress": json.loads(progress.read_text()) if progress.exists() else None,
-                        "sites": {f.name[:-len(".safetensors")]: _load_site(f) for f in sorted(d.glob("sites/*.safetensors"))}})
+                        "sites": {f.name: _load_site(f) for f in sorted(d.glob("sites/*")) if f.is_dir()}})
         return out
 
 
-def _load_site(path: Path) -> dict:
+def _cpu(tensors: dict) -> dict:
+    return {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
+
+
+def _load_site(d: Path) -> dict:
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    versions: dict[int, dict] = {}
-    opt: dict = {}
-    for key, t in load_file(str(path)).items():
-        kind, _, name = key.partition("::")
-        if kind == "opt":
-            opt[name] = t
-        else:
-            versions.setdefault(int(kind[1:]), {})[name] = t
+    versions = {int(p.name[1:-len(".safetensors")]): load_file(str(p)) for p in d.glob("v*.safetensors")}
     state = None
-    if meta["state_version"]:
-        v = int(meta["state_version"])
-        optimizer = OptimizerState(opt, json.loads(meta["optimizer"])) if meta["optimizer"] else None
+    if (d / "state.safetensors").exists():
+        with safe_open(str(d / "state.safetensors"), "pt") as f:
+            meta = f.metadata()
+        v = int(meta["version"])
+        optimizer = None
+        if meta["optimizer"]:
+            optimizer = OptimizerState(load_file(str(d / "state.safetensors")), json.loads(meta["optimizer"]))
         state = LearnerState(v, versions[v], optimizer)
-    return {"received": int(meta["received"]), "versions": versions, "state": state}
+    return {"received": max(versions, default=0), "versions": versions, "state": state}

@@ -196,8 +196,11 @@ def test_a_refusal_fails_only_its_job_with_the_reason():
     assert job.state == "failed" and "worker w refused step 0 of site `l1`: gradient `g` holds NaN" in job.error
 
 
-def test_restart_from_the_store_resumes_at_the_first_step_not_covered():
-    store = MemoryStore()
+@pytest.mark.parametrize("kind", ["memory", "dir"])
+def test_restart_from_the_store_resumes_at_the_first_step_not_covered(kind, tmp_path):
+    from colaflow.server.store import DirStore
+
+    store = MemoryStore() if kind == "memory" else DirStore(tmp_path)
     rig = Rig(JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1", "l2"], staleness=1,
                       fit_interval=2), store=store)
     rig.deliver()
@@ -206,11 +209,24 @@ def test_restart_from_the_store_resumes_at_the_first_step_not_covered():
         rig.deliver()
     before = rig.sched.job("j")
     assert before.t == 5 and before.sites["l1"].received == 2
-    again = Scheduler(store, 10.0, rig.clock)
+    again = Scheduler(DirStore(tmp_path) if kind == "dir" else store, 10.0, rig.clock)
     job = again.job("j")
     assert job.state == "waiting" and job.t == 4  # version 2 covers steps 0-3
     assert job.sites["l1"].owner == "w" and set(job.sites["l1"].versions) >= {1, 2}
     assert job.need(job.t) == 1  # step 4 runs on version 1, which the store kept
+    for name, rec in before.sites.items():  # what came back is what was stored, bit for bit
+        back = job.sites[name]
+        assert back.received == rec.received and back.state.version == rec.state.version
+        assert all(torch.equal(back.versions[v][k], rec.versions[v][k]) for v in rec.versions for k in rec.versions[v])
+        assert all(torch.equal(back.state.optimizer.tensors[k], t) for k, t in rec.state.optimizer.tensors.items())
+        assert _jsonish(back.state.optimizer.meta) == _jsonish(rec.state.optimizer.meta)
+
+
+def _jsonish(meta):
+    """Tuples become lists in a stored map (JSON or msgpack); the optimizer takes either."""
+    import json
+
+    return json.loads(json.dumps(meta))
 
 
 def test_done_jobs_keep_only_their_final_version_and_tell_the_driver():

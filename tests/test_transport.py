@@ -54,62 +54,46 @@ def cluster(tmp_path):
     stop(*procs.values())
 
 
-@pytest.mark.parametrize("staleness,interval", [(0, 1), (2, 2)])
-def test_grpc_run_equals_in_process(cluster, tmp_path, staleness, interval):
-    """Bit for bit at any S and I: the server uses exactly version need(t), whenever updates arrive."""
+def test_grpc_run_equals_in_process(cluster, tmp_path):
+    """Bit for bit at any S and I, with another job sharing the server: each step uses exactly version
+    need(t), whenever updates arrive, and runs one job's batch."""
     client, _, _ = cluster
     ex = examples(96, 16, seed=0)
-    spec = JobSpec(f"exact-{staleness}-{interval}", LowRank(r=4), AdamW(lr=1e-2), staleness=staleness,
-                   fit_interval=interval)
-    client.submit(spec, ex, steps=STEPS, batch_size=4)
-    status = wait_done(client, spec.job_id)
-    assert status.state == "done", status
-    got, want = exported(client, spec.job_id, tmp_path), reference(spec, ex, STEPS)
-    assert set(got) == set(want)
-    err = max_err(got, want)
-    print(f"S={staleness} I={interval}: grpc vs in-process max relative error {err:.2e}")
-    assert err == 0.0  # bit for bit: same code, same thread count, lossless codec
-    if staleness:
-        assert status.max_staleness >= 1  # the pipeline did run ahead
+    specs = [JobSpec(f"exact-{s}-{i}", LowRank(r=4), AdamW(lr=1e-2), staleness=s, fit_interval=i)
+             for s, i in ((0, 1), (2, 2))]
+    for spec in specs:
+        client.submit(spec, ex, steps=STEPS, batch_size=4)
+    for spec in specs:
+        status = wait_done(client, spec.job_id)
+        assert status.state == "done", status
+        assert status.max_staleness <= spec.staleness
+        got, want = exported(client, spec.job_id, tmp_path), reference(spec, ex, STEPS)
+        assert set(got) == set(want)
+        err = max_err(got, want)
+        print(f"{spec.job_id}: grpc vs in-process max relative error {err:.2e}")
+        assert err == 0.0  # bit for bit: same code, same thread count, lossless codec
     log = (tmp_path / "server.log").read_text()
-    assert "-> worker a" in log and "-> worker b" in log  # the job's sites spread over both daemons
+    assert "-> worker a" in log and "-> worker b" in log  # the jobs' sites spread over both daemons
 
 
-@pytest.mark.parametrize("codec,bound", [("bf16", 1e-2), ("int8", 3e-2)])
-def test_lossy_codecs_stay_within_their_bound(cluster, tmp_path, codec, bound):
+def test_lossy_codecs_stay_within_their_bound(cluster, tmp_path):
     """Lossy x/g codecs perturb each gradient by well under 1% (bf16 ~0.2%, int8 ~0.6%: see
     test_codec.py). With SGD, whose step is linear in the gradient, the adapters after 12 steps
     stay within `bound` relative of the lossless run. (AdamW divides by sqrt(v) and amplifies
-    noise on near-zero components, so its trajectories drift further.)"""
+    noise on near-zero components, so its trajectories drift further.) Both jobs share the server."""
     client, _, _ = cluster
     ex = examples(96, 16, seed=1)
     opt = SGD(lr=0.5, momentum=0.9)
-    spec = JobSpec(f"lossy-{codec}", LowRank(r=4), opt, codec_x=codec, codec_g=codec)
-    client.submit(spec, ex, steps=STEPS, batch_size=4)
-    assert wait_done(client, spec.job_id).state == "done"
-    got = exported(client, spec.job_id, tmp_path)
-    want = reference(JobSpec(spec.job_id, LowRank(r=4), opt), ex, STEPS)
-    err = max_err(got, want)
-    print(f"{codec}: relative error {err:.2e}")
-    assert 0 < err <= bound, err
-
-
-def test_killed_daemon_restarts_and_the_run_is_unchanged(cluster, tmp_path):
-    client, address, procs = cluster
-    ex = examples(96, 16, seed=2)
-    spec = JobSpec("resume", LowRank(r=4), AdamW(lr=1e-2), fit_interval=2)
-    steps = 24
-    client.submit(spec, ex, steps=steps, batch_size=4)
-    while client.get("resume").step < 6:
-        time.sleep(0.02)
-    procs["a"].send_signal(signal.SIGKILL)
-    procs["a"].wait()
-    time.sleep(1.0)
-    assert client.get("resume").step < steps  # it stalls without its worker
-    procs["a"] = start_edge(tmp_path, address, "a")
-    assert wait_done(client, "resume").state == "done"
-    assert max_err(exported(client, "resume", tmp_path), reference(spec, ex, steps)) == 0.0
-    assert "restored" in (tmp_path / "edge-a.log").read_text()
+    bounds = {"bf16": 1e-2, "int8": 3e-2}
+    for codec in bounds:
+        client.submit(JobSpec(f"lossy-{codec}", LowRank(r=4), opt, codec_x=codec, codec_g=codec), ex,
+                      steps=STEPS, batch_size=4)
+    for codec, bound in bounds.items():
+        job = f"lossy-{codec}"
+        assert wait_done(client, job).state == "done"
+        err = max_err(exported(client, job, tmp_path), reference(JobSpec(job, LowRank(r=4), opt), ex, STEPS))
+        print(f"{codec}: relative error {err:.2e}")
+        assert 0 < err <= bound, err
 
 
 def test_connection_cut_mid_frame_recovers_exactly(tmp_path, monkeypatch):

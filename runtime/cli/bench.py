@@ -5,7 +5,7 @@ import argparse
 import importlib
 
 BENCHES = {"server-step": "colaflow.bench.server_step", "tenants": "colaflow.bench.tenants",
-           "wire": "colaflow.bench.wire"}
+           "wire": "colaflow.bench.wire", "state": "colaflow.bench.state"}
 
 
 def add_parser(sub) -> None:

@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--staleness", type=int, default=1,
                    help="S: steps the server may run ahead of the adapters (0: synchronous and exact; "
                         "1 overlaps the devices' fits with the next forward)")
+    p.add_argument("--state-every", type=int, default=1,
+                   help="send each learner's full state (optimizer moments) to the server every N fits, so a lost "
+                        "device is replaced exactly; 0: parameters only")
     p.add_argument("--in-process", action="store_true", help="server step and fits in this one process")
     p.add_argument("--out", default="colaflow-out/knowledge", help="where the adapter is saved")
     p.add_argument("--seed", type=int, default=0)
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = JobSpec("knowledge", LowRank(r=args.rank, alpha=2 * args.rank),
                    AdamW(lr=args.lr, schedule=Schedule("linear", warmup=args.steps // 10, total=args.steps)),
-                   staleness=args.staleness, seed=args.seed)
+                   staleness=args.staleness, seed=args.seed, state_every=args.state_every)
     out = Path(args.out)
     if args.in_process:
         adapters, losses = _in_process(model, spec, examples, args)
