@@ -47,6 +47,17 @@ def batches(examples: list[dict], size: int, seed: int = 0) -> Iterator[dict]:
             yield stack([examples[j] for j in order[i:i + size]])
 
 
+def to_map(examples, batch_size: int = 8, seed: int = 0) -> dict:
+    """The data map of token-id rows (dicts with `input_ids`, optional `labels`): what travels to a server."""
+    rows = []
+    for i, e in enumerate(examples):
+        if not isinstance(e, dict) or "input_ids" not in e:
+            raise ValueError(f"example {i} must be a dict with `input_ids` (and optional `labels`), got "
+                             f"{type(e).__name__}")
+        rows.append({k: [int(t) for t in e[k]] for k in ("input_ids", "labels") if k in e})
+    return {"examples": rows, "batch_size": batch_size, "seed": seed}
+
+
 def from_map(d: dict) -> Iterator[dict]:
     """Batches from a data map: {"examples": [{"input_ids": [...], "labels": [...]}], "batch_size", "seed"}.
 

@@ -24,139 +24,17 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
-
-import torch
 
 from .adapters import Adapter, build_adapter, load_params
 from .gl import LearnerState, Packet, Update, site_seed
 from .job import JobSpec
 from .protocol import Ack, Assign, Hello, Packets, Refusal, Revoke, SiteStart, ToServer, ToWorker
+from .records import LIVE, JobRecord, SiteRecord, StepPlan, WorkerRecord, check_update, param_shapes
 from .sites import Site
+from .store import Store
 
 log = logging.getLogger("colaflow.scheduler")
-LIVE = ("waiting", "running")
-ENDED = ("done", "cancelled", "failed")
-
-
-@dataclass
-class SiteRecord:
-    """The server's view of one (job, site)."""
-
-    site: Site
-    shapes: dict[str, tuple[int, ...]]  # the adapter's parameter shapes: every update is checked against them
-    received: int = 0  # newest version received (and stored)
-    versions: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # params by version, pruned
-    state: LearnerState | None = None  # newest learner state with optimizer the server holds
-    retained: dict[int, Packet] = field(default_factory=dict)  # step -> packet, contiguous steps
-    owner: str | None = None
-    applied: int = 0  # the version the host's copy holds
-
-
-@dataclass
-class JobRecord:
-    spec: JobSpec
-    steps: int | None  # None: open-ended (the in-process Trainer)
-    sites: dict[str, SiteRecord]
-    data: dict | None = None  # the driver's data map, stored with the job; opaque here
-    t: int = 0  # the next step to run
-    state: str = "waiting"  # waiting, running, done, cancelled, failed
-    error: str = ""
-    losses: list[float] = field(default_factory=list)
-    metrics: list[dict] = field(default_factory=list)
-    max_staleness: int = 0
-    former: set[str] = field(default_factory=set)  # past owners: their late updates get a Revoke, not an error
-
-    @property
-    def job_id(self) -> str:
-        return self.spec.job_id
-
-    def need(self, t: int) -> int:
-        """The adapter version every site has in step t: exactly this one, no newer."""
-        return max(0, t - self.spec.staleness) // self.spec.fit_interval
-
-    def final_version(self) -> int | None:
-        return None if self.steps is None else self.steps // self.spec.fit_interval
-
-    def durable(self, rec: SiteRecord) -> int:
-        """The version a new owner can continue this site from, exactly if `state_every` > 0."""
-        if self.spec.state_every == 0:
-            return rec.received
-        return rec.state.version if rec.state is not None else 0
-
-    def restart_step(self) -> int:
-        """The first step whose packets are not covered by durable state (a restart recomputes from it)."""
-        return min([self.t] + [self.durable(r) * self.spec.fit_interval for r in self.sites.values()])
-
-
-@dataclass
-class WorkerRecord:
-    worker_id: str
-    session: str
-    capabilities: dict = field(default_factory=dict)
-    status: str = ""  # the worker's own word on its health ("" = healthy)
-    connected: bool = False
-    stream: int = 0  # +1 per connection: a stale connection can neither send nor take messages
-    credits: int = 0
-    left_at: float | None = None
-    control: deque = field(default_factory=deque)  # Assign, Ack, Revoke: sent before any packets
-    cursor: dict[tuple[str, str], int] = field(default_factory=dict)  # last step sent (or fitted) per site
-
-
-@dataclass
-class StepPlan:
-    """One job's next step: load `apply` into the host's copies, then run the forward."""
-
-    job: str
-    step: int
-    need: int  # the version of every site in this step
-    apply: list[Update]
-
-
-class Store:
-    """Where the scheduler keeps what must survive a server restart. This one keeps nothing."""
-
-    def save_job(self, job_id: str, record: dict) -> None:
-        """Once per job: {spec, sites, steps, data}."""
-
-    def save_progress(self, job_id: str, progress: dict) -> None:
-        """After every step and state change: {t, state, error, owners}."""
-
-    def save_site(self, job_id: str, site: str, rec: SiteRecord) -> None:
-        """Before an update is acknowledged: the site's received version, versions and learner state."""
-
-    def load(self) -> list[dict]:
-        """Every stored job: {job: {...}, progress: {...} | None, sites: {name: {received, versions, state}}}."""
-        return []
-
-
-class MemoryStore(Store):
-    """Keeps everything in a dict: survives a Scheduler being dropped (a simulated server crash)."""
-
-    def __init__(self):
-        self.jobs: dict[str, dict] = {}
-
-    def save_job(self, job_id, record):
-        self.jobs[job_id] = {"job": dict(record), "progress": None, "sites": {}}
-
-    def save_progress(self, job_id, progress):
-        self.jobs[job_id]["progress"] = dict(progress)
-
-    def save_site(self, job_id, site, rec):
-        self.jobs[job_id]["sites"][site] = {"received": rec.received, "versions": dict(rec.versions),
-                                            "state": rec.state}
-
-    def load(self):
-        return [dict(v) for v in self.jobs.values()]
-
-
-def param_shapes(spec: JobSpec, site: Site) -> dict[str, tuple[int, ...]]:
-    """The parameter shapes of `spec`'s adapter at `site`, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        adapter = build_adapter(spec.adapter, site)
-    return {n: tuple(p.shape) for n, p in adapter.named_parameters()}
 
 
 class Scheduler:
@@ -221,6 +99,13 @@ class Scheduler:
             out[name] = adapter.requires_grad_(False)
         return out
 
+    def _params(self, job: JobRecord, rec: SiteRecord, version: int) -> dict:
+        """A version's parameters; version 0 is the seeded initialisation, never stored."""
+        if version == 0:
+            return {n: p.detach() for n, p in build_adapter(job.spec.adapter, rec.site,
+                                                            seed=site_seed(job.spec, rec.site)).named_parameters()}
+        return rec.versions[version]
+
     def latest(self, job_id: str) -> list[Update]:
         """The newest received update of every site, for the host to load now (the Trainer's `flush`)."""
         job, out = self.job(job_id), []
@@ -247,11 +132,11 @@ class Scheduler:
         need, apply = job.need(job.t), []
         for name, rec in job.sites.items():
             if rec.applied != need:
-                apply.append(Update(job_id, name, need, rec.versions[need], 0.0))
+                apply.append(Update(job_id, name, need, self._params(job, rec, need), 0.0))
                 rec.applied = need
         return StepPlan(job_id, job.t, need, apply)
 
-    def finish(self, plan: StepPlan, packets: list[Packet], loss: float, tokens: int) -> None:
+    def finish(self, plan: StepPlan, packets: list[Packet], loss: float, tokens: int, seconds: float = 0.0) -> None:
         """Take a step's packets (kept until durable state covers them) and advance the job."""
         job = self.jobs.get(plan.job)
         if job is None or job.state != "running" or job.t != plan.step:
@@ -266,7 +151,7 @@ class Scheduler:
         job.max_staleness = max(job.max_staleness, newest - plan.need)
         job.losses.append(loss)
         job.metrics.append({"step": plan.step, "loss": loss, "tokens": tokens, "staleness": newest - plan.need,
-                            "time": time.time()})
+                            "seconds": seconds, "time": time.time()})  # seconds: the server's compute
         job.t += 1
         self._save_progress(job)
 
@@ -333,11 +218,17 @@ class Scheduler:
         log.info("worker %s connected (stream %d), owns %d sites", worker_id, w.stream, self._load(worker_id))
         return w.stream
 
-    def disconnect(self, worker_id: str, stream: int) -> None:
+    def disconnect(self, worker_id: str, stream: int, leaving: bool = False) -> None:
+        """The worker's connection ended; `leaving`: for good (its sites move at the next `ready`)."""
         w = self.workers.get(worker_id)
         if w is not None and w.stream == stream and w.connected:
-            w.connected, w.left_at = False, self.clock()
-            log.info("worker %s disconnected; its sites wait %.0f s before they move", worker_id, self.reassign_after)
+            w.connected = False
+            w.left_at = self.clock() - (self.reassign_after if leaving else 0.0)
+            if leaving:
+                log.info("worker %s left for good; its sites move now", worker_id)
+            else:
+                log.info("worker %s disconnected; its sites wait %.0f s before they move", worker_id,
+                         self.reassign_after)
 
     def current(self, worker_id: str, stream: int) -> bool:
         """True while `stream` is the worker's live connection."""
@@ -394,7 +285,7 @@ class Scheduler:
         if u.fitted_through != want:
             raise ValueError(f"update of `{u.site}` v{u.version} says it fitted through step "
                              f"{u.fitted_through}; expected {want}")
-        _check_update(job.spec, rec, u)
+        check_update(job.spec, rec, u)
         prev = rec.received, rec.state
         rec.versions[u.version] = u.params
         rec.received = u.version
@@ -556,34 +447,3 @@ class Scheduler:
                         self.workers[wid] = WorkerRecord(wid, secrets.token_hex(8), left_at=self.clock())
             self.jobs[spec.job_id] = job
             log.info("job %s restored at step %d (%s)", spec.job_id, job.t, job.state)
-
-
-def _check_update(spec: JobSpec, rec: SiteRecord, u: Update) -> None:
-    """Refuse an update whose parameters or optimizer state do not fit the site's adapter."""
-    site = rec.site.name
-    if set(u.params) != set(rec.shapes):
-        raise ValueError(f"site `{site}`: adapter parameters {sorted(u.params)} do not match the "
-                         f"{spec.adapter.kind} adapter's {sorted(rec.shapes)}")
-    for name, value in u.params.items():
-        if tuple(value.shape) != rec.shapes[name]:
-            raise ValueError(f"site `{site}`: parameter `{name}` has shape {tuple(value.shape)}, "
-                             f"the adapter expects {rec.shapes[name]}")
-        if not value.is_floating_point() or not torch.isfinite(value).all():
-            raise ValueError(f"site `{site}`: parameter `{name}` holds non-finite values")
-    every = spec.state_every
-    if every and u.version % every == 0 and u.optimizer is None:
-        raise ValueError(f"update of `{site}` v{u.version} lacks the learner state "
-                         f"(`state_every` is {every})")
-    if u.optimizer is None:
-        return
-    for key, value in u.optimizer.tensors.items():
-        name, _, _ = key.rpartition("/")
-        if name not in rec.shapes or (tuple(value.shape) != rec.shapes[name] and value.numel() > 1):
-            raise ValueError(f"site `{site}`: optimizer tensor `{key}` of shape {tuple(value.shape)} "
-                             "matches no adapter parameter")
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ValueError(f"site `{site}`: optimizer tensor `{key}` holds non-finite values")
-    meta = u.optimizer.meta
-    if not (isinstance(meta, dict) and isinstance(meta.get("groups"), list) and isinstance(meta.get("values"), dict)
-            and isinstance(meta.get("schedule"), dict)):
-        raise ValueError(f"site `{site}`: optimizer state needs `groups`, `values` and `schedule`")

@@ -199,6 +199,7 @@ class Credit:
 @dataclass
 class Goodbye:
     reason: str
+    leaving: bool = False  # for good: the server moves the worker's sites at once
 
 
 @dataclass
@@ -247,8 +248,8 @@ def credit(n: int) -> bytes:
     return frame_message(worker_pb2.WorkerMessage(credit=worker_pb2.Credit(packets=n)))
 
 
-def goodbye(reason: str) -> bytes:
-    return frame_message(worker_pb2.WorkerMessage(goodbye=worker_pb2.Goodbye(reason=reason)))
+def goodbye(reason: str, leaving: bool = False) -> bytes:
+    return frame_message(worker_pb2.WorkerMessage(goodbye=worker_pb2.Goodbye(reason=reason, leaving=leaving)))
 
 
 def heartbeat_to_server(t: float, status: str = "") -> bytes:
@@ -300,7 +301,7 @@ class Inbox:
         if kind == "heartbeat":
             return Heartbeat(m.time, m.status)
         if kind == "goodbye":
-            return Goodbye(m.reason)
+            return Goodbye(m.reason, m.leaving)
         if kind == "refusal":
             return Refusal(m.job, m.site, m.step, m.reason)
         if kind == "ack":

@@ -11,6 +11,7 @@ scheduler, before the next step begins.
 """
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 from torch import nn
@@ -34,13 +35,19 @@ class Trainer:
         self.host = Host(model, loss_fn)
         self.scheduler = Scheduler()
         self.worker = Worker(LOCAL)
-        self.specs = {s.job_id: s for s in jobs}
-        for spec in jobs:
-            self.scheduler.add_job(spec, self.host.add_job(spec))
+        self.specs: dict[str, JobSpec] = {}
+        self.history: dict[str, list[float]] = {}
         self._stream = self.scheduler.connect(LOCAL, self.scheduler.register(LOCAL), self.worker.hello())
         self.scheduler.grant(LOCAL, self._stream, 1 << 62)  # in-process: no flow control needed
+        for spec in jobs:
+            self.add_job(spec)
+
+    def add_job(self, spec: JobSpec, steps: int | None = None) -> None:
+        """Add a job (open-ended, or done after `steps` steps)."""
+        self.scheduler.add_job(spec, self.host.add_job(spec), steps)
+        self.specs[spec.job_id] = spec
+        self.history[spec.job_id] = []
         self._deliver()
-        self.history: dict[str, list[float]] = {j: [] for j in self.specs}
 
     def step(self, batches: dict[str, dict]) -> dict[str, float]:
         """One server step over the jobs in `batches` ({job_id: batch}); returns their losses."""
@@ -48,10 +55,12 @@ class Trainer:
         for plan in plans:
             for update in plan.apply:
                 self.host.apply(update)
+        t0 = time.perf_counter()
         result = self.host.step(collate(list(batches.items())))
+        seconds = time.perf_counter() - t0
         for plan in plans:
             packets = [p for p in result.packets if p.job == plan.job]
-            self.scheduler.finish(plan, packets, result.losses[plan.job], result.tokens[plan.job])
+            self.scheduler.finish(plan, packets, result.losses[plan.job], result.tokens[plan.job], seconds)
             self.history[plan.job].append(result.losses[plan.job])
         self._deliver()
         return result.losses
@@ -77,7 +86,8 @@ class Trainer:
             for reply in self.worker.handle(msg):
                 self.scheduler.receive(LOCAL, reply)
         for job in self.scheduler.take_ended():
-            raise RuntimeError(f"job {job!r} ended: {self.scheduler.job(job).error}")
+            if self.scheduler.job(job).state == "failed":
+                raise RuntimeError(f"job {job!r} failed: {self.scheduler.job(job).error}")
 
     def adapters(self, job_id: str) -> dict[str, Adapter]:
         """The device-side (authoritative) adapters of a job, by site name."""

@@ -23,7 +23,9 @@ from colaflow.data import collate, from_map
 from colaflow.host import Host
 from colaflow.job import JobSpec
 from colaflow.protocol import Hello, ToServer, ToWorker
-from colaflow.scheduler import LIVE, Scheduler, StepPlan, Store
+from colaflow.records import LIVE, StepPlan
+from colaflow.scheduler import Scheduler
+from colaflow.store import Store
 
 log = logging.getLogger("colaflow.server")
 
@@ -156,9 +158,9 @@ class Coordinator:
             self.cond.notify_all()
             return stream
 
-    def disconnect(self, worker_id: str, stream: int) -> None:
+    def disconnect(self, worker_id: str, stream: int, leaving: bool = False) -> None:
         with self.lock:
-            self.scheduler.disconnect(worker_id, stream)
+            self.scheduler.disconnect(worker_id, stream, leaving)
             self.cond.notify_all()
 
     def grant(self, worker_id: str, stream: int, n: int) -> None:
@@ -266,8 +268,8 @@ class Coordinator:
             with self.lock:
                 self.scheduler.fail(plan.job, f"step {plan.step} failed: {type(e).__name__}: {e}")
             return
-        log.debug("step of %s took %.3f s", [p.job for p, _ in work], time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
         with self.lock:
             for plan, _ in work:
                 packets = [p for p in result.packets if p.job == plan.job]
-                self.scheduler.finish(plan, packets, result.losses[plan.job], result.tokens[plan.job])
+                self.scheduler.finish(plan, packets, result.losses[plan.job], result.tokens[plan.job], seconds)

@@ -82,7 +82,8 @@ class WorkerService:
         except Exception as e:
             context.abort(_status(e), _message(e))
         errors: queue.Queue = queue.Queue()
-        reader = threading.Thread(target=self._read, args=(worker_id, stream, inbox, request_iterator, errors),
+        leaving = threading.Event()
+        reader = threading.Thread(target=self._read, args=(worker_id, stream, inbox, request_iterator, errors, leaving),
                                   daemon=True)
         reader.start()
         seq, idle_since = 0, time.monotonic()
@@ -108,16 +109,20 @@ class WorkerService:
                 yield from serde.to_worker(msg, seq, *codecs)
                 seq += 1
         finally:
-            self.c.disconnect(worker_id, stream)
+            self.c.disconnect(worker_id, stream, leaving=leaving.is_set())
 
-    def _read(self, worker_id: str, stream: int, inbox: serde.Inbox, request_iterator, errors: queue.Queue) -> None:
+    def _read(self, worker_id: str, stream: int, inbox: serde.Inbox, request_iterator, errors: queue.Queue,
+              leaving: threading.Event) -> None:
         try:
             for raw in request_iterator:
                 msg = inbox.feed(raw)
                 if isinstance(msg, serde.Credit):
                     self.c.grant(worker_id, stream, msg.packets)
                 elif isinstance(msg, serde.Goodbye):
-                    log.info("worker %s says goodbye: %s", worker_id, msg.reason)
+                    log.info("worker %s says goodbye%s: %s", worker_id, " for good" if msg.leaving else "",
+                             msg.reason)
+                    if msg.leaving:
+                        leaving.set()
                     break
                 elif isinstance(msg, serde.Heartbeat):
                     self.c.worker_status(worker_id, stream, msg.status)
@@ -162,13 +167,14 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
     def StreamMetrics(self, request, context):
         self._call(context, lambda: self.c.status(request.job))  # auth and existence first
-        sent = 0
+        sent = request.since
         while context.is_active():
-            new, ended = self._call(context, lambda: self.c.metrics(request.job, sent, timeout=0.5))
+            new, ended = self._call(context, lambda: self.c.metrics(request.job, sent,
+                                                                    timeout=0.5 if request.follow else 0.0))
             for m in new:
                 yield control_pb2.StreamMetricsResponse(metrics=serde.pack(m))
             sent += len(new)
-            if ended and not new:
+            if not request.follow or (ended and not new):
                 return
 
     def ExportAdapter(self, request, context):

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save
 from colaflow import serde
 from colaflow.files import atomic_write
 from colaflow.gl import LearnerState, OptimizerState
-from colaflow.scheduler import SiteRecord, Store
+from colaflow.records import SiteRecord
+from colaflow.store import Store
 
 
 class DirStore(Store):

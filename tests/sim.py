@@ -18,7 +18,7 @@ from torch import nn
 from colaflow import Host, JobSpec, Scheduler, Worker
 from colaflow.checkpoint import MemoryCheckpoints
 from colaflow.data import collate
-from colaflow.scheduler import MemoryStore
+from colaflow.store import MemoryStore
 
 REASSIGN_AFTER = 10.0
 # "progress" (deliver everything in flight, then step) is listed thrice: faults should often hit late in a run

@@ -10,8 +10,8 @@ import torch
 from colaflow import AdamW, JobSpec, LowRank, Scheduler, Update, Worker
 from colaflow.data import collate
 from colaflow.host import Host
-from colaflow.protocol import Ack, Assign, Hello, Packets, Refusal, Revoke
-from colaflow.scheduler import MemoryStore
+from colaflow.protocol import Ack, Assign, Refusal, Revoke
+from colaflow.store import MemoryStore
 from sim import Clock, Toy, toy_batches, toy_loss
 
 SPEC = JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1", "l2"])
@@ -241,3 +241,18 @@ def test_done_jobs_keep_only_their_final_version_and_tell_the_driver():
     assert all(list(r.versions) == [3] and not r.retained and r.owner is None for r in job.sites.values())
     adapters = rig.sched.adapters("j")
     assert torch.equal(adapters["l1"].A, rig.worker.learners[("j", "l1")].adapter.A)
+
+
+def test_the_trainer_can_flush_mid_run_and_go_on():
+    """flush() loads the newest versions into the host; the next step still runs on need(t), even 0."""
+    from colaflow import Trainer
+
+    spec = JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1", "l2"], staleness=3)
+    a, b = Trainer(Toy(), [spec], loss_fn=toy_loss), Trainer(Toy(), [spec], loss_fn=toy_loss)
+    for i, batch in enumerate(toy_batches(6)):
+        a.step({"j": batch})
+        b.step({"j": batch})
+        if i == 1:
+            b.flush()
+    for site, adapter in a.adapters("j").items():
+        assert torch.equal(adapter.A, b.adapters("j")[site].A)

@@ -218,10 +218,10 @@ def test_the_daemon_survives_a_frame_it_cannot_decode(monkeypatch):
     daemon = Daemon("127.0.0.1:1", None, "w", None, max_backoff=0.01)
     calls = []
 
-    def session(stub, work):
+    def session(address, stub, work):
         calls.append(1)
         if len(calls) == 1:
             raise ValueError("chunk `index` 7 / `count` 2 is invalid")
         daemon.stop()
-    monkeypatch.setattr(daemon, "_session", session)
+    monkeypatch.setattr(daemon.link, "_session", session)
     assert daemon.run() == 0 and len(calls) == 2

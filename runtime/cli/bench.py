@@ -5,7 +5,7 @@ import argparse
 import importlib
 
 BENCHES = {"server-step": "colaflow.bench.server_step", "tenants": "colaflow.bench.tenants",
-           "wire": "colaflow.bench.wire", "state": "colaflow.bench.state"}
+           "wire": "colaflow.bench.wire", "state": "colaflow.bench.state", "e2e": "colaflow.bench.e2e"}
 
 
 def add_parser(sub) -> None:
@@ -14,6 +14,8 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=5, help="measured rounds per side")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4],
+                   help="e2e: the edge daemon counts to run over gRPC (comma-separated)")
 
 
 def run(args: argparse.Namespace) -> int:

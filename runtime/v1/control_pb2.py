@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63olaflow/v1/control.proto\x12\x0b\x63olaflow.v1\"=\n\x10SubmitJobRequest\x12\x0c\n\x04spec\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05steps\x18\x03 \x01(\x04\" \n\x11SubmitJobResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xe1\x01\n\tJobStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x36\n\x08versions\x18\x05 \x03(\x0b\x32$.colaflow.v1.JobStatus.VersionsEntry\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x15\n\rmax_staleness\x18\x08 \x01(\x04\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x1c\n\rGetJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"8\n\x0eGetJobResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.colaflow.v1.JobStatus\"\x11\n\x0fListJobsRequest\"8\n\x10ListJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.colaflow.v1.JobStatus\"\x1f\n\x10\x43\x61ncelJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\";\n\x11\x43\x61ncelJobResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.colaflow.v1.JobStatus\"#\n\x14StreamMetricsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"(\n\x15StreamMetricsResponse\x12\x0f\n\x07metrics\x18\x01 \x01(\x0c\"3\n\x14\x45xportAdapterRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"Q\n\x15\x45xportAdapterResponse\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x0f\n\rHealthRequest\"?\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\r\x12\x0c\n\x04jobs\x18\x03 \x01(\r2\xa4\x04\n\x07\x43ontrol\x12J\n\tSubmitJob\x12\x1d.colaflow.v1.SubmitJobRequest\x1a\x1e.colaflow.v1.SubmitJobResponse\x12\x41\n\x06GetJob\x12\x1a.colaflow.v1.GetJobRequest\x1a\x1b.colaflow.v1.GetJobResponse\x12G\n\x08ListJobs\x12\x1c.colaflow.v1.ListJobsRequest\x1a\x1d.colaflow.v1.ListJobsResponse\x12J\n\tCancelJob\x12\x1d.colaflow.v1.CancelJobRequest\x1a\x1e.colaflow.v1.CancelJobResponse\x12X\n\rStreamMetrics\x12!.colaflow.v1.StreamMetricsRequest\x1a\".colaflow.v1.StreamMetricsResponse0\x01\x12X\n\rExportAdapter\x12!.colaflow.v1.ExportAdapterRequest\x1a\".colaflow.v1.ExportAdapterResponse0\x01\x12\x41\n\x06Health\x12\x1a.colaflow.v1.HealthRequest\x1a\x1b.colaflow.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63olaflow/v1/control.proto\x12\x0b\x63olaflow.v1\"=\n\x10SubmitJobRequest\x12\x0c\n\x04spec\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05steps\x18\x03 \x01(\x04\" \n\x11SubmitJobResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xe1\x01\n\tJobStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x36\n\x08versions\x18\x05 \x03(\x0b\x32$.colaflow.v1.JobStatus.VersionsEntry\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x15\n\rmax_staleness\x18\x08 \x01(\x04\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x1c\n\rGetJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"8\n\x0eGetJobResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.colaflow.v1.JobStatus\"\x11\n\x0fListJobsRequest\"8\n\x10ListJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.colaflow.v1.JobStatus\"\x1f\n\x10\x43\x61ncelJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\";\n\x11\x43\x61ncelJobResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.colaflow.v1.JobStatus\"B\n\x14StreamMetricsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05since\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"(\n\x15StreamMetricsResponse\x12\x0f\n\x07metrics\x18\x01 \x01(\x0c\"3\n\x14\x45xportAdapterRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"Q\n\x15\x45xportAdapterResponse\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x0f\n\rHealthRequest\"?\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\r\x12\x0c\n\x04jobs\x18\x03 \x01(\r2\xa4\x04\n\x07\x43ontrol\x12J\n\tSubmitJob\x12\x1d.colaflow.v1.SubmitJobRequest\x1a\x1e.colaflow.v1.SubmitJobResponse\x12\x41\n\x06GetJob\x12\x1a.colaflow.v1.GetJobRequest\x1a\x1b.colaflow.v1.GetJobResponse\x12G\n\x08ListJobs\x12\x1c.colaflow.v1.ListJobsRequest\x1a\x1d.colaflow.v1.ListJobsResponse\x12J\n\tCancelJob\x12\x1d.colaflow.v1.CancelJobRequest\x1a\x1e.colaflow.v1.CancelJobResponse\x12X\n\rStreamMetrics\x12!.colaflow.v1.StreamMetricsRequest\x1a\".colaflow.v1.StreamMetricsResponse0\x01\x12X\n\rExportAdapter\x12!.colaflow.v1.ExportAdapterRequest\x1a\".colaflow.v1.ExportAdapterResponse0\x01\x12\x41\n\x06Health\x12\x1a.colaflow.v1.HealthRequest\x1a\x1b.colaflow.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,17 +54,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELJOBRESPONSE']._serialized_start=565
   _globals['_CANCELJOBRESPONSE']._serialized_end=624
   _globals['_STREAMMETRICSREQUEST']._serialized_start=626
-  _globals['_STREAMMETRICSREQUEST']._serialized_end=661
-  _globals['_STREAMMETRICSRESPONSE']._serialized_start=663
-  _globals['_STREAMMETRICSRESPONSE']._serialized_end=703
-  _globals['_EXPORTADAPTERREQUEST']._serialized_start=705
-  _globals['_EXPORTADAPTERREQUEST']._serialized_end=756
-  _globals['_EXPORTADAPTERRESPONSE']._serialized_start=758
-  _globals['_EXPORTADAPTERRESPONSE']._serialized_end=839
-  _globals['_HEALTHREQUEST']._serialized_start=841
-  _globals['_HEALTHREQUEST']._serialized_end=856
-  _globals['_HEALTHRESPONSE']._serialized_start=858
-  _globals['_HEALTHRESPONSE']._serialized_end=921
-  _globals['_CONTROL']._serialized_start=924
-  _globals['_CONTROL']._serialized_end=1472
+  _globals['_STREAMMETRICSREQUEST']._serialized_end=692
+  _globals['_STREAMMETRICSRESPONSE']._serialized_start=694
+  _globals['_STREAMMETRICSRESPONSE']._serialized_end=734
+  _globals['_EXPORTADAPTERREQUEST']._serialized_start=736
+  _globals['_EXPORTADAPTERREQUEST']._serialized_end=787
+  _globals['_EXPORTADAPTERRESPONSE']._serialized_start=789
+  _globals['_EXPORTADAPTERRESPONSE']._serialized_end=870
+  _globals['_HEALTHREQUEST']._serialized_start=872
+  _globals['_HEALTHREQUEST']._serialized_end=887
+  _globals['_HEALTHRESPONSE']._serialized_start=889
+  _globals['_HEALTHRESPONSE']._serialized_end=952
+  _globals['_CONTROL']._serialized_start=955
+  _globals['_CONTROL']._serialized_end=1503
 # @@protoc_insertion_point(module_scope)

@@ -84,10 +84,14 @@ class CancelJobResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[JobStatus, _Mapping]] = ...) -> None: ...
 
 class StreamMetricsRequest(_message.Message):
-    __slots__ = ("job",)
+    __slots__ = ("job", "since", "follow")
     JOB_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
     job: str
-    def __init__(self, job: _Optional[str] = ...) -> None: ...
+    since: int
+    follow: bool
+    def __init__(self, job: _Optional[str] = ..., since: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
 
 class StreamMetricsResponse(_message.Message):
     __slots__ = ("metrics",)

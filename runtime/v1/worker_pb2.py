@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from colaflow.v1 import tensor_pb2 as colaflow_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63olaflow/v1/worker.proto\x12\x0b\x63olaflow.v1\x1a\x18\x63olaflow/v1/tensor.proto\"l\n\x0c\x43\x61pabilities\x12\r\n\x05\x63ores\x18\x01 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x03 \x01(\t\x12\"\n\x06\x63odecs\x18\x04 \x03(\x0e\x32\x12.colaflow.v1.Codec\"U\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12/\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x19.colaflow.v1.Capabilities\"S\n\x10RegisterResponse\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x02 \x01(\x01\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\r\"\x88\x02\n\rWorkerMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.colaflow.v1.HelloH\x00\x12%\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x13.colaflow.v1.CreditH\x00\x12$\n\x06update\x18\x03 \x01(\x0b\x32\x12.colaflow.v1.ChunkH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.colaflow.v1.HeartbeatH\x00\x12\'\n\x07goodbye\x18\x05 \x01(\x0b\x32\x14.colaflow.v1.GoodbyeH\x00\x12\'\n\x07refusal\x18\x06 \x01(\x0b\x32\x14.colaflow.v1.RefusalH\x00\x42\x06\n\x04kind\"E\n\x05Hello\x12\x0f\n\x07session\x18\x01 \x01(\t\x12+\n\x08progress\x18\x02 \x03(\x0b\x32\x19.colaflow.v1.SiteProgress\"R\n\x0cSiteProgress\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x16\n\x0e\x66itted_through\x18\x04 \x01(\x03\"\x19\n\x06\x43redit\x12\x0f\n\x07packets\x18\x01 \x01(\r\"B\n\x07Refusal\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\")\n\tHeartbeat\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x0e\n\x06status\x18\x02 \x01(\t\"\x19\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x89\x02\n\x0bUpdateFrame\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x16\n\x0e\x66itted_through\x18\x04 \x01(\x03\x12\x34\n\x06params\x18\x05 \x03(\x0b\x32$.colaflow.v1.UpdateFrame.ParamsEntry\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12.\n\toptimizer\x18\x07 \x01(\x0b\x32\x1b.colaflow.v1.OptimizerState\x1a\x42\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.colaflow.v1.Tensor:\x02\x38\x01\"\x9e\x01\n\x0eOptimizerState\x12\x39\n\x07tensors\x18\x01 \x03(\x0b\x32(.colaflow.v1.OptimizerState.TensorsEntry\x12\x0c\n\x04meta\x18\x02 \x01(\x0c\x1a\x43\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.colaflow.v1.Tensor:\x02\x38\x01\"\xf0\x01\n\rServerMessage\x12$\n\x06packet\x18\x02 \x01(\x0b\x32\x12.colaflow.v1.ChunkH\x00\x12%\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x16.colaflow.v1.UpdateAckH\x00\x12-\n\nrevocation\x18\x04 \x01(\x0b\x32\x17.colaflow.v1.RevocationH\x00\x12+\n\theartbeat\x18\x05 \x01(\x0b\x32\x16.colaflow.v1.HeartbeatH\x00\x12(\n\nassignment\x18\x06 \x01(\x0b\x32\x12.colaflow.v1.ChunkH\x00\x42\x06\n\x04kindJ\x04\x08\x01\x10\x02\"N\n\nAssignment\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\x0c\x12%\n\x05sites\x18\x03 \x03(\x0b\x32\x16.colaflow.v1.SiteStart\"\xe5\x01\n\tSiteStart\x12\x0c\n\x04site\x18\x01 \x01(\x0c\x12\x11\n\thas_state\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x32\n\x06params\x18\x04 \x03(\x0b\x32\".colaflow.v1.SiteStart.ParamsEntry\x12.\n\toptimizer\x18\x05 \x01(\x0b\x32\x1b.colaflow.v1.OptimizerState\x1a\x42\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.colaflow.v1.Tensor:\x02\x38\x01\"8\n\nRevocation\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05sites\x18\x02 \x03(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"7\n\tUpdateAck\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\"s\n\x0bPacketFrame\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12#\n\x06inputs\x18\x03 \x03(\x0b\x32\x13.colaflow.v1.Tensor\x12$\n\x05sites\x18\x04 \x03(\x0b\x32\x15.colaflow.v1.SiteGrad\"X\n\x08SiteGrad\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05input\x18\x03 \x01(\r\x12\x1e\n\x01g\x18\x04 \x01(\x0b\x32\x13.colaflow.v1.Tensor\"Y\n\x05\x43hunk\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x0e\n\x06header\x18\x04 \x01(\x0c\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x32\x95\x01\n\x06Worker\x12G\n\x08Register\x12\x1c.colaflow.v1.RegisterRequest\x1a\x1d.colaflow.v1.RegisterResponse\x12\x42\n\x04Work\x12\x1a.colaflow.v1.WorkerMessage\x1a\x1a.colaflow.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63olaflow/v1/worker.proto\x12\x0b\x63olaflow.v1\x1a\x18\x63olaflow/v1/tensor.proto\"l\n\x0c\x43\x61pabilities\x12\r\n\x05\x63ores\x18\x01 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x03 \x01(\t\x12\"\n\x06\x63odecs\x18\x04 \x03(\x0e\x32\x12.colaflow.v1.Codec\"U\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12/\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x19.colaflow.v1.Capabilities\"S\n\x10RegisterResponse\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x02 \x01(\x01\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\r\"\x88\x02\n\rWorkerMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.colaflow.v1.HelloH\x00\x12%\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x13.colaflow.v1.CreditH\x00\x12$\n\x06update\x18\x03 \x01(\x0b\x32\x12.colaflow.v1.ChunkH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.colaflow.v1.HeartbeatH\x00\x12\'\n\x07goodbye\x18\x05 \x01(\x0b\x32\x14.colaflow.v1.GoodbyeH\x00\x12\'\n\x07refusal\x18\x06 \x01(\x0b\x32\x14.colaflow.v1.RefusalH\x00\x42\x06\n\x04kind\"E\n\x05Hello\x12\x0f\n\x07session\x18\x01 \x01(\t\x12+\n\x08progress\x18\x02 \x03(\x0b\x32\x19.colaflow.v1.SiteProgress\"R\n\x0cSiteProgress\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x16\n\x0e\x66itted_through\x18\x04 \x01(\x03\"\x19\n\x06\x43redit\x12\x0f\n\x07packets\x18\x01 \x01(\r\"B\n\x07Refusal\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\")\n\tHeartbeat\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x0e\n\x06status\x18\x02 \x01(\t\"*\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07leaving\x18\x02 \x01(\x08\"\x89\x02\n\x0bUpdateFrame\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x16\n\x0e\x66itted_through\x18\x04 \x01(\x03\x12\x34\n\x06params\x18\x05 \x03(\x0b\x32$.colaflow.v1.UpdateFrame.ParamsEntry\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12.\n\toptimizer\x18\x07 \x01(\x0b\x32\x1b.colaflow.v1.OptimizerState\x1a\x42\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.colaflow.v1.Tensor:\x02\x38\x01\"\x9e\x01\n\x0eOptimizerState\x12\x39\n\x07tensors\x18\x01 \x03(\x0b\x32(.colaflow.v1.OptimizerState.TensorsEntry\x12\x0c\n\x04meta\x18\x02 \x01(\x0c\x1a\x43\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.colaflow.v1.Tensor:\x02\x38\x01\"\xf0\x01\n\rServerMessage\x12$\n\x06packet\x18\x02 \x01(\x0b\x32\x12.colaflow.v1.ChunkH\x00\x12%\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x16.colaflow.v1.UpdateAckH\x00\x12-\n\nrevocation\x18\x04 \x01(\x0b\x32\x17.colaflow.v1.RevocationH\x00\x12+\n\theartbeat\x18\x05 \x01(\x0b\x32\x16.colaflow.v1.HeartbeatH\x00\x12(\n\nassignment\x18\x06 \x01(\x0b\x32\x12.colaflow.v1.ChunkH\x00\x42\x06\n\x04kindJ\x04\x08\x01\x10\x02\"N\n\nAssignment\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\x0c\x12%\n\x05sites\x18\x03 \x03(\x0b\x32\x16.colaflow.v1.SiteStart\"\xe5\x01\n\tSiteStart\x12\x0c\n\x04site\x18\x01 \x01(\x0c\x12\x11\n\thas_state\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x32\n\x06params\x18\x04 \x03(\x0b\x32\".colaflow.v1.SiteStart.ParamsEntry\x12.\n\toptimizer\x18\x05 \x01(\x0b\x32\x1b.colaflow.v1.OptimizerState\x1a\x42\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.colaflow.v1.Tensor:\x02\x38\x01\"8\n\nRevocation\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05sites\x18\x02 \x03(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"7\n\tUpdateAck\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\"s\n\x0bPacketFrame\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12#\n\x06inputs\x18\x03 \x03(\x0b\x32\x13.colaflow.v1.Tensor\x12$\n\x05sites\x18\x04 \x03(\x0b\x32\x15.colaflow.v1.SiteGrad\"X\n\x08SiteGrad\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05input\x18\x03 \x01(\r\x12\x1e\n\x01g\x18\x04 \x01(\x0b\x32\x13.colaflow.v1.Tensor\"Y\n\x05\x43hunk\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x0e\n\x06header\x18\x04 \x01(\x0c\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x32\x95\x01\n\x06Worker\x12G\n\x08Register\x12\x1c.colaflow.v1.RegisterRequest\x1a\x1d.colaflow.v1.RegisterResponse\x12\x42\n\x04Work\x12\x1a.colaflow.v1.WorkerMessage\x1a\x1a.colaflow.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,33 +57,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEAT']._serialized_start=866
   _globals['_HEARTBEAT']._serialized_end=907
   _globals['_GOODBYE']._serialized_start=909
-  _globals['_GOODBYE']._serialized_end=934
-  _globals['_UPDATEFRAME']._serialized_start=937
-  _globals['_UPDATEFRAME']._serialized_end=1202
-  _globals['_UPDATEFRAME_PARAMSENTRY']._serialized_start=1136
-  _globals['_UPDATEFRAME_PARAMSENTRY']._serialized_end=1202
-  _globals['_OPTIMIZERSTATE']._serialized_start=1205
-  _globals['_OPTIMIZERSTATE']._serialized_end=1363
-  _globals['_OPTIMIZERSTATE_TENSORSENTRY']._serialized_start=1296
-  _globals['_OPTIMIZERSTATE_TENSORSENTRY']._serialized_end=1363
-  _globals['_SERVERMESSAGE']._serialized_start=1366
-  _globals['_SERVERMESSAGE']._serialized_end=1606
-  _globals['_ASSIGNMENT']._serialized_start=1608
-  _globals['_ASSIGNMENT']._serialized_end=1686
-  _globals['_SITESTART']._serialized_start=1689
-  _globals['_SITESTART']._serialized_end=1918
-  _globals['_SITESTART_PARAMSENTRY']._serialized_start=1136
-  _globals['_SITESTART_PARAMSENTRY']._serialized_end=1202
-  _globals['_REVOCATION']._serialized_start=1920
-  _globals['_REVOCATION']._serialized_end=1976
-  _globals['_UPDATEACK']._serialized_start=1978
-  _globals['_UPDATEACK']._serialized_end=2033
-  _globals['_PACKETFRAME']._serialized_start=2035
-  _globals['_PACKETFRAME']._serialized_end=2150
-  _globals['_SITEGRAD']._serialized_start=2152
-  _globals['_SITEGRAD']._serialized_end=2240
-  _globals['_CHUNK']._serialized_start=2242
-  _globals['_CHUNK']._serialized_end=2331
-  _globals['_WORKER']._serialized_start=2334
-  _globals['_WORKER']._serialized_end=2483
+  _globals['_GOODBYE']._serialized_end=951
+  _globals['_UPDATEFRAME']._serialized_start=954
+  _globals['_UPDATEFRAME']._serialized_end=1219
+  _globals['_UPDATEFRAME_PARAMSENTRY']._serialized_start=1153
+  _globals['_UPDATEFRAME_PARAMSENTRY']._serialized_end=1219
+  _globals['_OPTIMIZERSTATE']._serialized_start=1222
+  _globals['_OPTIMIZERSTATE']._serialized_end=1380
+  _globals['_OPTIMIZERSTATE_TENSORSENTRY']._serialized_start=1313
+  _globals['_OPTIMIZERSTATE_TENSORSENTRY']._serialized_end=1380
+  _globals['_SERVERMESSAGE']._serialized_start=1383
+  _globals['_SERVERMESSAGE']._serialized_end=1623
+  _globals['_ASSIGNMENT']._serialized_start=1625
+  _globals['_ASSIGNMENT']._serialized_end=1703
+  _globals['_SITESTART']._serialized_start=1706
+  _globals['_SITESTART']._serialized_end=1935
+  _globals['_SITESTART_PARAMSENTRY']._serialized_start=1153
+  _globals['_SITESTART_PARAMSENTRY']._serialized_end=1219
+  _globals['_REVOCATION']._serialized_start=1937
+  _globals['_REVOCATION']._serialized_end=1993
+  _globals['_UPDATEACK']._serialized_start=1995
+  _globals['_UPDATEACK']._serialized_end=2050
+  _globals['_PACKETFRAME']._serialized_start=2052
+  _globals['_PACKETFRAME']._serialized_end=2167
+  _globals['_SITEGRAD']._serialized_start=2169
+  _globals['_SITEGRAD']._serialized_end=2257
+  _globals['_CHUNK']._serialized_start=2259
+  _globals['_CHUNK']._serialized_end=2348
+  _globals['_WORKER']._serialized_start=2351
+  _globals['_WORKER']._serialized_end=2500
 # @@protoc_insertion_point(module_scope)

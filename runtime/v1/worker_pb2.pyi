@@ -100,10 +100,12 @@ class Heartbeat(_message.Message):
     def __init__(self, time: _Optional[float] = ..., status: _Optional[str] = ...) -> None: ...
 
 class Goodbye(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "leaving")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    leaving: bool
+    def __init__(self, reason: _Optional[str] = ..., leaving: _Optional[bool] = ...) -> None: ...
 
 class UpdateFrame(_message.Message):
     __slots__ = ("job", "site", "version", "fitted_through", "params", "loss", "optimizer")

@@ -1,0 +1,140 @@
+"""The client side of the Work stream: a gRPC pump around one `colaflow.Worker`.
+
+The edge daemon and the Ray worker actor both run this one loop: register, open the Work stream,
+move the Worker's messages both ways, and reconnect with exponential back-off and jitter after any
+loss. All bookkeeping is the Worker's.
+
+    link = WorkerLink("10.0.0.5:7000", Worker("laptop-1", Checkpoints("~/.colaflow-edge")), token=...)
+    link.run()          # until link.stop(); returns an exit code (2: the server refused the token)
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from typing import Callable
+
+import grpc
+
+from . import serde
+from .protocol import Packets
+from .v1 import worker_pb2, worker_pb2_grpc
+from .wire import CHANNEL_OPTIONS, work_call
+from .worker import Worker
+
+log = logging.getLogger("colaflow.link")
+CREDITS = 4  # packet frames the server may have in flight to this worker
+
+
+class WorkerLink:
+    def __init__(self, address: str | Callable[[], str], worker: Worker, token: str | None = None,
+                 tls_ca: bytes | None = None, max_backoff: float = 30.0):
+        self.address = address if callable(address) else (lambda: address)
+        self.worker, self.token, self.tls_ca, self.max_backoff = worker, token, tls_ca, max_backoff
+        self.stopping = threading.Event()
+        self.connected = threading.Event()
+        self.leaving = False  # said in Goodbye: the server moves this worker's sites at once
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        md = [("x-worker-id", self.worker.worker_id)]
+        return md + ([("authorization", f"Bearer {self.token}")] if self.token else [])
+
+    def run(self) -> int:
+        """Serve until `stop()`; reconnect after every loss. Returns the exit code."""
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                address = self.address()
+                creds = grpc.ssl_channel_credentials(self.tls_ca) if self.tls_ca is not None else None
+                channel = (grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS) if creds
+                           else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+                with channel:
+                    self._session(address, worker_pb2_grpc.WorkerStub(channel), work_call(channel))
+                attempt = 0
+                continue
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED or "needs a `worker` token" in (e.details() or ""):
+                    log.error("server refused this worker's token: %s %s", e.code().name, e.details())
+                    return 2
+                why = f"{e.code().name}: {e.details()}"
+            except ValueError as e:  # a frame we cannot decode: start over, the server replays
+                why = f"bad frame from the server: {e}"
+            except Exception as e:  # a bug here must not take the device's other jobs down for good
+                log.exception("worker error")
+                why = f"{type(e).__name__}: {e}"
+            finally:
+                self.connected.clear()
+            attempt += 1
+            delay = min(self.max_backoff, 0.5 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
+            log.warning("connection lost (%s); reconnecting in %.1f s", why, delay)
+            self.stopping.wait(delay)
+        log.info("stopped after %d fits", self.worker.fits)
+        return 0
+
+    def stop(self, leaving: bool = False) -> None:
+        """Finish the current fit, say goodbye and return from `run`; `leaving`: for good."""
+        self.leaving = leaving
+        self.stopping.set()
+
+    def _session(self, address: str, stub, work) -> None:
+        caps = worker_pb2.Capabilities(cores=os.cpu_count() or 1, accelerator=self.worker.device,
+                                       memory_bytes=_memory_bytes(), codecs=[1, 2, 3, 4])
+        reg = stub.Register(worker_pb2.RegisterRequest(worker_id=self.worker.worker_id, capabilities=caps),
+                            metadata=self._metadata(), timeout=30)
+        outq: queue.Queue = queue.Queue()
+        seq = itertools.count()
+
+        def send(msgs) -> None:
+            for m in msgs:
+                for raw in serde.to_server(m, next(seq)):
+                    outq.put(raw)
+
+        outq.put(serde.opening(reg.session, self.worker.hello()))
+        send(self.worker.resend())  # everything the server has not acknowledged, oldest first
+        outq.put(serde.credit(CREDITS))
+        beat = threading.Event()
+
+        def heartbeats():  # lets the server (and any proxy between) see a live, idle worker
+            while not beat.wait(reg.heartbeat_s or 5.0):
+                outq.put(serde.heartbeat_to_server(time.time(), self.worker.failure))
+        threading.Thread(target=heartbeats, daemon=True).start()
+        responses = work(iter(outq.get, None), metadata=self._metadata())
+        log.info("connected to %s as %s", address, self.worker.worker_id)
+        self.connected.set()
+        inbox, t0, fits0 = serde.Inbox("worker"), time.monotonic(), self.worker.fits
+        try:
+            for raw in responses:
+                msg = inbox.feed(raw)
+                if msg is not None and not isinstance(msg, serde.Heartbeat):
+                    send(self.worker.handle(msg))
+                    if isinstance(msg, Packets):
+                        outq.put(serde.credit(1))
+                send(self.worker.retry())  # the server's heartbeats wake this loop at least once a second
+                if time.monotonic() - t0 > 10:
+                    log.info("%.1f fits/s, %d learners", (self.worker.fits - fits0) / (time.monotonic() - t0),
+                             len(self.worker.learners))
+                    t0, fits0 = time.monotonic(), self.worker.fits
+                if self.stopping.is_set():
+                    outq.put(serde.goodbye("leaving" if self.leaving else "stopping", self.leaving))
+                    outq.put(None)
+                    timer = threading.Timer(5.0, responses.cancel)  # let the goodbye reach the server
+                    timer.start()
+                    for _ in responses:
+                        pass
+                    timer.cancel()
+                    break
+        finally:
+            beat.set()
+            outq.put(None)
+            responses.cancel()
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0

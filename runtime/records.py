@@ -1,0 +1,131 @@
+"""The scheduler's records: what the server knows of each job, site and worker, as plain dataclasses.
+
+Kept apart from `scheduler.py` so the rules there read on one screen; `Store` implementations
+(`colaflow.store`, the server's state dir) persist these records.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import build_adapter
+from .gl import LearnerState, Packet, Update
+from .job import JobSpec
+from .sites import Site
+
+LIVE = ("waiting", "running")
+ENDED = ("done", "cancelled", "failed")
+
+
+@dataclass
+class SiteRecord:
+    """The server's view of one (job, site)."""
+
+    site: Site
+    shapes: dict[str, tuple[int, ...]]  # the adapter's parameter shapes: every update is checked against them
+    received: int = 0  # newest version received (and stored)
+    versions: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # params by version, pruned
+    state: LearnerState | None = None  # newest learner state with optimizer the server holds
+    retained: dict[int, Packet] = field(default_factory=dict)  # step -> packet, contiguous steps
+    owner: str | None = None
+    applied: int = 0  # the version the host's copy holds
+
+
+@dataclass
+class JobRecord:
+    spec: JobSpec
+    steps: int | None  # None: open-ended (the in-process Trainer)
+    sites: dict[str, SiteRecord]
+    data: dict | None = None  # the driver's data map, stored with the job; opaque here
+    t: int = 0  # the next step to run
+    state: str = "waiting"  # waiting, running, done, cancelled, failed
+    error: str = ""
+    losses: list[float] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    max_staleness: int = 0
+    former: set[str] = field(default_factory=set)  # past owners: their late updates get a Revoke, not an error
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.job_id
+
+    def need(self, t: int) -> int:
+        """The adapter version every site has in step t: exactly this one, no newer."""
+        return max(0, t - self.spec.staleness) // self.spec.fit_interval
+
+    def final_version(self) -> int | None:
+        return None if self.steps is None else self.steps // self.spec.fit_interval
+
+    def durable(self, rec: SiteRecord) -> int:
+        """The version a new owner can continue this site from, exactly if `state_every` > 0."""
+        if self.spec.state_every == 0:
+            return rec.received
+        return rec.state.version if rec.state is not None else 0
+
+    def restart_step(self) -> int:
+        """The first step whose packets are not covered by durable state (a restart recomputes from it)."""
+        return min([self.t] + [self.durable(r) * self.spec.fit_interval for r in self.sites.values()])
+
+
+@dataclass
+class WorkerRecord:
+    worker_id: str
+    session: str
+    capabilities: dict = field(default_factory=dict)
+    status: str = ""  # the worker's own word on its health ("" = healthy)
+    connected: bool = False
+    stream: int = 0  # +1 per connection: a stale connection can neither send nor take messages
+    credits: int = 0
+    left_at: float | None = None
+    control: deque = field(default_factory=deque)  # Assign, Ack, Revoke: sent before any packets
+    cursor: dict[tuple[str, str], int] = field(default_factory=dict)  # last step sent (or fitted) per site
+
+
+@dataclass
+class StepPlan:
+    """One job's next step: load `apply` into the host's copies, then run the forward."""
+
+    job: str
+    step: int
+    need: int  # the version of every site in this step
+    apply: list[Update]
+
+
+def param_shapes(spec: JobSpec, site: Site) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes of `spec`'s adapter at `site`, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        adapter = build_adapter(spec.adapter, site)
+    return {n: tuple(p.shape) for n, p in adapter.named_parameters()}
+
+
+def check_update(spec: JobSpec, rec: SiteRecord, u: Update) -> None:
+    """Refuse an update whose parameters or optimizer state do not fit the site's adapter."""
+    site = rec.site.name
+    if set(u.params) != set(rec.shapes):
+        raise ValueError(f"site `{site}`: adapter parameters {sorted(u.params)} do not match the "
+                         f"{spec.adapter.kind} adapter's {sorted(rec.shapes)}")
+    for name, value in u.params.items():
+        if tuple(value.shape) != rec.shapes[name]:
+            raise ValueError(f"site `{site}`: parameter `{name}` has shape {tuple(value.shape)}, "
+                             f"the adapter expects {rec.shapes[name]}")
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise ValueError(f"site `{site}`: parameter `{name}` holds non-finite values")
+    every = spec.state_every
+    if every and u.version % every == 0 and u.optimizer is None:
+        raise ValueError(f"update of `{site}` v{u.version} lacks the learner state "
+                         f"(`state_every` is {every})")
+    if u.optimizer is None:
+        return
+    for key, value in u.optimizer.tensors.items():
+        name, _, _ = key.rpartition("/")
+        if name not in rec.shapes or (tuple(value.shape) != rec.shapes[name] and value.numel() > 1):
+            raise ValueError(f"site `{site}`: optimizer tensor `{key}` of shape {tuple(value.shape)} "
+                             "matches no adapter parameter")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"site `{site}`: optimizer tensor `{key}` holds non-finite values")
+    meta = u.optimizer.meta
+    if not (isinstance(meta, dict) and isinstance(meta.get("groups"), list) and isinstance(meta.get("values"), dict)
+            and isinstance(meta.get("schedule"), dict)):
+        raise ValueError(f"site `{site}`: optimizer state needs `groups`, `values` and `schedule`")

@@ -1,0 +1,247 @@
+"""The orchestration API: one object model whether the server runs here, at an address, or on Ray.
+
+    session = colaflow.Session(model="smollm2-135m")            # in this process
+    session = colaflow.Session(address="gpu-box:7000", token=T)  # a running `colaflow serve`
+    session = colaflow.Session(model="smollm2-135m", ray=True)   # a server actor + worker actors on Ray
+    job = session.submit(examples, adapter=colaflow.LowRank(r=8), optimizer=colaflow.AdamW(lr=3e-4),
+                         targets=["q_proj", "v_proj"], batch_size=8, steps=100)
+    job.wait()                     # a progress bar in a terminal, quiet in logs; raises JobFailed
+    job.metrics()                  # per step: loss, tokens, staleness, time
+    job.export("out/", format="peft")
+
+`examples` are token-id rows: dicts with `input_ids` and optional `labels` (-100: no loss).
+In-process, a job trains inside `wait()` (in the calling thread); elsewhere it trains on the
+server from `submit()` on, and `wait()` watches it.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+from .adapters import AdapterSpec, LowRank
+from .data import to_map
+from .errors import JobFailed, NoWorkers, NotFound
+from .job import JobSpec
+from .optim import AdamW, OptimizerSpec
+
+ENDED = ("done", "cancelled", "failed")
+
+
+class Job:
+    """A submitted job, wherever it runs."""
+
+    def __init__(self, session: "Session", job_id: str, steps: int):
+        self.session, self.id, self.steps = session, job_id, steps
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def status(self) -> dict:
+        """{job, state, step, steps, loss, error, max_staleness}."""
+        return self.session._backend.status(self.id)
+
+    def metrics(self) -> list[dict]:
+        """One map per step so far: step, loss, tokens, staleness, time."""
+        return self.session._backend.metrics(self.id)
+
+    def wait(self, timeout: float | None = None, progress: bool | None = None) -> dict:
+        """Until the job ends; its final status. Raises JobFailed, NoWorkers, TimeoutError."""
+        show = sys.stderr.isatty() if progress is None else progress
+        status = self.session._backend.wait(self.id, timeout, show, self.session.connect_timeout)
+        if status["state"] != "done":
+            raise JobFailed(f"job {self.id} ended {status['state']}: {status['error'] or 'no reason given'}")
+        return status
+
+    def cancel(self) -> dict:
+        return self.session._backend.cancel(self.id)
+
+    def export(self, path: str | Path, format: str = "peft") -> Path:
+        """Write the adapters: `peft` (a LoRA directory stock PEFT loads) or `native` (any kind)."""
+        if format not in ("peft", "native"):
+            raise ValueError(f"`format` must be peft or native, got {format!r}")
+        return self.session._backend.export(self.id, Path(path), format)
+
+
+class Session:
+    """Where jobs run: in this process (`model=`), on a server (`address=`), or on Ray (`ray=`)."""
+
+    def __init__(self, model=None, *, address: str | None = None, token: str | None = None,
+                 tls_ca: bytes | None = None, ray: bool | str = False, workers: int | str = 2,
+                 loss: str = "causal_lm", connect_timeout: float = 30.0, threads: int | None = None):
+        if address is not None and (model is not None or ray):
+            raise ValueError("pass `address` (a running server) or `model` (in process / on Ray), not both")
+        self.connect_timeout = connect_timeout
+        self.ray = None
+        if address is not None:
+            self._backend = _Remote(address, token, tls_ca)
+        elif ray:
+            from . import ray as colaflow_ray  # says how to install Ray if it is missing
+
+            self.ray = colaflow_ray.RayDeployment(model or "smollm2-135m", workers=workers, address=ray,
+                                                  threads=threads or 1)
+            self._backend = _Remote(self.ray.address, None, None)
+        else:
+            self._backend = _Local(model or "smollm2-135m", loss)
+
+    def submit(self, examples: Iterable[dict], *, steps: int, adapter: AdapterSpec | None = None,
+               optimizer: OptimizerSpec | None = None, targets: list[str] | str | None = None,
+               batch_size: int = 8, seed: int = 0, job_id: str | None = None, staleness: int = 0,
+               fit_interval: int = 1, codec_x: str = "raw", codec_g: str = "raw", state_every: int = 1) -> Job:
+        """Start fine-tuning on `examples` for `steps` steps; the defaults are the ColA paper's."""
+        spec = JobSpec(job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{id(self) % 10000:04d}",
+                       adapter or LowRank(), optimizer or AdamW(), targets, fit_interval, staleness, seed=seed,
+                       codec_x=codec_x, codec_g=codec_g, state_every=state_every)
+        self._backend.submit(spec, to_map(examples, batch_size, seed), steps)
+        return Job(self, spec.job_id, steps)
+
+    def job(self, job_id: str) -> Job:
+        status = self._backend.status(job_id)
+        return Job(self, job_id, status["steps"])
+
+    def jobs(self) -> list[Job]:
+        return [Job(self, s["job"], s["steps"]) for s in self._backend.statuses()]
+
+    def close(self) -> None:
+        self._backend.close()
+        if self.ray is not None:
+            self.ray.stop()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _bar(show: bool, total: int, job: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=job, unit="step", disable=not show)
+
+
+class _Local:
+    """In this process: the reference Trainer (Host + Scheduler + Worker), driven inside `wait()`."""
+
+    def __init__(self, model, loss: str):
+        from . import loss as losses
+        from .trainer import Trainer
+
+        if isinstance(model, str):
+            from .models import load, tiny
+
+            model = tiny(model[len("tiny-"):]) if model.startswith("tiny-") else load(model)[0]
+        if not hasattr(losses, loss):
+            raise ValueError(f"unknown `loss` {loss!r}; known: causal_lm, token_cls, seq_cls")
+        self.trainer = Trainer(model, [], getattr(losses, loss))
+        self.data: dict[str, object] = {}
+
+    def submit(self, spec: JobSpec, data: dict, steps: int) -> None:
+        from .data import from_map
+
+        batches = from_map(data)
+        self.trainer.add_job(spec, steps)
+        self.data[spec.job_id] = batches
+
+    def _job(self, job_id: str):
+        if job_id not in self.trainer.specs:
+            raise NotFound(f"unknown job {job_id!r}")
+        return self.trainer.scheduler.job(job_id)
+
+    def status(self, job_id: str) -> dict:
+        job = self._job(job_id)
+        return {"job": job_id, "state": job.state, "step": job.t, "steps": job.steps or 0,
+                "loss": job.losses[-1] if job.losses else 0.0, "error": job.error, "max_staleness": job.max_staleness}
+
+    def statuses(self) -> list[dict]:
+        return [self.status(j) for j in self.trainer.specs]
+
+    def metrics(self, job_id: str) -> list[dict]:
+        return [dict(m) for m in self._job(job_id).metrics]
+
+    def wait(self, job_id: str, timeout: float | None, show: bool, connect_timeout: float) -> dict:
+        job, deadline = self._job(job_id), None if timeout is None else time.monotonic() + timeout
+        with _bar(show, job.steps, job_id) as bar:
+            bar.update(job.t)
+            while job.state in ("waiting", "running") and job.t < job.steps:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} still at step {job.t}/{job.steps} after {timeout} s")
+                try:
+                    losses = self.trainer.step({job_id: next(self.data[job_id])})
+                except RuntimeError as e:  # the job failed (a refused packet): it says why
+                    if job.state == "failed":
+                        break
+                    raise
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[job_id]:.4f}")
+        self.trainer.scheduler.ready()  # the last updates are in: the job is done
+        return self.status(job_id)
+
+    def cancel(self, job_id: str) -> dict:
+        self.trainer.scheduler.cancel(self._job(job_id).job_id)
+        return self.status(job_id)
+
+    def export(self, job_id: str, path: Path, format: str) -> Path:
+        from .export import save, save_peft
+
+        job = self._job(job_id)
+        adapters = self.trainer.scheduler.adapters(job_id)
+        if format == "peft":
+            return save_peft(adapters, path, model=self.trainer.host.model)
+        return save(adapters, job.spec, path, {n: r.received for n, r in job.sites.items()})
+
+    def close(self) -> None:
+        pass
+
+
+class _Remote:
+    """A running `colaflow serve`, through its control service."""
+
+    def __init__(self, address: str, token: str | None, tls_ca: bytes | None):
+        from .client import Client
+
+        self.client = Client(address, token=token, tls_ca=tls_ca)
+
+    def submit(self, spec: JobSpec, data: dict, steps: int) -> None:
+        self.client.submit_map(spec, data, steps)
+
+    def status(self, job_id: str) -> dict:
+        return _status(self.client.get(job_id))
+
+    def statuses(self) -> list[dict]:
+        return [_status(s) for s in self.client.list()]
+
+    def metrics(self, job_id: str) -> list[dict]:
+        return self.client.metrics_so_far(job_id)
+
+    def wait(self, job_id: str, timeout: float | None, show: bool, connect_timeout: float) -> dict:
+        start = time.monotonic()
+        status = self.status(job_id)
+        with _bar(show, status["steps"], job_id) as bar:
+            while status["state"] not in ENDED:
+                now = time.monotonic()
+                if timeout is not None and now - start > timeout:
+                    raise TimeoutError(f"job {job_id} still at step {status['step']}/{status['steps']} after {timeout} s")
+                if status["state"] == "waiting" and now - start > connect_timeout and self.client.health().workers == 0:
+                    raise NoWorkers(f"no workers connected after {connect_timeout:.0f} s: start `colaflow edge "
+                                    f"--server {self.client.address}` on a device, or a colaflow.ray.RayWorkerPool")
+                time.sleep(0.2)
+                status = self.status(job_id)
+                bar.update(status["step"] - bar.n)
+                bar.set_postfix(loss=f"{status['loss']:.4f}")
+        return status
+
+    def cancel(self, job_id: str) -> dict:
+        return _status(self.client.cancel(job_id))
+
+    def export(self, job_id: str, path: Path, format: str) -> Path:
+        return self.client.export(job_id, path, format=format)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _status(s) -> dict:
+    return {"job": s.job, "state": s.state, "step": s.step, "steps": s.steps, "loss": s.loss, "error": s.error,
+            "max_staleness": s.max_staleness}

@@ -1,0 +1,44 @@
+"""Where the scheduler keeps what must survive a server restart: the interface, and an in-memory one.
+
+The server's state directory (`colaflow.server.store.DirStore`) is the durable implementation.
+"""
+from __future__ import annotations
+
+from .records import SiteRecord
+
+
+class Store:
+    """Where the scheduler keeps what must survive a server restart. This one keeps nothing."""
+
+    def save_job(self, job_id: str, record: dict) -> None:
+        """Once per job: {spec, sites, steps, data}."""
+
+    def save_progress(self, job_id: str, progress: dict) -> None:
+        """After every step and state change: {t, state, error, owners}."""
+
+    def save_site(self, job_id: str, site: str, rec: SiteRecord) -> None:
+        """Before an update is acknowledged: the site's received version, versions and learner state."""
+
+    def load(self) -> list[dict]:
+        """Every stored job: {job: {...}, progress: {...} | None, sites: {name: {received, versions, state}}}."""
+        return []
+
+
+class MemoryStore(Store):
+    """Keeps everything in a dict: survives a Scheduler being dropped (a simulated server crash)."""
+
+    def __init__(self):
+        self.jobs: dict[str, dict] = {}
+
+    def save_job(self, job_id, record):
+        self.jobs[job_id] = {"job": dict(record), "progress": None, "sites": {}}
+
+    def save_progress(self, job_id, progress):
+        self.jobs[job_id]["progress"] = dict(progress)
+
+    def save_site(self, job_id, site, rec):
+        self.jobs[job_id]["sites"][site] = {"received": rec.received, "versions": dict(rec.versions),
+                                            "state": rec.state}
+
+    def load(self):
+        return [dict(v) for v in self.jobs.values()]
