@@ -37,9 +37,13 @@ def collate(parts: list[tuple[str, dict]]) -> dict:
 
 
 def batches(examples: list[dict], size: int, seed: int = 0) -> Iterator[dict]:
-    """Shuffled batches of `size` examples, reshuffled every epoch, forever."""
+    """Shuffled batches of `size` examples, reshuffled every epoch, forever. Checked now, not at the first batch."""
     if len(examples) < size:
         raise ValueError(f"`batch_size` {size} is larger than the {len(examples)} examples")
+    return _shuffled(examples, size, seed)
+
+
+def _shuffled(examples: list[dict], size: int, seed: int) -> Iterator[dict]:
     g = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(examples), generator=g).tolist()

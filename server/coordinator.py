@@ -242,6 +242,10 @@ class Coordinator:
                 except StopIteration:
                     self.scheduler.fail(job_id, "its data ran out")
                     continue
+                except Exception as e:  # a data map that cannot make a batch fails its job, not the loop
+                    log.exception("job %s: its data failed", job_id)
+                    self.scheduler.fail(job_id, f"its data failed: {type(e).__name__}: {e}")
+                    continue
                 plan = self.scheduler.begin(job_id)
                 for update in plan.apply:
                     self.host.apply(update)

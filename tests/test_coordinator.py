@@ -148,3 +148,10 @@ def test_optimizers_register_like_adapters():
     assert isinstance(spec.optimizer, Lion)
     with pytest.raises(ValueError, match="already registered"):
         register_optimizer(Lion)
+
+
+def test_a_batch_size_larger_than_the_data_is_refused_at_submit():
+    p = Pumped()
+    with pytest.raises(ValueError, match="`batch_size` 8 is larger than the 1 examples"):
+        p.c.submit(JobSpec("tiny", LowRank(r=4)), {"examples": examples(96, 1, 0), "batch_size": 8}, steps=2)
+    assert "tiny" not in p.c.scheduler.jobs and "tiny" not in p.c.host.jobs  # nothing half-made is left

@@ -142,3 +142,13 @@ def _train_kw() -> dict:
 
     return dict(adapter=LowRank(r=4), optimizer=AdamW(lr=1e-2), targets=["q_proj", "v_proj"], staleness=1,
                 fit_interval=2)
+
+
+@pytest.mark.slow
+def test_the_ray_example_runs(tmp_path):
+    """examples/ray_cluster.py as documented, on a local Ray instance (a few steps of the main job)."""
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "ray_cluster.py"), "--steps", "4", "--facts", "2"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "done after 4 steps" in out.stdout and "held-out exact match" in out.stdout, out.stdout
+    assert (tmp_path / "colaflow-out/ray-knowledge-peft/adapter_config.json").exists()
