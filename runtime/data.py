@@ -1,6 +1,7 @@
 """Batches: dicts of (B, T) tensors; several jobs' batches collate into one mixed batch."""
 from __future__ import annotations
 
+import numbers
 from typing import Iterator
 
 import torch
@@ -58,8 +59,23 @@ def to_map(examples, batch_size: int = 8, seed: int = 0) -> dict:
         if not isinstance(e, dict) or "input_ids" not in e:
             raise ValueError(f"example {i} must be a dict with `input_ids` (and optional `labels`), got "
                              f"{type(e).__name__}")
-        rows.append({k: [int(t) for t in e[k]] for k in ("input_ids", "labels") if k in e})
+        rows.append({k: _token_ids(e[k], i, k) for k in ("input_ids", "labels") if k in e})
+    if not rows:
+        raise ValueError("no examples to train on")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
     return {"examples": rows, "batch_size": batch_size, "seed": seed}
+
+
+def _token_ids(values, i: int, key: str) -> list[int]:
+    if hasattr(values, "tolist"):  # a tensor or an array
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+        raise ValueError(f"example {i}: `{key}` must be a list of token ids, got {type(values).__name__}")
+    for t in values:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not -(1 << 62) < t < 1 << 62:
+            raise ValueError(f"example {i}: `{key}` holds {t!r}; token ids are ints")
+    return [int(t) for t in values]
 
 
 def from_map(d: dict) -> Iterator[dict]:

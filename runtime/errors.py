@@ -25,7 +25,7 @@ class Unauthenticated(ColaflowError, PermissionError):
 
 
 class PermissionDenied(ColaflowError, PermissionError):
-    """A token the server knows, but of the wrong role or tenant."""
+    """A token the server knows, but of the wrong role (a worker's site that is not its own)."""
 
 
 class Unavailable(ColaflowError, ConnectionError):

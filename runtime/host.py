@@ -131,6 +131,11 @@ class Host:
                 del output  # the backward does not need the logits: keeping them costs a (B, T, V) tensor
                 losses = per_job(row_sum, row_count, {j: torch.arange(len(jobs)) if r is None else r
                                                       for j, r in ctx.rows.items()})
+                for job_id in ctx.rows:
+                    missed = [n for n in self.jobs[job_id].sites if n not in ctx.outputs]
+                    if missed:  # e.g. a tied embedding whose module is not the one the forward calls
+                        raise RuntimeError(f"site `{missed[0]}` of job {job_id!r} was not called in the forward "
+                                           f"({len(missed)} of its sites were not); pick modules the forward runs")
                 names = list(ctx.outputs)
                 grads = torch.autograd.grad(sum(losses.values()), [ctx.outputs[n] for n in names],
                                             allow_unused=True)
@@ -145,8 +150,6 @@ class Host:
             tokens[job_id] = int(m.sum()) if m is not None else len(jobs)
             by_input: dict[int, list[str]] = {}  # sites reading one input share its tensor on the wire
             for name in job.sites:
-                if name not in g_of:
-                    raise RuntimeError(f"site `{name}` of job {job_id!r} was not called in the forward")
                 by_input.setdefault(id(ctx.inputs[(job_id, name)]), []).append(name)
             for group in by_input.values():
                 x = _rows(ctx.inputs[(job_id, group[0])], rows)

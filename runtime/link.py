@@ -52,10 +52,14 @@ class WorkerLink:
                 creds = grpc.ssl_channel_credentials(self.tls_ca) if self.tls_ca is not None else None
                 channel = (grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS) if creds
                            else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+                began = time.monotonic()
                 with channel:
                     self._session(address, worker_pb2_grpc.WorkerStub(channel), work_call(channel))
-                attempt = 0
-                continue
+                if self.stopping.is_set() or time.monotonic() - began > 5.0:
+                    attempt = 0
+                    continue
+                # the server ended a fresh stream at once: another worker with this id took it over?
+                why = f"the server closed the stream (is another worker using the id {self.worker.worker_id!r}?)"
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.UNAUTHENTICATED or "needs a `worker` token" in (e.details() or ""):
                     log.error("server refused this worker's token: %s %s", e.code().name, e.details())

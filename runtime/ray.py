@@ -230,7 +230,9 @@ class RayDeployment:
     """What `Session(ray=...)` starts: a RayServer and a RayWorkerPool (and Ray itself, if needed)."""
 
     def __init__(self, model: str, workers: int | str = 2, address: bool | str = True, threads: int = 1,
-                 server_args: tuple[str, ...] = ()):
+                 server_threads: int | None = None, server_args: tuple[str, ...] = ()):
+        if workers != "all-edge-nodes" and not (isinstance(workers, int) and workers >= 1):
+            raise ValueError(f"`workers` must be a count >= 1 or 'all-edge-nodes', got {workers!r}")
         self.started_ray = not ray.is_initialized()
         local = address is True
         if self.started_ray:
@@ -240,17 +242,25 @@ class RayDeployment:
                          include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=address, namespace=NAMESPACE)
-        self.server = RayServer(model, args=("--threads", str(threads), *server_args),
-                                host="127.0.0.1" if local else None)
         try:
-            self.pool = RayWorkerPool(self.server, workers if workers == "all-edge-nodes" else int(workers),
-                                      threads=threads)
+            self.server = RayServer(model, args=("--threads", str(server_threads or threads), *server_args),
+                                    host="127.0.0.1" if local else None)
+            try:
+                self.pool = RayWorkerPool(self.server, workers, threads=threads)
+            except BaseException:
+                self.server.stop()
+                raise
         except BaseException:
-            self.server.stop()
+            if self.started_ray:
+                ray.shutdown()
             raise
         self.address = self.server.address
+        self._stopped = False
 
     def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         try:
             self.pool.stop()
             self.server.stop()

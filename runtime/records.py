@@ -5,6 +5,7 @@ Kept apart from `scheduler.py` so the rules there read on one screen; `Store` im
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class SiteRecord:
     retained: dict[int, Packet] = field(default_factory=dict)  # step -> packet, contiguous steps
     owner: str | None = None
     applied: int = 0  # the version the host's copy holds
+    skeleton: dict | None = None  # the form of a fresh learner's optimizer state (updates are checked against it)
 
 
 @dataclass
@@ -45,6 +47,9 @@ class JobRecord:
     losses: list[float] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
     max_staleness: int = 0
+    fits: int = 0  # updates accepted (one per site per fit)
+    bytes_sent: int = 0  # packet bytes on the wire to workers (0 in process)
+    bytes_received: int = 0  # update bytes on the wire from workers
     former: set[str] = field(default_factory=set)  # past owners: their late updates get a Revoke, not an error
 
     @property
@@ -126,6 +131,45 @@ def check_update(spec: JobSpec, rec: SiteRecord, u: Update) -> None:
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"site `{site}`: optimizer tensor `{key}` holds non-finite values")
     meta = u.optimizer.meta
-    if not (isinstance(meta, dict) and isinstance(meta.get("groups"), list) and isinstance(meta.get("values"), dict)
-            and isinstance(meta.get("schedule"), dict)):
-        raise ValueError(f"site `{site}`: optimizer state needs `groups`, `values` and `schedule`")
+    if not (isinstance(meta, dict) and set(meta) == {"groups", "values", "schedule"}):
+        raise ValueError(f"site `{site}`: optimizer state needs exactly `groups`, `values` and `schedule`")
+    # another worker will load this state: it must have the very form a fresh learner's has
+    if rec.skeleton is None:
+        rec.skeleton = optimizer_skeleton(spec, rec.site)
+    _same_form(meta["groups"], rec.skeleton["groups"], f"site `{site}`: optimizer `groups`")
+    _same_form(meta["schedule"], rec.skeleton["schedule"], f"site `{site}`: optimizer `schedule`")
+    for key, value in meta["values"].items():
+        if key.rpartition("/")[0] not in rec.shapes or not (value is None or isinstance(value, (bool, int, float))):
+            raise ValueError(f"site `{site}`: optimizer value `{key}` = {value!r} is not a per-parameter scalar")
+
+
+def optimizer_skeleton(spec: JobSpec, site: Site) -> dict:
+    """The form of a fresh learner's optimizer and schedule state (built on the meta device)."""
+    with torch.device("meta"):
+        adapter = build_adapter(spec.adapter, site)
+        optimizer, schedule = spec.optimizer.build(adapter.parameters())
+    return {"groups": optimizer.state_dict()["param_groups"], "schedule": schedule.state_dict()}
+
+
+def _same_form(got, want, where: str) -> None:
+    """Raise unless `got` has `want`'s structure and kinds of values (the values may differ)."""
+    if isinstance(want, bool):
+        ok = isinstance(got, bool)
+    elif isinstance(want, (int, float)):
+        ok = isinstance(got, (int, float)) and not isinstance(got, bool) and math.isfinite(got)
+    elif want is None or isinstance(want, str):
+        ok = got == want if want is None else isinstance(got, str)
+    elif isinstance(want, (list, tuple)):
+        ok = isinstance(got, (list, tuple)) and len(got) == len(want)
+        if ok and where.endswith("`params`"):
+            ok = list(got) == list(want)
+        for i, (g, w) in enumerate(zip(got, want) if ok else ()):
+            _same_form(g, w, f"{where}[{i}]")
+    elif isinstance(want, dict):
+        ok = isinstance(got, dict) and set(got) == set(want)
+        for k in sorted(want) if ok else ():
+            _same_form(got[k], want[k], f"{where} `{k}`")
+    else:
+        ok = False
+    if not ok:
+        raise ValueError(f"{where} is {got!r}; a fresh learner has {want!r}")

@@ -151,7 +151,8 @@ class Scheduler:
         job.max_staleness = max(job.max_staleness, newest - plan.need)
         job.losses.append(loss)
         job.metrics.append({"step": plan.step, "loss": loss, "tokens": tokens, "staleness": newest - plan.need,
-                            "seconds": seconds, "time": time.time()})  # seconds: the server's compute
+                            "seconds": seconds, "time": time.time(),  # seconds: the server's compute
+                            "fits": job.fits, "bytes_sent": job.bytes_sent, "bytes_received": job.bytes_received})
         job.t += 1
         self._save_progress(job)
 
@@ -194,6 +195,9 @@ class Scheduler:
         w = self.workers.get(worker_id)
         if w is None or not secrets.compare_digest(w.session, session):
             raise PermissionError(f"worker {worker_id!r} must Register before Work (unknown session)")
+        if w.connected:
+            log.warning("worker %s connected again while its stream %d is live: the older stream closes "
+                        "(two workers with one id?)", worker_id, w.stream)
         w.stream += 1
         w.connected, w.left_at, w.credits = True, None, 0
         w.control.clear()
@@ -254,6 +258,13 @@ class Scheduler:
             w.credits -= 1
         return frame
 
+    def count_bytes(self, job_id: str, sent: int = 0, received: int = 0) -> None:
+        """Wire bytes of a job's packets and updates, as the transport counts them."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.bytes_sent += sent
+            job.bytes_received += received
+
     def receive(self, worker_id: str, msg: ToServer) -> None:
         """Take an Update or Refusal from a worker. Raises PermissionError / ValueError on bad input."""
         if isinstance(msg, Refusal):
@@ -261,6 +272,8 @@ class Scheduler:
             rec = job.sites.get(msg.site) if job is not None else None
             if rec is not None and rec.owner == worker_id and job.state in LIVE:
                 self.fail(msg.job, f"worker {worker_id} refused step {msg.step} of site `{msg.site}`: {msg.reason}")
+            elif job is None or worker_id not in job.former:  # as for updates: only its own sites' business
+                raise PermissionError(f"worker {worker_id!r} is not assigned site `{msg.site}` of job {msg.job!r}")
             return
         if not isinstance(msg, Update):
             raise TypeError(f"a worker sends Update or Refusal, not {type(msg).__name__}")
@@ -298,6 +311,7 @@ class Scheduler:
             rec.received, rec.state = prev
             raise
         self._prune(job)
+        job.fits += 1
         w.control.append(Ack(u.job, u.site, u.version))
 
     def _prune(self, job: JobRecord) -> None:

@@ -15,6 +15,7 @@ server from `submit()` on, and `wait()` watches it.
 """
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -22,11 +23,12 @@ from typing import Iterable
 
 from .adapters import AdapterSpec, LowRank
 from .data import to_map
-from .errors import JobFailed, NoWorkers, NotFound
+from .errors import ColaflowError, InvalidArgument, JobFailed, NoWorkers, NotFound, Unavailable
 from .job import JobSpec
 from .optim import AdamW, OptimizerSpec
 
 ENDED = ("done", "cancelled", "failed")
+MAX_STEPS = 1 << 40
 
 
 class Job:
@@ -58,7 +60,10 @@ class Job:
         return self.session._backend.cancel(self.id)
 
     def export(self, path: str | Path, format: str = "peft") -> Path:
-        """Write the adapters: `peft` (a LoRA directory stock PEFT loads) or `native` (any kind)."""
+        """Write the adapters: `peft` (a LoRA directory stock PEFT loads) or `native` (any kind).
+
+        The newest version the server holds: a running job's export is a snapshot of its progress.
+        """
         if format not in ("peft", "native"):
             raise ValueError(f"`format` must be peft or native, got {format!r}")
         return self.session._backend.export(self.id, Path(path), format)
@@ -74,6 +79,7 @@ class Session:
             raise ValueError("pass `address` (a running server) or `model` (in process / on Ray), not both")
         self.connect_timeout = connect_timeout
         self.ray = None
+        self._closed = False
         if address is not None:
             self._backend = _Remote(address, token, tls_ca)
         elif ray:
@@ -90,10 +96,18 @@ class Session:
                batch_size: int = 8, seed: int = 0, job_id: str | None = None, staleness: int = 0,
                fit_interval: int = 1, codec_x: str = "raw", codec_g: str = "raw", state_every: int = 1) -> Job:
         """Start fine-tuning on `examples` for `steps` steps; the defaults are the ColA paper's."""
-        spec = JobSpec(job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{id(self) % 10000:04d}",
-                       adapter or LowRank(), optimizer or AdamW(), targets, fit_interval, staleness, seed=seed,
-                       codec_x=codec_x, codec_g=codec_g, state_every=state_every)
-        self._backend.submit(spec, to_map(examples, batch_size, seed), steps)
+        if self._closed:
+            raise ColaflowError("this Session is closed")
+        try:
+            spec = JobSpec(job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}",
+                           adapter or LowRank(), optimizer or AdamW(), targets, fit_interval, staleness, seed=seed,
+                           codec_x=codec_x, codec_g=codec_g, state_every=state_every)
+            data = to_map(examples, batch_size, seed)
+            if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+                raise ValueError(f"`steps` must be an int in [1, {MAX_STEPS}], got {steps!r}")
+        except ValueError as e:
+            raise e if isinstance(e, ColaflowError) else InvalidArgument(str(e)) from None
+        self._backend.submit(spec, data, steps)
         return Job(self, spec.job_id, steps)
 
     def job(self, job_id: str) -> Job:
@@ -104,9 +118,15 @@ class Session:
         return [Job(self, s["job"], s["steps"]) for s in self._backend.statuses()]
 
     def close(self) -> None:
-        self._backend.close()
-        if self.ray is not None:
-            self.ray.stop()
+        """Let go of the server (and stop what `ray=` started); a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._backend.close()
+        finally:
+            if self.ray is not None:
+                self.ray.stop()
 
     def __enter__(self) -> "Session":
         return self
@@ -140,8 +160,13 @@ class _Local:
     def submit(self, spec: JobSpec, data: dict, steps: int) -> None:
         from .data import from_map
 
-        batches = from_map(data)
-        self.trainer.add_job(spec, steps)
+        if spec.job_id in self.trainer.specs:
+            raise InvalidArgument(f"job {spec.job_id!r} already exists")
+        try:
+            batches = from_map(data)
+            self.trainer.add_job(spec, steps)
+        except (ValueError, TypeError) as e:  # the same refusals a server answers with INVALID_ARGUMENT
+            raise InvalidArgument(f"submit {spec.job_id}: {e}") from None
         self.data[spec.job_id] = batches
 
     def _job(self, job_id: str):
@@ -169,10 +194,10 @@ class _Local:
                     raise TimeoutError(f"job {job_id} still at step {job.t}/{job.steps} after {timeout} s")
                 try:
                     losses = self.trainer.step({job_id: next(self.data[job_id])})
-                except RuntimeError as e:  # the job failed (a refused packet): it says why
-                    if job.state == "failed":
-                        break
-                    raise
+                except Exception as e:  # bad data or a refused packet: the job fails with the reason, as on a server
+                    if job.state not in ENDED:
+                        self.trainer.scheduler.fail(job_id, f"step {job.t} failed: {type(e).__name__}: {e}")
+                    break
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[job_id]:.4f}")
         self.trainer.scheduler.ready()  # the last updates are in: the job is done
@@ -216,21 +241,36 @@ class _Remote:
         return self.client.metrics_so_far(job_id)
 
     def wait(self, job_id: str, timeout: float | None, show: bool, connect_timeout: float) -> dict:
-        start = time.monotonic()
+        start = moved = time.monotonic()
         status = self.status(job_id)
         with _bar(show, status["steps"], job_id) as bar:
             while status["state"] not in ENDED:
                 now = time.monotonic()
                 if timeout is not None and now - start > timeout:
                     raise TimeoutError(f"job {job_id} still at step {status['step']}/{status['steps']} after {timeout} s")
-                if status["state"] == "waiting" and now - start > connect_timeout and self.client.health().workers == 0:
-                    raise NoWorkers(f"no workers connected after {connect_timeout:.0f} s: start `colaflow edge "
-                                    f"--server {self.client.address}` on a device, or a colaflow.ray.RayWorkerPool")
+                if now - moved > connect_timeout and self.client.health().workers == 0:
+                    raise NoWorkers(f"no workers connected for {connect_timeout:.0f} s (job {job_id} at step "
+                                    f"{status['step']}/{status['steps']}): start `colaflow edge --server "
+                                    f"{self.client.address}` on a device, or a colaflow.ray.RayWorkerPool")
                 time.sleep(0.2)
-                status = self.status(job_id)
-                bar.update(status["step"] - bar.n)
+                new = self._status_through_restarts(job_id, connect_timeout)
+                if new["step"] != status["step"]:
+                    moved = time.monotonic()
+                status = new
+                bar.update(max(0, status["step"] - bar.n))
                 bar.set_postfix(loss=f"{status['loss']:.4f}")
         return status
+
+    def _status_through_restarts(self, job_id: str, patience: float) -> dict:
+        """The job's status; a server that is away (restarting on its state dir) gets `patience` seconds."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return self.status(job_id)
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def cancel(self, job_id: str) -> dict:
         return _status(self.client.cancel(job_id))

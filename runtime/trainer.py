@@ -44,7 +44,12 @@ class Trainer:
 
     def add_job(self, spec: JobSpec, steps: int | None = None) -> None:
         """Add a job (open-ended, or done after `steps` steps)."""
-        self.scheduler.add_job(spec, self.host.add_job(spec), steps)
+        sites = self.host.add_job(spec)
+        try:
+            self.scheduler.add_job(spec, sites, steps)
+        except BaseException:
+            self.host.remove_job(spec.job_id)  # nothing half-made stays behind
+            raise
         self.specs[spec.job_id] = spec
         self.history[spec.job_id] = []
         self._deliver()

@@ -94,8 +94,8 @@ class Worker:
             if start.state is not None:
                 try:
                     learner.restore(start.state)
-                except ValueError as e:
-                    out.append(Refusal(a.job, start.site.name, version, str(e)))
+                except Exception as e:  # a state this worker cannot load fails its job, not the worker
+                    out.append(Refusal(a.job, start.site.name, version, f"{type(e).__name__}: {e}"))
                     continue
                 if start.state.optimizer is None:
                     log.warning("job %s site %s: continuing from v%d with a fresh optimizer", a.job,
@@ -117,8 +117,9 @@ class Worker:
                 continue  # not ours (revoked), or a replay of a step we already hold
             try:
                 update = learner.consume(p)
-            except ValueError as e:  # a bad packet fails its job on the server, never this worker
-                out.append(Refusal(p.job, p.site, p.step, str(e)))
+            except Exception as e:  # a bad packet (or state) fails its job on the server, never this worker
+                reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                out.append(Refusal(p.job, p.site, p.step, reason))
                 continue
             if update is not None:
                 self.fits += 1

@@ -180,10 +180,15 @@ class Coordinator:
         else:
             log.info("worker %s is healthy again", worker_id)
 
-    def receive(self, worker_id: str, msg: ToServer) -> None:
+    def receive(self, worker_id: str, msg: ToServer, nbytes: int = 0) -> None:
         with self.lock:
             self.scheduler.receive(worker_id, msg)
+            self.scheduler.count_bytes(msg.job, received=nbytes)
             self.cond.notify_all()
+
+    def sent(self, job_id: str, nbytes: int) -> None:
+        with self.lock:
+            self.scheduler.count_bytes(job_id, sent=nbytes)
 
     def next_message(self, worker_id: str, stream: int, timeout: float) -> ToWorker | None:
         """The next message for the worker's stream, or None after `timeout`; raises Closed."""

@@ -106,7 +106,12 @@ class WorkerService:
                     continue
                 idle_since = time.monotonic()
                 codecs = self.c.codecs(msg.job) if isinstance(msg, Packets) else ("raw", "raw")
-                yield from serde.to_worker(msg, seq, *codecs)
+                nbytes = 0
+                for raw in serde.to_worker(msg, seq, *codecs):
+                    nbytes += len(raw)
+                    yield raw
+                if isinstance(msg, Packets):
+                    self.c.sent(msg.job, nbytes)
                 seq += 1
         finally:
             self.c.disconnect(worker_id, stream, leaving=leaving.is_set())
@@ -114,8 +119,12 @@ class WorkerService:
     def _read(self, worker_id: str, stream: int, inbox: serde.Inbox, request_iterator, errors: queue.Queue,
               leaving: threading.Event) -> None:
         try:
+            nbytes = 0  # of the message being reassembled
             for raw in request_iterator:
+                nbytes += len(raw)
                 msg = inbox.feed(raw)
+                if msg is None:
+                    continue
                 if isinstance(msg, serde.Credit):
                     self.c.grant(worker_id, stream, msg.packets)
                 elif isinstance(msg, serde.Goodbye):
@@ -126,8 +135,9 @@ class WorkerService:
                     break
                 elif isinstance(msg, serde.Heartbeat):
                     self.c.worker_status(worker_id, stream, msg.status)
-                elif msg is not None:
-                    self.c.receive(worker_id, msg)
+                else:
+                    self.c.receive(worker_id, msg, nbytes)
+                nbytes = 0
             errors.put(None)
         except Exception as e:  # a bad frame ends this stream with a status; other workers go on
             errors.put(e)

@@ -166,3 +166,19 @@ def test_host_loads_the_version_it_is_given():
     assert host.jobs["a"].versions[site.name] == 1
     with pytest.raises(KeyError, match="unknown job 'zz'"):
         host.apply(Update("zz", site.name, 1, params, 0.0))
+
+
+def test_a_site_the_forward_never_calls_is_named():
+    """T5's `shared` embedding is tied to, but is not, the module its encoder and decoder call."""
+    import transformers as tf
+
+    from colaflow.loss import token_cls
+
+    torch.manual_seed(0)
+    t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1,
+                                                   num_heads=2, decoder_start_token_id=0))
+    host = Host(t5, token_cls)
+    host.add_job(JobSpec("a", LowRank(r=2), target_modules=["shared"]))
+    ids = torch.randint(1, 32, (2, 5))
+    with pytest.raises(RuntimeError, match="site `shared` of job 'a' was not called in the forward"):
+        host.step({"input_ids": ids, "decoder_input_ids": ids, "labels": ids, "jobs": ["a", "a"]})

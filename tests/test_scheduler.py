@@ -256,3 +256,33 @@ def test_the_trainer_can_flush_mid_run_and_go_on():
             b.flush()
     for site, adapter in a.adapters("j").items():
         assert torch.equal(adapter.A, b.adapters("j")[site].A)
+
+
+@pytest.mark.parametrize("poison,match", [
+    (lambda m: m["groups"][0].__setitem__("betas", "zz"), "optimizer `groups`\\[0\\] `betas` is 'zz'"),
+    (lambda m: m["groups"][0].__setitem__("lr", float("nan")), "`lr` is nan"),
+    (lambda m: m["groups"][0].__setitem__("params", [1, 0]), "`params` is \\[1, 0\\]"),
+    (lambda m: m["schedule"].pop("last_epoch"), "optimizer `schedule` is"),
+    (lambda m: m["values"].__setitem__("A/evil", {"x": 1}), "optimizer value `A/evil`"),
+])
+def test_a_learner_state_another_worker_could_not_load_is_refused(poison, match):
+    """The server keeps learner states to hand them to other workers: each must look like a fresh one's."""
+    rig = Rig()
+    rig.deliver()
+    rig.step()
+    u = next(r for r in rig.worker.handle(rig.messages()[0]) if isinstance(r, Update))
+    poison(u.optimizer.meta)
+    with pytest.raises(ValueError, match=match):
+        rig.sched.receive("w", u)
+    assert rig.sched.job("j").sites[u.site].received == 0
+
+
+def test_a_refusal_for_someone_elses_site_is_refused_and_a_second_stream_is_noted(caplog):
+    rig = Rig()
+    rig.connect("x", Worker("x"))
+    with pytest.raises(PermissionError, match="not assigned site `l1` of job 'j'"):
+        rig.sched.receive("x", Refusal("j", "l1", 0, "forged"))
+    assert rig.sched.job("j").state != "failed"
+    with caplog.at_level(logging.WARNING, "colaflow.scheduler"):
+        rig.connect("w", Worker("w"))  # a second process with the same id
+    assert "two workers with one id?" in caplog.text

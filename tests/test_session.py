@@ -2,6 +2,8 @@
 edge daemons; colaflow's own errors, each saying what to do next."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -53,6 +55,8 @@ def test_one_job_gives_the_same_adapters_in_process_and_over_grpc(served, tmp_pa
     session, _ = served
     job, status = train(session)
     assert status["state"] == "done" and status["max_staleness"] <= 1
+    last = job.metrics()[-1]  # the wire, counted: packets out, updates (with learner state) back
+    assert last["fits"] > 0 and last["bytes_sent"] > 100_000 and last["bytes_received"] > 10_000
     want, got = in_process(tmp_path / "local"), adapters_of(job, tmp_path)
     assert set(got) == set(want)
     for site in want:
@@ -70,7 +74,7 @@ def test_errors_are_colaflows_own_and_say_what_to_do(served, tmp_path):
     with pytest.raises(InvalidArgument, match="must be HOST:PORT"):
         Session(address="127.0.0.1")
     with pytest.raises(InvalidArgument, match="`target_modules` entry 'nope_proj' matches no module; near matches"):
-        session.submit(examples(96, 4, seed=0), steps=2, targets=["nope_proj"])
+        session.submit(examples(96, 4, seed=0), steps=2, batch_size=4, targets=["nope_proj"])
     job = session.submit(examples(96, 8, seed=1), job_id="short", steps=200, batch_size=4)
     job.cancel()
     with pytest.raises(JobFailed, match="job short ended cancelled"):
@@ -98,3 +102,42 @@ def test_a_wrong_token_is_refused_clearly(tmp_path):
                 session.jobs()
     finally:
         stop(server)
+
+
+def test_in_process_failures_are_colaflows_own_too(tmp_path):
+    with Session("tiny-llama") as session:
+        with pytest.raises(InvalidArgument, match="`steps` must be an int"):
+            session.submit(examples(96, 8, seed=0), job_id="leak", steps=0, batch_size=4)
+        with pytest.raises(InvalidArgument, match="example 0: `input_ids` must be a list of token ids, got str"):
+            session.submit([{"input_ids": "abc"}], steps=2, batch_size=1)
+        with pytest.raises(InvalidArgument, match="`batch_size` 8 is larger than the 4 examples"):
+            session.submit(examples(96, 4, seed=0), job_id="leak", steps=2)
+        job = session.submit(examples(96, 8, seed=0), job_id="leak", steps=2, batch_size=4)  # nothing leaked
+        assert job.wait(timeout=60)["state"] == "done"
+        a, b = (session.submit(examples(96, 8, seed=0), steps=1, batch_size=4) for _ in range(2))
+        assert a.id != b.id  # default ids do not collide within a second
+        bad = examples(96, 8, seed=0)
+        bad[0]["input_ids"][0] = 10_000  # beyond the vocabulary
+        job = session.submit(bad, steps=3, batch_size=8)
+        with pytest.raises(JobFailed, match="ended failed: step 0 failed: IndexError"):
+            job.wait(timeout=60)
+        assert job.status()["state"] == "failed"
+    session.close()  # a second close does nothing
+
+
+def test_a_job_whose_workers_all_die_says_so(tmp_path):
+    import signal
+
+    server, address = start_server(tmp_path)
+    edge = start_edge(tmp_path, address, "only")
+    try:
+        with Session(address=address, connect_timeout=2.0) as session:
+            wait_workers(session._backend.client, 1)
+            job = session.submit(examples(96, 8, seed=0), steps=100_000, batch_size=4)
+            while job.status()["step"] < 2:
+                time.sleep(0.05)
+            edge.send_signal(signal.SIGKILL)
+            with pytest.raises(NoWorkers, match="no workers connected for 2 s"):
+                job.wait(timeout=60)
+    finally:
+        stop(edge, server)

@@ -140,3 +140,15 @@ def test_a_foreign_optimizer_state_is_refused_clearly():
     state.optimizer.meta["groups"] = [{}]
     with pytest.raises(ValueError, match="does not fit a sgd optimizer"):
         Learner(sgd, SITE).restore(state)
+
+
+def test_a_learner_that_breaks_on_a_state_is_refused_not_raised():
+    """Whatever a learner raises (here a poisoned optimizer state), the worker answers with a Refusal."""
+    a = Learner(SPEC, SITE)
+    a.consume(packets(0).packets[0])
+    state = a.state()
+    state.optimizer.meta["groups"][0]["betas"] = "zz"  # loads, then breaks Adam at its next step
+    w = Worker("w")
+    w.handle(Assign("j", SPEC, [SiteStart(SITE, state)]))
+    (refusal,) = w.handle(packets(1))
+    assert isinstance(refusal, Refusal) and refusal.step == 1

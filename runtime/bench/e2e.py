@@ -106,8 +106,14 @@ def main(args: argparse.Namespace) -> int:
                 wall, path, metrics = _run(s, examples, f"grpc{n}", work)
         record(f"grpc{n}", wall, _exact_match(model, tokenizer, path, held_out), metrics)
     try:
-        with Session(args.model, ray=True, workers=2, threads=1) as s:
-            wall, path, metrics = _run(s, examples, "ray2", work)
+        from colaflow.ray import RayDeployment
+
+        deployment = RayDeployment(args.model, workers=2, threads=1, server_threads=2)  # as the gRPC runs
+        try:
+            with Session(address=deployment.address) as s:
+                wall, path, metrics = _run(s, examples, "ray2", work)
+        finally:
+            deployment.stop()
         record("ray2", wall, _exact_match(model, tokenizer, path, held_out), metrics)
     except ImportError as e:
         print(f"  ray2           skipped: {e}")
