@@ -98,6 +98,24 @@ class StepPlan:
     apply: list[Update]
 
 
+def restored_job(stored: dict) -> JobRecord:
+    """A job record from its stored form (`Store.load`): live jobs wait again, at their restart step."""
+    meta, progress = stored["job"], stored.get("progress") or {}
+    spec = JobSpec.from_dict(meta["spec"])
+    sites = [Site.from_dict(s) for s in meta["sites"]]
+    job = JobRecord(spec, meta["steps"], {s.name: SiteRecord(s, param_shapes(spec, s)) for s in sites}, meta.get("data"))
+    for name, s in stored.get("sites", {}).items():
+        rec = job.sites[name]
+        rec.received, rec.versions, rec.state = s["received"], dict(s["versions"]), s["state"]
+    job.state, job.error, job.t = progress.get("state", "waiting"), progress.get("error", ""), progress.get("t", 0)
+    if job.state in LIVE:
+        job.state = "waiting"
+        job.t = job.restart_step()  # recompute from there: same data, same versions, same packets
+        for name, wid in progress.get("owners", {}).items():
+            job.sites[name].owner = wid
+    return job
+
+
 def param_shapes(spec: JobSpec, site: Site) -> dict[str, tuple[int, ...]]:
     """The parameter shapes of `spec`'s adapter at `site`, built on the meta device (no memory)."""
     with torch.device("meta"):

@@ -30,7 +30,7 @@ from .adapters import Adapter, build_adapter, load_params
 from .gl import LearnerState, Packet, Update, site_seed
 from .job import JobSpec
 from .protocol import Ack, Assign, Hello, Packets, Refusal, Revoke, SiteStart, ToServer, ToWorker
-from .records import LIVE, JobRecord, SiteRecord, StepPlan, WorkerRecord, check_update, param_shapes
+from .records import LIVE, JobRecord, SiteRecord, StepPlan, WorkerRecord, check_update, param_shapes, restored_job
 from .sites import Site
 from .store import Store
 
@@ -441,23 +441,9 @@ class Scheduler:
     def _restore(self) -> None:
         """Bring back every stored job (a restarted server): it resumes at its restart step."""
         for stored in self.store.load():
-            meta, progress = stored["job"], stored.get("progress") or {}
-            spec = JobSpec.from_dict(meta["spec"])
-            sites = [Site.from_dict(s) for s in meta["sites"]]
-            job = JobRecord(spec, meta["steps"], {s.name: SiteRecord(s, param_shapes(spec, s)) for s in sites},
-                            meta.get("data"))
-            for name, s in stored.get("sites", {}).items():
-                rec = job.sites[name]
-                rec.received, rec.versions, rec.state = s["received"], dict(s["versions"]), s["state"]
-            job.state = progress.get("state", "waiting")
-            job.error = progress.get("error", "")
-            job.t = progress.get("t", 0)
-            if job.state in LIVE:
-                job.state = "waiting"
-                job.t = job.restart_step()  # recompute from there: same data, same versions, same packets
-                for name, wid in progress.get("owners", {}).items():
-                    job.sites[name].owner = wid  # it holds the newest state: it has `reassign_after` to return
-                    if wid not in self.workers:
-                        self.workers[wid] = WorkerRecord(wid, secrets.token_hex(8), left_at=self.clock())
-            self.jobs[spec.job_id] = job
-            log.info("job %s restored at step %d (%s)", spec.job_id, job.t, job.state)
+            job = restored_job(stored)
+            for wid in {r.owner for r in job.sites.values() if r.owner is not None} - set(self.workers):
+                # it holds the newest state: it has `reassign_after` seconds to come back for its sites
+                self.workers[wid] = WorkerRecord(wid, secrets.token_hex(8), left_at=self.clock())
+            self.jobs[job.job_id] = job
+            log.info("job %s restored at step %d (%s)", job.job_id, job.t, job.state)

@@ -1,9 +1,10 @@
 """`colaflow bench e2e`: the main job (invented facts into SmolLM2-135M) end to end, every way it runs.
 
-Wall time from submit to the last step, and held-out exact match of the result, for: (a) the
+Wall time from submit to the last step (each deployment first settles for 5 s), and held-out
+exact match of the result, for: (a) the
 in-process reference (`Session(model=...)`), (b) a server and 1, 2 and 4 edge daemons over gRPC on
 loopback, (c) a local Ray instance with 2 worker actors, (d) a single-process PEFT LoRA run of the
-same task (same batches, optimizer and schedule). The server's idle fraction is 1 - (time in its
+same task (same batches, optimizer, schedule and initial adapters). The server's idle fraction is 1 - (time in its
 steps) / (wall time). Last line:
 {"grpc2_vs_inprocess", "ray2_vs_inprocess", "inprocess_vs_peft", "eval_gap_vs_peft"} (eval gap in
 points of exact match, PEFT minus colaflow over gRPC with 2 workers).
@@ -57,6 +58,7 @@ def _peft(model, examples, held_out, tokenizer) -> tuple[float, float]:
     from colaflow.tasks.knowledge import exact_match
 
     pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["q_proj", "v_proj"]))
+    _same_start(pm, model)
     opt, sched = AdamW(lr=LR, schedule=Schedule("linear", warmup=STEPS // 10, total=STEPS)).build(
         [p for p in pm.parameters() if p.requires_grad])
     batches = from_map(to_map(examples, BATCH, 0))
@@ -73,6 +75,28 @@ def _peft(model, examples, held_out, tokenizer) -> tuple[float, float]:
     with torch.no_grad():
         em = exact_match(pm, tokenizer, held_out)
     return wall, em
+
+
+def _same_start(pm, model) -> None:
+    """PEFT's LoRA layers start where colaflow's seeded adapters do (a fair race, not two random draws)."""
+    from colaflow import JobSpec, LowRank
+    from colaflow.adapters import build_adapter
+    from colaflow.gl import site_seed
+    from colaflow.sites import find_sites
+
+    spec = JobSpec("e2e", LowRank(r=RANK, alpha=2 * RANK), target_modules=["q_proj", "v_proj"])
+    inner = pm.base_model.model
+    with torch.no_grad():
+        for site in find_sites(model, spec.target_modules):
+            a = build_adapter(spec.adapter, site, seed=site_seed(spec, site))
+            layer = inner.get_submodule(site.name)
+            layer.lora_A["default"].weight.copy_(a.A)
+            layer.lora_B["default"].weight.copy_(a.B)
+
+
+def _settle() -> None:
+    """Let a just-started deployment finish booting (Ray's agents, the daemons' imports) before timing."""
+    time.sleep(5)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -102,6 +126,7 @@ def main(args: argparse.Namespace) -> int:
     record("inprocess", wall, _exact_match(model, tokenizer, path, held_out), metrics)
     for n in args.workers:
         with LocalCluster(args.model, workers=n, server_threads=2, edge_threads=1) as cluster:
+            _settle()
             with Session(address=cluster.address) as s:
                 wall, path, metrics = _run(s, examples, f"grpc{n}", work)
         record(f"grpc{n}", wall, _exact_match(model, tokenizer, path, held_out), metrics)
@@ -109,6 +134,7 @@ def main(args: argparse.Namespace) -> int:
         from colaflow.ray import RayDeployment
 
         deployment = RayDeployment(args.model, workers=2, threads=1, server_threads=2)  # as the gRPC runs
+        _settle()
         try:
             with Session(address=deployment.address) as s:
                 wall, path, metrics = _run(s, examples, "ray2", work)
