@@ -21,13 +21,17 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--facts", type=int, default=16)
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--insecure", action="store_true",
+                   help="a cluster on a private network: let the server listen on the node's address without "
+                        "TLS and tokens")
     args = p.parse_args()
 
     model, tokenizer = load_model(args.model)
     facts = make_facts(args.facts)
     examples = [{k: v.tolist() for k, v in e.items() if k != "attention_mask"} for e in train_examples(tokenizer, facts)]
     workers = args.workers if args.workers == "all-edge-nodes" else int(args.workers)
-    with colaflow.Session(args.model, ray=args.address or True, workers=workers) as session:
+    server_args = ("--insecure",) if args.insecure else ()
+    with colaflow.Session(args.model, ray=args.address or True, workers=workers, server_args=server_args) as session:
         print(f"server {session.ray.address}; worker actors: {[w['worker'] for w in session.ray.pool.info()]}")
         job = session.submit(examples, steps=args.steps, batch_size=min(8, len(examples)), adapter=colaflow.LowRank(r=8, alpha=16),
                              optimizer=colaflow.AdamW(lr=3e-3, schedule=colaflow.Schedule("linear", args.steps // 10,

@@ -8,6 +8,7 @@ Error bounds (per element, for values in range): raw exact; bf16 relative 2^-8; 
 """
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32}
 INT8_BLOCK = 64  # 1 + 4/64 = 1.0625 bytes per element
 MAX_ELEMENTS = 1 << 31
+MAX_DIMS = 8
 
 assert sys.byteorder == "little", "colaflow's wire format is little-endian; big-endian hosts are unsupported"
 
@@ -78,9 +80,11 @@ def decode(e: Encoded) -> torch.Tensor:
         raise ValueError(f"tensor `dtype` {e.dtype!r} is not allowed; allowed: {sorted(DTYPES)}")
     if e.codec not in CODECS:
         raise ValueError(f"tensor `codec` {e.codec!r} is unknown; known: {CODECS}")
+    if len(e.shape) > MAX_DIMS:
+        raise ValueError(f"tensor `shape` has {len(e.shape)} dimensions; at most {MAX_DIMS}")
     if any(d < 0 for d in e.shape):
         raise ValueError(f"tensor `shape` {e.shape} has a negative dimension")
-    n = int(np.prod(e.shape, dtype=np.int64)) if e.shape else 1
+    n = math.prod(e.shape)  # Python ints: a product of huge dimensions cannot overflow into a small one
     if n > MAX_ELEMENTS:
         raise ValueError(f"tensor of shape {e.shape} exceeds {MAX_ELEMENTS} elements")
     dtype = DTYPES[e.dtype]

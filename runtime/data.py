@@ -78,6 +78,20 @@ def _token_ids(values, i: int, key: str) -> list[int]:
     return [int(t) for t in values]
 
 
+def check_limits(d: dict, vocab: int | None, context: int | None) -> None:
+    """Refuse token ids outside the model's vocabulary and rows longer than its context, naming the row."""
+    for i, e in enumerate(d.get("examples") or []):
+        ids, labels = e.get("input_ids", []), e.get("labels", [])
+        if context is not None and len(ids) > context:
+            raise ValueError(f"`data.examples[{i}]` has {len(ids)} tokens; the model's context is {context}")
+        if vocab is not None:
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is None:
+                bad = next((t for t in labels if t != IGNORE and not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"`data.examples[{i}]` holds token id {bad}; the model's vocabulary is 0..{vocab - 1}")
+
+
 def from_map(d: dict) -> Iterator[dict]:
     """Batches from a data map: {"examples": [{"input_ids": [...], "labels": [...]}], "batch_size", "seed"}.
 

@@ -28,6 +28,10 @@ class PermissionDenied(ColaflowError, PermissionError):
     """A token the server knows, but of the wrong role (a worker's site that is not its own)."""
 
 
+class ResourceExhausted(ColaflowError):
+    """A limit of the server was reached (registered workers, a frame's size)."""
+
+
 class Unavailable(ColaflowError, ConnectionError):
     """The server cannot be reached (or timed out); retrying later may work."""
 
@@ -52,9 +56,10 @@ def from_rpc(e, what: str = "") -> ColaflowError:
         return PermissionDenied(f"{prefix}{details}")
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(f"{prefix}{details}")
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE,
-                grpc.StatusCode.RESOURCE_EXHAUSTED):
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE):
         return InvalidArgument(f"{prefix}{details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(f"{prefix}{details}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return Unavailable(f"{prefix}server unavailable ({code.name}: {details})")
     return ColaflowError(f"{prefix}{code.name}: {details}")

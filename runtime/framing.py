@@ -16,7 +16,8 @@ MAX_CHUNK_BYTES = 4 << 20  # at most 4 MiB of payload per message
 # smaller chunks may be asked for (tests cut connections mid-frame with them)
 CHUNK_BYTES = max(1024, min(MAX_CHUNK_BYTES, int(os.environ.get("COLAFLOW_CHUNK_BYTES", MAX_CHUNK_BYTES))))
 MAX_FRAME_BYTES = 1 << 30
-MAX_ENVELOPE_BYTES = 16 << 20
+MAX_ENVELOPE_BYTES = 4 << 20  # a frame header (tensor metadata, specs) is small: bulk data is payload
+MAX_CHUNK_ENVELOPE = 256  # a chunk after the first carries only seq, index and count
 _LEN = struct.Struct("<I")
 ALIGN = 64  # payload and every tensor in it start at a multiple of this: aligned, zero-copy tensors
 
@@ -47,6 +48,9 @@ class Payload:
             out = self.views[self.i][self.at:self.at + n]
             self.at = min(len(self.views[self.i]), self.at + n + pad(self.at + n))
             return out
+        left = sum(len(v) for v in self.views[self.i:]) - self.at
+        if n > left:  # before allocating: a header may declare far more than arrived
+            raise ValueError(f"{what}: needs {n} payload bytes, only {left} left")
         out, filled = bytearray(n), 0
         while filled < n:
             if self.i >= len(self.views):
@@ -132,6 +136,8 @@ class Reassembler:
     def feed(self, c: worker_pb2.Chunk, data) -> tuple[bytes, list] | None:
         if c.count == 0 or c.index >= c.count:
             raise ValueError(f"chunk `index` {c.index} / `count` {c.count} is invalid")
+        if c.index > 0 and c.ByteSize() > MAX_CHUNK_ENVELOPE:  # held with its payload until the frame is whole
+            raise ValueError(f"chunk {c.index} carries a {c.ByteSize()}-byte envelope; only the first has a header")
         if len(data) > MAX_CHUNK_BYTES:
             raise ValueError(f"chunk of {len(data)} bytes exceeds {MAX_CHUNK_BYTES}")
         if c.index == 0:

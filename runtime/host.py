@@ -91,6 +91,17 @@ class Host:
                 self._hooks[s.name] = mod.register_forward_hook(self._site_hook(s.name))
         return sites
 
+    def limits(self) -> tuple[int | None, int | None]:
+        """(vocabulary size, context length) of the model where it says, else None: what data must fit."""
+        config = getattr(self.model, "config", None)
+        vocab = getattr(config, "vocab_size", None)
+        try:
+            vocab = self.model.get_input_embeddings().num_embeddings
+        except (AttributeError, NotImplementedError):
+            pass
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return vocab, context
+
     def remove_job(self, job_id: str) -> None:
         self.jobs.pop(job_id)
         live = {n for j in self.jobs.values() for n in j.sites}

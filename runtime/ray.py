@@ -89,7 +89,10 @@ class _ServerActor:
         line = _readline(self.proc, timeout)
         if "listening on" not in line:
             self.proc.kill()
-            raise RuntimeError(f"`colaflow serve` did not start on {self.host}: {line!r} (log: {self.log.name})")
+            self.proc.wait()
+            self.log.flush()
+            tail = open(self.log.name).read()[-2000:]
+            raise RuntimeError(f"`colaflow serve` did not start on {self.host}: {tail or line!r}")
         self._address = line.rsplit(" ", 1)[-1].strip()
 
     def address(self) -> str:

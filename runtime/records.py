@@ -47,6 +47,7 @@ class JobRecord:
     losses: list[float] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
     max_staleness: int = 0
+    tenant: str = "default"  # who owns the job: only its tenant (and admin) sees it
     fits: int = 0  # updates accepted (one per site per fit)
     bytes_sent: int = 0  # packet bytes on the wire to workers (0 in process)
     bytes_received: int = 0  # update bytes on the wire from workers
@@ -80,6 +81,9 @@ class WorkerRecord:
     session: str
     capabilities: dict = field(default_factory=dict)
     status: str = ""  # the worker's own word on its health ("" = healthy)
+    credential: str = ""  # the credential this id is bound to (the first that registered it)
+    registered_at: float = 0.0
+    quarantined: str = ""  # why this worker gets no more sites (an update far out of bounds)
     connected: bool = False
     stream: int = 0  # +1 per connection: a stale connection can neither send nor take messages
     credits: int = 0
@@ -103,7 +107,8 @@ def restored_job(stored: dict) -> JobRecord:
     meta, progress = stored["job"], stored.get("progress") or {}
     spec = JobSpec.from_dict(meta["spec"])
     sites = [Site.from_dict(s) for s in meta["sites"]]
-    job = JobRecord(spec, meta["steps"], {s.name: SiteRecord(s, param_shapes(spec, s)) for s in sites}, meta.get("data"))
+    job = JobRecord(spec, meta["steps"], {s.name: SiteRecord(s, param_shapes(spec, s)) for s in sites}, meta.get("data"),
+                    tenant=meta.get("tenant", "default"))
     for name, s in stored.get("sites", {}).items():
         rec = job.sites[name]
         rec.received, rec.versions, rec.state = s["received"], dict(s["versions"]), s["state"]

@@ -22,6 +22,7 @@ fits; the packets since are retained, so a site moves to another worker exactly.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from typing import Callable
@@ -32,6 +33,7 @@ from .job import JobSpec
 from .protocol import Ack, Assign, Hello, Packets, Refusal, Revoke, SiteStart, ToServer, ToWorker
 from .records import LIVE, JobRecord, SiteRecord, StepPlan, WorkerRecord, check_update, param_shapes, restored_job
 from .sites import Site
+from .errors import ResourceExhausted
 from .store import Store
 
 log = logging.getLogger("colaflow.scheduler")
@@ -39,19 +41,24 @@ log = logging.getLogger("colaflow.scheduler")
 
 class Scheduler:
     def __init__(self, store: Store | None = None, reassign_after: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, max_workers: int = 10_000):
         self.store = store if store is not None else Store()
-        self.reassign_after = reassign_after
+        self.reassign_after, self.max_workers = reassign_after, max_workers
         self.clock = clock
         self.jobs: dict[str, JobRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
         self._ended: list[str] = []
+        self._max_update: int | None = None  # cached; recomputed when jobs come or go
+        self.store_error = ""  # why the store last failed ("" when it works): no step runs meanwhile
+        self._dirty: set[str] = set()  # jobs whose progress the store has not taken yet
+        self._store_failures, self._store_retry_at = 0, 0.0
         self._restore()
 
     # jobs
 
-    def add_job(self, spec: JobSpec, sites: list[Site], steps: int | None = None, data: dict | None = None) -> JobRecord:
-        """Schedule a job over `sites` for `steps` steps (None: until cancelled)."""
+    def add_job(self, spec: JobSpec, sites: list[Site], steps: int | None = None, data: dict | None = None,
+                tenant: str = "default") -> JobRecord:
+        """Schedule a job over `sites` for `steps` steps (None: until cancelled), owned by `tenant`."""
         if spec.job_id in self.jobs:
             raise ValueError(f"job {spec.job_id!r} already exists")
         if steps is not None and (not isinstance(steps, int) or steps < 1):
@@ -60,8 +67,9 @@ class Scheduler:
             raise ValueError(f"job {spec.job_id!r} has no sites")
         recs = {s.name: SiteRecord(s, param_shapes(spec, s)) for s in sites}
         self.store.save_job(spec.job_id, {"spec": spec.to_dict(), "sites": [s.to_dict() for s in sites],
-                                          "steps": steps, "data": data})
-        job = self.jobs[spec.job_id] = JobRecord(spec, steps, recs, data)
+                                          "steps": steps, "data": data, "tenant": tenant})
+        job = self.jobs[spec.job_id] = JobRecord(spec, steps, recs, data, tenant=tenant)
+        self._max_update = None
         self._save_progress(job)
         self._assign()
         return job
@@ -120,6 +128,8 @@ class Scheduler:
     def ready(self) -> list[str]:
         """Jobs whose next step may run now; also moves lost workers' sites and finishes jobs."""
         self._reassign_lost()
+        if not self._flush():
+            return []  # no step runs while the store cannot keep what steps change
         return [j.job_id for j in list(self.jobs.values()) if self._advance(j)]
 
     def begin(self, job_id: str) -> StepPlan:
@@ -173,6 +183,7 @@ class Scheduler:
 
     def _end(self, job: JobRecord, state: str, reason: str) -> None:
         job.state, job.error = state, reason
+        self._max_update = None
         self._revoke(job, reason or state)
         for rec in job.sites.values():
             rec.retained.clear()
@@ -182,11 +193,22 @@ class Scheduler:
 
     # workers
 
-    def register(self, worker_id: str, capabilities: dict | None = None) -> str:
-        """A worker announces itself; returns the session its connections must present."""
+    def register(self, worker_id: str, capabilities: dict | None = None, credential: str = "") -> str:
+        """A worker announces itself; returns the session its connections must present.
+
+        An id belongs to the first credential that registers it: another credential is refused, so
+        a worker token cannot take over someone else's worker (and its adapters and packets).
+        """
         w = self.workers.get(worker_id)
         if w is None:
-            w = self.workers[worker_id] = WorkerRecord(worker_id, secrets.token_hex(8))
+            if len(self.workers) >= self.max_workers:
+                raise ResourceExhausted(f"the server has {len(self.workers)} workers registered (its limit)")
+            w = self.workers[worker_id] = WorkerRecord(worker_id, secrets.token_hex(8), credential=credential,
+                                                       registered_at=self.clock())
+        if not w.credential:
+            w.credential = credential  # a restored owner: the first to come back with a credential binds it
+        elif not secrets.compare_digest(w.credential, credential):
+            raise PermissionError(f"worker id {worker_id!r} belongs to another credential")
         w.capabilities = dict(capabilities or {})
         return w.session
 
@@ -258,6 +280,14 @@ class Scheduler:
             w.credits -= 1
         return frame
 
+    def max_update_bytes(self) -> int:
+        """The largest update frame an honest worker can send now: per-connection memory stays bounded."""
+        if self._max_update is None:
+            biggest = max((4 * sum(math.prod(s) for s in r.shapes.values())  # fp32 params
+                           for j in self.jobs.values() if j.state in LIVE for r in j.sites.values()), default=0)
+            self._max_update = 4 * biggest + (1 << 20)  # params, two optimizer moments, and room to spare
+        return self._max_update
+
     def count_bytes(self, job_id: str, sent: int = 0, received: int = 0) -> None:
         """Wire bytes of a job's packets and updates, as the transport counts them."""
         job = self.jobs.get(job_id)
@@ -306,9 +336,11 @@ class Scheduler:
             rec.state = LearnerState(u.version, u.params, u.optimizer)
         try:
             self.store.save_site(u.job, u.site, rec)
-        except BaseException:
+        except BaseException as e:
             rec.versions.pop(u.version, None)
             rec.received, rec.state = prev
+            if isinstance(e, OSError):
+                self._store_failed(e)  # the worker resends it; health says why meanwhile
             raise
         self._prune(job)
         job.fits += 1
@@ -404,6 +436,9 @@ class Scheduler:
     def _reassign_lost(self) -> None:
         """Sites of a worker gone longer than `reassign_after` move to connected workers."""
         now = self.clock()
+        for w in [w for w in self.workers.values() if not w.connected and w.left_at is None
+                  and now - w.registered_at > max(60.0, self.reassign_after) and not self._load(w.worker_id)]:
+            del self.workers[w.worker_id]  # registered, never connected: forgotten (its id is free again)
         gone = [w for w in self.workers.values()
                 if not w.connected and w.left_at is not None and now - w.left_at >= self.reassign_after]
         if not gone or not any(w.connected for w in self.workers.values()):
@@ -434,16 +469,45 @@ class Scheduler:
     # durability
 
     def _save_progress(self, job: JobRecord) -> None:
-        self.store.save_progress(job.job_id, {
-            "t": job.t, "state": job.state, "error": job.error,
-            "owners": {n: r.owner for n, r in job.sites.items() if r.owner is not None}})
+        self._dirty.add(job.job_id)
+        self._flush()
+
+    def _flush(self) -> bool:
+        """Store the progress of every job that changed; on failure remember why and back off."""
+        if self.store_error and self.clock() < self._store_retry_at:
+            return False
+        try:
+            for job_id in sorted(self._dirty):
+                job = self.jobs[job_id]
+                owners = {n: r.owner for n, r in job.sites.items() if r.owner is not None}
+                self.store.save_progress(job_id, {
+                    "t": job.t, "state": job.state, "error": job.error, "owners": owners,
+                    "credentials": {w: self.workers[w].credential for w in set(owners.values()) if w in self.workers}})
+                self._dirty.discard(job_id)
+        except OSError as e:
+            self._store_failed(e)
+            return False
+        if self.store_error:
+            log.warning("the state dir takes writes again; steps resume")
+            self.store_error, self._store_failures = "", 0
+        return True
+
+    def _store_failed(self, e: OSError) -> None:
+        self._store_failures += 1
+        delay = min(30.0, 0.5 * 2 ** min(self._store_failures, 6))
+        self._store_retry_at = self.clock() + delay
+        if not self.store_error:
+            log.error("the state dir refuses writes (%s): steps pause, retrying with back-off", e)
+        self.store_error = f"{type(e).__name__}: {e}"
 
     def _restore(self) -> None:
         """Bring back every stored job (a restarted server): it resumes at its restart step."""
         for stored in self.store.load():
             job = restored_job(stored)
+            credentials = (stored.get("progress") or {}).get("credentials", {})
             for wid in {r.owner for r in job.sites.values() if r.owner is not None} - set(self.workers):
                 # it holds the newest state: it has `reassign_after` seconds to come back for its sites
-                self.workers[wid] = WorkerRecord(wid, secrets.token_hex(8), left_at=self.clock())
+                self.workers[wid] = WorkerRecord(wid, secrets.token_hex(8), credential=credentials.get(wid, ""),
+                                                 registered_at=self.clock(), left_at=self.clock())
             self.jobs[job.job_id] = job
             log.info("job %s restored at step %d (%s)", job.job_id, job.t, job.state)

@@ -285,7 +285,9 @@ class Inbox:
             raise ValueError(f"{self.cls.__name__} carries no message")
         m = getattr(msg, kind)
         if kind in _CHUNKED:
-            whole = self.frames.setdefault(kind, Reassembler(self.max_bytes)).feed(m, payload)
+            if m.index == 0 and m.payload_bytes > self.max_bytes:  # the budget may change between frames
+                raise ValueError(f"{kind} frame of {m.payload_bytes} bytes exceeds this stream's {self.max_bytes}")
+            whole = self.frames.setdefault(kind, Reassembler()).feed(m, payload)
             if whole is None:
                 return None
             cls, decode = _CHUNKED[kind]

@@ -70,11 +70,16 @@ class Job:
 
 
 class Session:
-    """Where jobs run: in this process (`model=`), on a server (`address=`), or on Ray (`ray=`)."""
+    """Where jobs run: in this process (`model=`), on a server (`address=`), or on Ray (`ray=`).
+
+    On Ray, `server_args` go to `colaflow serve` (e.g. `("--insecure",)` on a private network, or TLS
+    and `--tokens`: a non-loopback server refuses to start without them).
+    """
 
     def __init__(self, model=None, *, address: str | None = None, token: str | None = None,
                  tls_ca: bytes | None = None, ray: bool | str = False, workers: int | str = 2,
-                 loss: str = "causal_lm", connect_timeout: float = 30.0, threads: int | None = None):
+                 loss: str = "causal_lm", connect_timeout: float = 30.0, threads: int | None = None,
+                 server_args: tuple[str, ...] = ()):
         if address is not None and (model is not None or ray):
             raise ValueError("pass `address` (a running server) or `model` (in process / on Ray), not both")
         self.connect_timeout = connect_timeout
@@ -86,7 +91,7 @@ class Session:
             from . import ray as colaflow_ray  # says how to install Ray if it is missing
 
             self.ray = colaflow_ray.RayDeployment(model or "smollm2-135m", workers=workers, address=ray,
-                                                  threads=threads or 1)
+                                                  threads=threads or 1, server_args=tuple(server_args))
             self._backend = _Remote(self.ray.address, None, None)
         else:
             self._backend = _Local(model or "smollm2-135m", loss)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from colaflow.adapters import Adapter
-from colaflow.data import collate, from_map
+from colaflow.data import check_limits, collate, from_map
 from colaflow.host import Host
 from colaflow.job import JobSpec
 from colaflow.protocol import Hello, ToServer, ToWorker
@@ -67,9 +67,11 @@ class Coordinator:
         self.host, self.mix = host, mix
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
+        self.listeners: list = []  # called (under the lock) whenever workers may have something new
         self.scheduler = Scheduler(store, reassign_after)
         self.data: dict[str, Iterator[dict]] = {}
         self.loop_error = ""
+        self.fatal = ""  # set when the step loop gave up: the process should exit non-zero
         self._turn = 0
         self._stop = False
         for job in self.scheduler.jobs.values():  # restored from the state dir
@@ -83,90 +85,117 @@ class Coordinator:
         self.host.add_job(spec)
         self.data[spec.job_id] = batches
 
+    def _notify(self) -> None:
+        self.cond.notify_all()
+        for listener in self.listeners:
+            listener()
+
     # control
 
-    def submit(self, spec: JobSpec, data: dict, steps: int) -> str:
-        """Host and schedule a job; `data` is a data map (see `colaflow.data.from_map`)."""
+    def submit(self, spec: JobSpec, data: dict, steps: int, tenant: str = "default") -> str:
+        """Host and schedule a job for `tenant`; `data` is a data map (see `colaflow.data.from_map`)."""
         batches = from_map(data)  # refuse bad data before anything is allocated
+        check_limits(data, *self.host.limits())
         with self.lock:
             if spec.job_id in self.scheduler.jobs:
                 raise ValueError(f"job {spec.job_id!r} already exists")
             sites = self.host.add_job(spec)
             try:
-                self.scheduler.add_job(spec, sites, steps, data)
+                self.scheduler.add_job(spec, sites, steps, data, tenant)
             except BaseException:
                 self.host.remove_job(spec.job_id)
                 raise
             self.data[spec.job_id] = batches
-            self.cond.notify_all()
+            self._notify()
         log.info("job %s submitted: %d sites, %d steps", spec.job_id, len(sites), steps)
         return spec.job_id
 
-    def cancel(self, job_id: str) -> JobStatus:
+    def _job(self, job_id: str, tenant: str | None):
+        """The job, if `tenant` may see it (None: admin). Another tenant's job reads as unknown."""
+        job = self.scheduler.job(job_id)
+        if tenant is not None and job.tenant != tenant:
+            raise KeyError(f"unknown job {job_id!r}")
+        return job
+
+    def cancel(self, job_id: str, tenant: str | None = None) -> JobStatus:
         with self.lock:
+            self._job(job_id, tenant)
             self.scheduler.cancel(job_id, "cancelled")
-            self.cond.notify_all()
+            self._notify()
             return self._status(job_id)
 
-    def status(self, job_id: str) -> JobStatus:
+    def status(self, job_id: str, tenant: str | None = None) -> JobStatus:
         with self.lock:
+            self._job(job_id, tenant)
             return self._status(job_id)
 
-    def statuses(self) -> list[JobStatus]:
+    def statuses(self, tenant: str | None = None) -> list[JobStatus]:
         with self.lock:
-            return [self._status(j) for j in self.scheduler.jobs]
+            return [self._status(j) for j, job in self.scheduler.jobs.items() if tenant in (None, job.tenant)]
 
     def _status(self, job_id: str) -> JobStatus:
         job = self.scheduler.job(job_id)
         return JobStatus(job_id, job.state, job.t, job.steps or 0, {n: r.received for n, r in job.sites.items()},
                          job.losses[-1] if job.losses else 0.0, job.error, job.max_staleness)
 
-    def metrics(self, job_id: str, since: int, timeout: float) -> tuple[list[dict], bool]:
+    def metrics(self, job_id: str, since: int, timeout: float, tenant: str | None = None) -> tuple[list[dict], bool]:
         """Metrics after the first `since`, waiting up to `timeout` for some; and whether the job ended."""
         deadline = time.monotonic() + timeout
         with self.lock:
-            job = self.scheduler.job(job_id)
+            job = self._job(job_id, tenant)
             while len(job.metrics) <= since and job.state in LIVE and time.monotonic() < deadline:
                 self.cond.wait(max(0.0, deadline - time.monotonic()))
             return [dict(m) for m in job.metrics[since:]], job.state not in LIVE
 
-    def export(self, job_id: str) -> Export:
+    def export(self, job_id: str, tenant: str | None = None) -> Export:
         with self.lock:
-            job = self.scheduler.job(job_id)
+            job = self._job(job_id, tenant)
             return Export(job.spec, self.scheduler.adapters(job_id), {n: r.received for n, r in job.sites.items()})
+
+    def max_update_bytes(self) -> int:
+        with self.lock:
+            return self.scheduler.max_update_bytes()
 
     def codecs(self, job_id: str) -> tuple[str, str]:
         with self.lock:
             spec = self.scheduler.job(job_id).spec
             return spec.codec_x, spec.codec_g
 
-    def health(self) -> Health:
+    def health(self, tenant: str | None = None) -> Health:
+        """Serving or why not; workers connected; the jobs `tenant` sees (None: all)."""
         with self.lock:
             workers = sum(w.connected for w in self.scheduler.workers.values())
-            return Health(f"step loop failing: {self.loop_error}" if self.loop_error else "serving",
-                          workers, len(self.scheduler.jobs))
+            jobs = sum(tenant in (None, j.tenant) for j in self.scheduler.jobs.values())
+            return Health(self._trouble() or "serving", workers, jobs)
+
+    def _trouble(self) -> str:
+        if self.loop_error:
+            return f"step loop failing: {self.loop_error}"
+        if self.scheduler.store_error:
+            return f"state dir failing (retrying): {self.scheduler.store_error}"
+        return ""
 
     # workers
 
-    def register(self, worker_id: str, capabilities: dict) -> str:
+    def register(self, worker_id: str, capabilities: dict, credential: str = "") -> str:
         with self.lock:
-            return self.scheduler.register(worker_id, capabilities)
+            return self.scheduler.register(worker_id, capabilities, credential)
 
     def connect(self, worker_id: str, session: str, hello: Hello) -> int:
         with self.lock:
             stream = self.scheduler.connect(worker_id, session, hello)
-            self.cond.notify_all()
+            self._notify()
             return stream
 
     def disconnect(self, worker_id: str, stream: int, leaving: bool = False) -> None:
         with self.lock:
             self.scheduler.disconnect(worker_id, stream, leaving)
-            self.cond.notify_all()
+            self._notify()
 
     def grant(self, worker_id: str, stream: int, n: int) -> None:
         with self.lock:
             self.scheduler.grant(worker_id, stream, min(n, 1024))
-            self.cond.notify_all()
+            self._notify()
 
     def worker_status(self, worker_id: str, stream: int, status: str) -> None:
         """A worker's own word on its health ("" = healthy), from its heartbeats."""
@@ -184,7 +213,7 @@ class Coordinator:
         with self.lock:
             self.scheduler.receive(worker_id, msg)
             self.scheduler.count_bytes(msg.job, received=nbytes)
-            self.cond.notify_all()
+            self._notify()
 
     def sent(self, job_id: str, nbytes: int) -> None:
         with self.lock:
@@ -207,15 +236,22 @@ class Coordinator:
 
     # the step loop
 
-    def run(self, poll: float = 0.05) -> None:
-        """Run steps until `stop()`; the server's one compute thread. It never dies of one error."""
+    def run(self, poll: float = 0.05, max_failures: int = 30) -> None:
+        """Run steps until `stop()`; the server's one compute thread. One error fails one job, never the
+        loop; if the loop itself fails `max_failures` times in a row, it stops and says so (`fatal`)."""
+        failures = 0
         while not self._stop:
             try:
                 busy = self.step_once()
-                self.loop_error = ""
+                self.loop_error, failures = "", 0
             except Exception as e:  # a bug: say so loudly, keep serving the other jobs
                 log.exception("step loop error")
-                self.loop_error, busy = f"{type(e).__name__}: {e}", False
+                self.loop_error, busy, failures = f"{type(e).__name__}: {e}", False, failures + 1
+                if failures >= max_failures:
+                    self.fatal = f"the step loop failed {failures} times in a row: {self.loop_error}"
+                    log.critical("%s; stopping", self.fatal)
+                    self.stop()
+                    return
                 time.sleep(1.0)
             if not busy:
                 with self.lock:
@@ -224,7 +260,7 @@ class Coordinator:
     def stop(self) -> None:
         with self.lock:
             self._stop = True
-            self.cond.notify_all()
+            self._notify()
 
     def step_once(self) -> bool:
         """Run the next step (of one ready job, or of all with `mix`); False if nothing was ready."""
@@ -235,7 +271,7 @@ class Coordinator:
                     self.host.remove_job(job_id)  # a finished job's adapters live on in the scheduler
             ready = self.scheduler.ready()
             if not ready:
-                self.cond.notify_all()  # ready() may have moved a lost worker's sites
+                self._notify()  # ready() may have moved a lost worker's sites
                 return False
             if not self.mix:
                 self._turn += 1
@@ -257,7 +293,7 @@ class Coordinator:
                 work.append((plan, batch))
         self._run(work)
         with self.lock:
-            self.cond.notify_all()
+            self._notify()
         return True
 
     def _run(self, work: list[tuple[StepPlan, dict]]) -> None:

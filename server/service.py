@@ -1,12 +1,14 @@
-"""gRPC servicers: parse, check, call the coordinator, map exceptions to status codes. Thin.
+"""gRPC servicers on grpc.aio: parse, check, call the coordinator, map exceptions to status codes. Thin.
 
-Every proto <-> Python conversion is `colaflow.serde`'s; every state read is the coordinator's,
-under its lock.
+A Work stream is a coroutine, not a thread, so thousands of devices can hold one while `Health`
+and `SubmitJob` still answer at once. Every proto <-> Python conversion is `colaflow.serde`'s;
+every state read is the coordinator's, under its lock (held briefly: the step runs outside it).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
+import re
 import tempfile
 import threading
 import time
@@ -15,17 +17,19 @@ from pathlib import Path
 import grpc
 
 from colaflow import serde
+from colaflow.errors import ResourceExhausted
 from colaflow.export import peft_task_type, save, save_peft
 from colaflow.job import JobSpec
-from colaflow.protocol import Packets
+from colaflow.protocol import Assign, Packets
 from colaflow.v1 import control_pb2, control_pb2_grpc, worker_pb2
 from colaflow.wire import MAX_MESSAGE_BYTES, SERVER_OPTIONS, add_worker_service
 
-from .auth import Tokens
+from .auth import Identity, Tokens
 from .coordinator import Closed, Coordinator, JobStatus
 
 log = logging.getLogger("colaflow.server")
 HEARTBEAT_S = 1.0
+_WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 
 
 def _status(e: Exception) -> grpc.StatusCode:
@@ -34,7 +38,9 @@ def _status(e: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(e, KeyError):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(e, (ValueError, TypeError)):
+    if isinstance(e, ResourceExhausted):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(e, (ValueError, TypeError, OverflowError)):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(e, OSError):  # e.g. the state dir is full: retry later
         return grpc.StatusCode.UNAVAILABLE
@@ -45,83 +51,113 @@ def _message(e: Exception) -> str:
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 
-def _guard(context, tokens: Tokens, role: str) -> None:
-    if not tokens.allows(context.invocation_metadata(), role):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED if tokens.role(context.invocation_metadata()) is None
-                      else grpc.StatusCode.PERMISSION_DENIED, f"this call needs a `{role}` token")
+async def _identity(context, tokens: Tokens, role: str) -> Identity:
+    identity = tokens.identity(context.invocation_metadata())
+    if identity is None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"this call needs a `{role}` token")
+    if identity.role not in (role, "admin"):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this call needs a `{role}` token")
+    return identity
+
+
+async def _worker_id(context, identity: Identity, worker_id: str) -> str:
+    """The worker id, if it is well formed and this credential may use it."""
+    if not _WORKER_ID.fullmatch(worker_id):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"`worker_id` {worker_id[:64]!r} must be 1-128 of [A-Za-z0-9._:@-]")
+    if identity.role == "worker" and identity.name and worker_id != identity.name:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this token is for worker {identity.name!r}")
+    return worker_id
 
 
 class WorkerService:
     """Register, and one Work stream per worker: a pump between gRPC and the coordinator."""
 
-    def __init__(self, coordinator: Coordinator, tokens: Tokens):
+    def __init__(self, coordinator: Coordinator, tokens: Tokens, loop: asyncio.AbstractEventLoop):
         self.c, self.tokens = coordinator, tokens
+        self.wakers: set[asyncio.Event] = set()
+        # the coordinator changes state on other threads: wake every stream to look for its messages
+        coordinator.listeners.append(lambda: loop.call_soon_threadsafe(self._wake))
 
-    def Register(self, request, context):
-        _guard(context, self.tokens, "worker")
-        if not request.worker_id or len(request.worker_id) > 128:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"`worker_id` {request.worker_id!r} must be 1-128 chars")
-        caps = {"cores": request.capabilities.cores, "memory": request.capabilities.memory_bytes,
-                "accelerator": request.capabilities.accelerator}
-        session = self.c.register(request.worker_id, caps)
-        log.info("worker %s registered: %s", request.worker_id, caps)
+    def _wake(self) -> None:
+        for event in self.wakers:
+            event.set()
+
+    async def Register(self, request, context):
+        identity = await _identity(context, self.tokens, "worker")
+        worker_id = await _worker_id(context, identity, request.worker_id)
+        c = request.capabilities
+        if len(c.accelerator) > 32 or len(c.codecs) > 16:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "`capabilities` are too long")
+        caps = {"cores": c.cores, "memory": c.memory_bytes, "accelerator": c.accelerator}
+        try:
+            session = self.c.register(worker_id, caps, identity.credential)
+        except Exception as e:
+            await context.abort(_status(e), _message(e))
+        log.info("worker %s registered: %s", worker_id, caps)
         return worker_pb2.RegisterResponse(session=session, heartbeat_s=HEARTBEAT_S,
                                            max_message_bytes=MAX_MESSAGE_BYTES)
 
-    def Work(self, request_iterator, context):
-        _guard(context, self.tokens, "worker")
-        worker_id = dict(context.invocation_metadata()).get("x-worker-id", "")
-        inbox = serde.Inbox("server", max_bytes=MAX_MESSAGE_BYTES)
+    async def Work(self, request_iterator, context):
+        identity = await _identity(context, self.tokens, "worker")
+        worker_id = await _worker_id(context, identity, dict(context.invocation_metadata()).get("x-worker-id", ""))
+        inbox = serde.Inbox("server", max_bytes=self.c.max_update_bytes())
         try:
-            first = inbox.feed(next(request_iterator))
+            first = None
+            async for raw in request_iterator:
+                first = inbox.feed(raw)
+                break
+            if first is None:
+                return
             if not isinstance(first, serde.Opening):
                 raise ValueError(f"a Work stream opens with Hello, not {type(first).__name__}")
             stream = self.c.connect(worker_id, first.session, first.hello)
-        except StopIteration:
-            return
         except Exception as e:
-            context.abort(_status(e), _message(e))
-        errors: queue.Queue = queue.Queue()
-        leaving = threading.Event()
-        reader = threading.Thread(target=self._read, args=(worker_id, stream, inbox, request_iterator, errors, leaving),
-                                  daemon=True)
-        reader.start()
-        seq, idle_since = 0, time.monotonic()
+            await context.abort(_status(e), _message(e))
+        wake, ended = asyncio.Event(), {"error": None, "leaving": False}
+        self.wakers.add(wake)
+        reader = asyncio.create_task(self._read(worker_id, stream, inbox, request_iterator, ended, wake))
+        seq = 0
         try:
-            while context.is_active():
-                if not errors.empty():
-                    e = errors.get()
-                    if e is None:
-                        return  # the worker said goodbye or closed its side
-                    log.warning("worker %s: %s", worker_id, e)
-                    context.abort(_status(e), _message(e))
+            while True:
+                wake.clear()  # before looking: a change after this point wakes us again
+                if reader.done():
+                    if ended["error"] is not None:
+                        log.warning("worker %s: %s", worker_id, ended["error"])
+                        await context.abort(_status(ended["error"]), _message(ended["error"]))
+                    return  # the worker said goodbye or closed its side
                 try:
-                    msg = self.c.next_message(worker_id, stream, timeout=0.2)
+                    msg = self.c.next_message(worker_id, stream, timeout=0)
                 except Closed:
                     return
                 if msg is None:
-                    if time.monotonic() - idle_since >= HEARTBEAT_S:
-                        idle_since = time.monotonic()
+                    try:
+                        await asyncio.wait_for(wake.wait(), HEARTBEAT_S)
+                    except asyncio.TimeoutError:
                         yield serde.heartbeat_to_worker(time.time())
                     continue
-                idle_since = time.monotonic()
                 codecs = self.c.codecs(msg.job) if isinstance(msg, Packets) else ("raw", "raw")
-                nbytes = 0
-                for raw in serde.to_worker(msg, seq, *codecs):
-                    nbytes += len(raw)
+                if isinstance(msg, (Packets, Assign)):  # megabytes to frame: off the event loop
+                    chunks = await asyncio.to_thread(lambda: list(serde.to_worker(msg, seq, *codecs)))
+                else:
+                    chunks = list(serde.to_worker(msg, seq))
+                for raw in chunks:
                     yield raw
                 if isinstance(msg, Packets):
-                    self.c.sent(msg.job, nbytes)
+                    self.c.sent(msg.job, sum(len(raw) for raw in chunks))
                 seq += 1
         finally:
-            self.c.disconnect(worker_id, stream, leaving=leaving.is_set())
+            self.wakers.discard(wake)
+            reader.cancel()
+            self.c.disconnect(worker_id, stream, leaving=ended["leaving"])
 
-    def _read(self, worker_id: str, stream: int, inbox: serde.Inbox, request_iterator, errors: queue.Queue,
-              leaving: threading.Event) -> None:
+    async def _read(self, worker_id: str, stream: int, inbox: serde.Inbox, request_iterator, ended: dict,
+                    wake: asyncio.Event) -> None:
         try:
             nbytes = 0  # of the message being reassembled
-            for raw in request_iterator:
+            async for raw in request_iterator:
                 nbytes += len(raw)
+                inbox.max_bytes = self.c.max_update_bytes()  # what an honest update can be, no more
                 msg = inbox.feed(raw)
                 if msg is None:
                     continue
@@ -129,18 +165,18 @@ class WorkerService:
                     self.c.grant(worker_id, stream, msg.packets)
                 elif isinstance(msg, serde.Goodbye):
                     log.info("worker %s says goodbye%s: %s", worker_id, " for good" if msg.leaving else "",
-                             msg.reason)
-                    if msg.leaving:
-                        leaving.set()
-                    break
+                             msg.reason[:200])
+                    ended["leaving"] = msg.leaving
+                    return
                 elif isinstance(msg, serde.Heartbeat):
                     self.c.worker_status(worker_id, stream, msg.status)
                 else:
                     self.c.receive(worker_id, msg, nbytes)
                 nbytes = 0
-            errors.put(None)
         except Exception as e:  # a bad frame ends this stream with a status; other workers go on
-            errors.put(e)
+            ended["error"] = e
+        finally:
+            wake.set()
 
 
 def _status_pb(s: JobStatus) -> control_pb2.JobStatus:
@@ -149,47 +185,52 @@ def _status_pb(s: JobStatus) -> control_pb2.JobStatus:
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
+    """Jobs, scoped to the caller's tenant: another tenant's job reads as unknown; admin sees all."""
+
     def __init__(self, coordinator: Coordinator, tokens: Tokens, model_name: str | None = None):
         self.c, self.tokens, self.model_name = coordinator, tokens, model_name
 
-    def _call(self, context, fn):
-        _guard(context, self.tokens, "control")
+    async def _call(self, context, fn, in_thread: bool = False):
+        identity = await _identity(context, self.tokens, "control")
         try:
-            return fn()
+            if in_thread:  # heavy work (parsing a dataset, writing an export) stays off the event loop
+                return await asyncio.to_thread(fn, identity.tenant)
+            return fn(identity.tenant)
         except Exception as e:
-            context.abort(_status(e), _message(e))
+            await context.abort(_status(e), _message(e))
 
-    def SubmitJob(self, request, context):
-        def submit():
+    async def SubmitJob(self, request, context):
+        def submit(tenant):
             spec = JobSpec.from_dict(serde.unpack(request.spec, "spec"))
-            job = self.c.submit(spec, serde.unpack(request.data, "data"), request.steps)
+            job = self.c.submit(spec, serde.unpack(request.data, "data"), request.steps, tenant or "default")
             return control_pb2.SubmitJobResponse(job=job)
-        return self._call(context, submit)
+        return await self._call(context, submit, in_thread=True)
 
-    def GetJob(self, request, context):
-        return self._call(context, lambda: control_pb2.GetJobResponse(status=_status_pb(self.c.status(request.job))))
+    async def GetJob(self, request, context):
+        return await self._call(context, lambda t: control_pb2.GetJobResponse(status=_status_pb(self.c.status(request.job, t))))
 
-    def ListJobs(self, request, context):
-        return self._call(context, lambda: control_pb2.ListJobsResponse(jobs=[_status_pb(s) for s in self.c.statuses()]))
+    async def ListJobs(self, request, context):
+        return await self._call(context, lambda t: control_pb2.ListJobsResponse(
+            jobs=[_status_pb(s) for s in self.c.statuses(t)]))
 
-    def CancelJob(self, request, context):
-        return self._call(context, lambda: control_pb2.CancelJobResponse(status=_status_pb(self.c.cancel(request.job))))
+    async def CancelJob(self, request, context):
+        return await self._call(context, lambda t: control_pb2.CancelJobResponse(status=_status_pb(self.c.cancel(request.job, t))))
 
-    def StreamMetrics(self, request, context):
-        self._call(context, lambda: self.c.status(request.job))  # auth and existence first
+    async def StreamMetrics(self, request, context):
         sent = request.since
-        while context.is_active():
-            new, ended = self._call(context, lambda: self.c.metrics(request.job, sent,
-                                                                    timeout=0.5 if request.follow else 0.0))
+        while True:
+            new, ended = await self._call(context, lambda t: self.c.metrics(request.job, sent, 0.0, t))
             for m in new:
                 yield control_pb2.StreamMetricsResponse(metrics=serde.pack(m))
             sent += len(new)
             if not request.follow or (ended and not new):
                 return
+            if not new:
+                await asyncio.sleep(0.2)
 
-    def ExportAdapter(self, request, context):
-        def files():
-            e = self.c.export(request.job)
+    async def ExportAdapter(self, request, context):
+        def files(tenant):
+            e = self.c.export(request.job, tenant)
             with tempfile.TemporaryDirectory() as tmp:
                 if request.format in ("", "native"):
                     path = save(e.adapters, e.spec, Path(tmp) / "out", e.versions)
@@ -199,37 +240,68 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 else:
                     raise ValueError(f"`format` must be native or peft, got {request.format!r}")
                 return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
-        for name, data in self._call(context, files).items():
+        for name, data in (await self._call(context, files, in_thread=True)).items():
             for off in range(0, max(len(data), 1), serde.CHUNK_BYTES):
                 piece = data[off:off + serde.CHUNK_BYTES]
                 yield control_pb2.ExportAdapterResponse(file=name, offset=off, data=piece,
                                                         last=off + len(piece) >= len(data))
 
-    def Health(self, request, context):
-        h = self.c.health()
+    async def Health(self, request, context):
+        """Anyone may ask whether the server serves; only a control or admin token learns the counts."""
+        identity = self.tokens.identity(context.invocation_metadata())
+        h = self.c.health(identity.tenant if identity is not None else None)
+        if identity is None or identity.role not in ("control", "admin"):
+            return control_pb2.HealthResponse(status="serving" if h.status == "serving" else "unhealthy")
         return control_pb2.HealthResponse(status=h.status, workers=h.workers, jobs=h.jobs)
+
+
+class Served:
+    """A grpc.aio server on its own event-loop thread, started and stopped from ordinary threads."""
+
+    def __init__(self, coordinator: Coordinator, tokens: Tokens, address: str,
+                 tls: tuple[bytes, bytes, bytes | None] | None, model_name: str | None):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="colaflow-grpc", daemon=True)
+        self.thread.start()
+        self.server, self.port = self._run(self._build(coordinator, tokens, address, tls, model_name))
+
+    def _run(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _build(self, coordinator, tokens, address, tls, model_name):
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        add_worker_service(server, WorkerService(coordinator, tokens, asyncio.get_running_loop()))
+        control_pb2_grpc.add_ControlServicer_to_server(ControlService(coordinator, tokens, model_name), server)
+        try:
+            if tls is None:
+                port = server.add_insecure_port(address)
+            else:
+                key, cert, client_ca = tls
+                creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                                    require_client_auth=client_ca is not None)
+                port = server.add_secure_port(address, creds)
+        except RuntimeError:
+            port = 0
+        return server, port
+
+    def start(self) -> None:
+        self._run(self.server.start())
+
+    def stop(self, grace: float | None = None) -> None:
+        try:
+            self._run(self.server.stop(grace))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
 
 
 def make_server(coordinator: Coordinator, tokens: Tokens, address: str = "127.0.0.1:0",
                 tls: tuple[bytes, bytes, bytes | None] | None = None,
-                model_name: str | None = None) -> tuple[grpc.Server, int]:
+                model_name: str | None = None) -> tuple[Served, int]:
     """A gRPC server with both services; returns it (not started) and its bound port."""
-    from concurrent import futures
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
-    add_worker_service(server, WorkerService(coordinator, tokens))
-    control_pb2_grpc.add_ControlServicer_to_server(ControlService(coordinator, tokens, model_name), server)
-    try:
-        if tls is None:
-            port = server.add_insecure_port(address)
-        else:
-            key, cert, client_ca = tls
-            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                                require_client_auth=client_ca is not None)
-            port = server.add_secure_port(address, creds)
-    except RuntimeError:
-        port = 0
-    if port == 0:
+    served = Served(coordinator, tokens, address, tls, model_name)
+    if served.port == 0:
+        served.stop(0)
         raise OSError(f"cannot listen on {address}: the port is taken (another colaflow serve?) or the "
                       "address is not this machine's")
-    return server, port
+    return served, served.port

@@ -64,27 +64,31 @@ def test_a_finished_job_frees_the_host_and_still_exports(tmp_path):
         assert torch.equal(exported.adapters[site].B, a.B.detach()) and torch.equal(exported.adapters[site].A, a.A.detach())
 
 
+def _unlabelled() -> dict:
+    """Data whose batches carry no labelled token: the step's loss refuses them (ValueError)."""
+    bad = data()
+    for e in bad["examples"]:
+        e["labels"] = [-100] * len(e["input_ids"])
+    return {**bad, "batch_size": 8}
+
+
 def test_a_failing_step_fails_its_job_with_a_traceback_and_the_loop_goes_on(caplog):
     p = Pumped()
-    bad = data()
-    bad["examples"][0]["input_ids"][0] = 10_000  # beyond the vocabulary: the embedding raises
-    p.c.submit(JobSpec("bad", LowRank(r=4)), {**bad, "batch_size": 8}, steps=3)
+    p.c.submit(JobSpec("bad", LowRank(r=4)), _unlabelled(), steps=3)
     p.c.submit(JobSpec("good", LowRank(r=4)), data(seed=1), steps=3)
     with caplog.at_level(logging.ERROR, "colaflow"):
         p.run()
     assert p.c.status("good").state == "done"
     status = p.c.status("bad")
-    assert status.state == "failed" and "IndexError" in status.error
+    assert status.state == "failed" and "carry no labelled token" in status.error
     tracebacks = [r for r in caplog.records if r.exc_info and "bad" in r.getMessage()]
     assert tracebacks, "the failure was logged without its traceback"
 
 
 def test_a_mixed_step_that_fails_is_retried_job_by_job():
     p = Pumped(mix=True)
-    bad = data()
-    bad["examples"][0]["input_ids"][0] = 10_000
     p.c.submit(JobSpec("good", LowRank(r=4)), data(seed=1), steps=3)
-    p.c.submit(JobSpec("bad", LowRank(r=4)), {**bad, "batch_size": 8}, steps=3)
+    p.c.submit(JobSpec("bad", LowRank(r=4)), _unlabelled(), steps=3)
     p.run()
     assert p.c.status("bad").state == "failed" and p.c.status("good").state == "done"
 
@@ -155,3 +159,16 @@ def test_a_batch_size_larger_than_the_data_is_refused_at_submit():
     with pytest.raises(ValueError, match="`batch_size` 8 is larger than the 1 examples"):
         p.c.submit(JobSpec("tiny", LowRank(r=4)), {"examples": examples(96, 1, 0), "batch_size": 8}, steps=2)
     assert "tiny" not in p.c.scheduler.jobs and "tiny" not in p.c.host.jobs  # nothing half-made is left
+
+
+def test_token_ids_and_lengths_are_checked_against_the_model_at_submit():
+    p = Pumped()
+    bad = data()
+    bad["examples"][3]["input_ids"][0] = 10_000  # beyond the vocabulary of 96
+    with pytest.raises(ValueError, match=r"`data.examples\[3\]` holds token id 10000; the model's vocabulary is 0..95"):
+        p.c.submit(JobSpec("oov", LowRank(r=4)), bad, steps=2)
+    long = data()
+    long["examples"][1] = {"input_ids": [1] * 200}  # the tiny model's context is 128
+    with pytest.raises(ValueError, match=r"`data.examples\[1\]` has 200 tokens; the model's context is 128"):
+        p.c.submit(JobSpec("long", LowRank(r=4)), long, steps=2)
+    assert not p.c.scheduler.jobs and not p.c.host.jobs

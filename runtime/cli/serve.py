@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 import threading
 
 
@@ -21,6 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tokens", help="file of `TOKEN ROLE` lines; without it every caller is admin")
     p.add_argument("--state-dir", help="jobs and a per-step snapshot live here; a restarted server resumes them")
     p.add_argument("--reassign-after", type=float, default=30.0, help="seconds before a lost worker's sites move")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback address without TLS and tokens (a warning is logged)")
     p.add_argument("--mix", action="store_true",
                    help="run every ready job in one mixed forward (throughput) instead of one job per step "
                         "(bit-for-bit deterministic runs)")
@@ -33,6 +36,17 @@ def load_model(name: str):
     if name.startswith("tiny-"):
         return tiny(name[len("tiny-"):])
     return load(name)[0]
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -69,6 +83,13 @@ def run(args: argparse.Namespace) -> int:
 
     tune_allocator()
     tokens = Tokens.load(args.tokens)
+    if not _loopback(args.host) and not (tls and tokens.enabled):
+        missing = " and ".join(x for x, ok in (("TLS (--tls-cert/--tls-key)", tls), ("tokens (--tokens)", tokens.enabled))
+                               if not ok)
+        if not args.insecure:
+            raise SystemExit(f"colaflow serve: {args.host} is not a loopback address and the server has no "
+                             f"{missing}: anyone who reaches it could act as admin. Add them, or pass --insecure.")
+        logging.getLogger("colaflow.server").warning("serving %s without %s (--insecure)", args.host, missing)
     if args.port:
         _check_port_free(args.host, args.port)  # before the model loads: fail in a second, not a minute
     store = DirStore(args.state_dir) if args.state_dir else None
@@ -82,12 +103,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"colaflow serve: listening on {args.host}:{port}", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    loop = threading.Thread(target=coordinator.run, daemon=True)
-    loop.start()
+    def loop() -> None:
+        coordinator.run()
+        done.set()  # the loop gave up (or was stopped): so does the process
+    threading.Thread(target=loop, daemon=True).start()
     try:
         done.wait()
     except KeyboardInterrupt:
         pass
     coordinator.stop()
-    server.stop(grace=2).wait()
+    server.stop(2)
+    if coordinator.fatal:
+        print(f"colaflow serve: {coordinator.fatal}", file=sys.stderr)
+        return 1
     return 0
