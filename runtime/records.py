@@ -48,6 +48,7 @@ class JobRecord:
     metrics: list[dict] = field(default_factory=list)
     max_staleness: int = 0
     tenant: str = "default"  # who owns the job: only its tenant (and admin) sees it
+    events: list[str] = field(default_factory=list)  # what happened to it since its last step (in the metrics)
     fits: int = 0  # updates accepted (one per site per fit)
     bytes_sent: int = 0  # packet bytes on the wire to workers (0 in process)
     bytes_received: int = 0  # update bytes on the wire from workers
@@ -164,6 +165,24 @@ def check_update(spec: JobSpec, rec: SiteRecord, u: Update) -> None:
     for key, value in meta["values"].items():
         if key.rpartition("/")[0] not in rec.shapes or not (value is None or isinstance(value, (bool, int, float))):
             raise ValueError(f"site `{site}`: optimizer value `{key}` = {value!r} is not a per-parameter scalar")
+
+
+MAX_PARAM_ABS = 1e4  # no adapter an honest worker trains gets near this; 1e30 is an attack or a blow-up
+MAX_STEP_RATIO = 100.0  # nor does one fit move the parameters by 100x their norm (+1)
+
+
+def out_of_bounds(rec: SiteRecord, u: Update) -> str:
+    """Why an update is too far from the last version to be a fit (finite is not enough), or ""."""
+    biggest = max((float(v.abs().max()) for v in u.params.values() if v.numel()), default=0.0)
+    if biggest > MAX_PARAM_ABS:
+        return f"a parameter of magnitude {biggest:.3g} (bound {MAX_PARAM_ABS:g})"
+    prev = rec.versions.get(rec.received)
+    if prev is not None:
+        step = sum(float((u.params[k].double() - prev[k].double()).pow(2).sum()) for k in prev) ** 0.5
+        norm = sum(float(prev[k].double().pow(2).sum()) for k in prev) ** 0.5
+        if step > MAX_STEP_RATIO * (norm + 1.0):
+            return f"a step of norm {step:.3g} from parameters of norm {norm:.3g}"
+    return ""
 
 
 def optimizer_skeleton(spec: JobSpec, site: Site) -> dict:

@@ -31,7 +31,8 @@ from .adapters import Adapter, build_adapter, load_params
 from .gl import LearnerState, Packet, Update, site_seed
 from .job import JobSpec
 from .protocol import Ack, Assign, Hello, Packets, Refusal, Revoke, SiteStart, ToServer, ToWorker
-from .records import LIVE, JobRecord, SiteRecord, StepPlan, WorkerRecord, check_update, param_shapes, restored_job
+from .records import (LIVE, JobRecord, SiteRecord, StepPlan, WorkerRecord, check_update, out_of_bounds,
+                      param_shapes, restored_job)
 from .sites import Site
 from .errors import ResourceExhausted
 from .store import Store
@@ -51,6 +52,7 @@ class Scheduler:
         self._max_update: int | None = None  # cached; recomputed when jobs come or go
         self.store_error = ""  # why the store last failed ("" when it works): no step runs meanwhile
         self._dirty: set[str] = set()  # jobs whose progress the store has not taken yet
+        self.quarantined: dict[str, str] = {}  # worker id -> why it gets no work
         self._store_failures, self._store_retry_at = 0, 0.0
         self._restore()
 
@@ -163,6 +165,8 @@ class Scheduler:
         job.metrics.append({"step": plan.step, "loss": loss, "tokens": tokens, "staleness": newest - plan.need,
                             "seconds": seconds, "time": time.time(),  # seconds: the server's compute
                             "fits": job.fits, "bytes_sent": job.bytes_sent, "bytes_received": job.bytes_received})
+        if job.events:
+            job.metrics[-1]["events"], job.events = job.events, []
         job.t += 1
         self._save_progress(job)
 
@@ -210,6 +214,7 @@ class Scheduler:
         elif not secrets.compare_digest(w.credential, credential):
             raise PermissionError(f"worker id {worker_id!r} belongs to another credential")
         w.capabilities = dict(capabilities or {})
+        w.quarantined = self.quarantined.get(worker_id, w.quarantined)
         return w.session
 
     def connect(self, worker_id: str, session: str, hello: Hello) -> int:
@@ -228,7 +233,7 @@ class Scheduler:
         for p in hello.progress:
             job = self.jobs.get(p.job)
             rec = job.sites.get(p.site) if job is not None and job.state in LIVE else None
-            if rec is not None and rec.owner is None:
+            if rec is not None and rec.owner is None and not w.quarantined:
                 rec.owner = worker_id  # unowned (e.g. after a server restart): its holder takes it back
             if rec is not None and rec.owner == worker_id:
                 w.cursor[(p.job, p.site)] = max(p.fitted_through, self._floor(job, rec))
@@ -329,6 +334,10 @@ class Scheduler:
             raise ValueError(f"update of `{u.site}` v{u.version} says it fitted through step "
                              f"{u.fitted_through}; expected {want}")
         check_update(job.spec, rec, u)
+        why = out_of_bounds(rec, u)
+        if why:  # finite but absurd: refuse it, and give this worker no more work
+            self._quarantine(worker_id, f"update v{u.version} of `{u.site}` of job {u.job} is out of bounds: {why}")
+            return
         prev = rec.received, rec.state
         rec.versions[u.version] = u.params
         rec.received = u.version
@@ -401,7 +410,7 @@ class Scheduler:
 
     def _assign(self) -> None:
         """Give every unowned site of a live job to the connected worker with the fewest sites."""
-        live = sorted(w.worker_id for w in self.workers.values() if w.connected)
+        live = sorted(w.worker_id for w in self.workers.values() if w.connected and not w.quarantined)
         if not live:
             return
         load = {wid: self._load(wid) for wid in live}
@@ -432,6 +441,25 @@ class Scheduler:
             key = (job.job_id, name)
             w.cursor[key] = max(w.cursor.get(key, -1), self._floor(job, rec))
         w.control.append(Assign(job.job_id, job.spec, starts))
+
+    def _quarantine(self, worker_id: str, reason: str) -> None:
+        """Take every site from a worker that sent an absurd update; they continue elsewhere from the
+        last durable learner state, so the jobs resume exactly where the last good version left them."""
+        w = self.workers[worker_id]
+        w.quarantined = reason
+        if len(self.quarantined) < self.max_workers:
+            self.quarantined[worker_id] = reason  # it stays quarantined if it registers again
+        log.warning("worker %s quarantined: %s", worker_id, reason)
+        for job in self.jobs.values():
+            mine = [n for n, r in job.sites.items() if r.owner == worker_id]
+            if not mine:
+                continue
+            for name in mine:
+                job.sites[name].owner = None
+            job.former.add(worker_id)
+            job.events.append(f"worker {worker_id} quarantined ({reason}); its {len(mine)} sites move")
+            w.control.append(Revoke(job.job_id, mine, f"quarantined: {reason}"))
+        self._assign()
 
     def _reassign_lost(self) -> None:
         """Sites of a worker gone longer than `reassign_after` move to connected workers."""

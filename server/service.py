@@ -117,7 +117,7 @@ class WorkerService:
         wake, ended = asyncio.Event(), {"error": None, "leaving": False}
         self.wakers.add(wake)
         reader = asyncio.create_task(self._read(worker_id, stream, inbox, request_iterator, ended, wake))
-        seq = 0
+        seq, last_sent = 0, time.monotonic()
         try:
             while True:
                 wake.clear()  # before looking: a change after this point wakes us again
@@ -131,10 +131,15 @@ class WorkerService:
                 except Closed:
                     return
                 if msg is None:
-                    try:
-                        await asyncio.wait_for(wake.wait(), HEARTBEAT_S)
-                    except asyncio.TimeoutError:
+                    idle = time.monotonic() - last_sent
+                    if idle >= HEARTBEAT_S:  # wakes meant for others must not starve this stream's heartbeat
                         yield serde.heartbeat_to_worker(time.time())
+                        last_sent = time.monotonic()
+                        continue
+                    try:
+                        await asyncio.wait_for(wake.wait(), HEARTBEAT_S - idle)
+                    except asyncio.TimeoutError:
+                        pass
                     continue
                 codecs = self.c.codecs(msg.job) if isinstance(msg, Packets) else ("raw", "raw")
                 if isinstance(msg, (Packets, Assign)):  # megabytes to frame: off the event loop
@@ -143,6 +148,7 @@ class WorkerService:
                     chunks = list(serde.to_worker(msg, seq))
                 for raw in chunks:
                     yield raw
+                last_sent = time.monotonic()
                 if isinstance(msg, Packets):
                     self.c.sent(msg.job, sum(len(raw) for raw in chunks))
                 seq += 1

@@ -119,7 +119,10 @@ def test_losing_a_node_mid_run_loses_nothing_and_the_pool_scales(cluster, tmp_pa
         assert job2.wait(timeout=300)["state"] == "done"
         _assert_same(adapters_of(job2, tmp_path / "scaled"), _reference(tmp_path, 600))
         pool.scale(2)  # a retired actor says goodbye for good: the server need not wait for it
-        assert "left for good" in server.logs(500)
+        end = time.time() + 20
+        while "left for good" not in server.logs(500):
+            assert time.time() < end, server.logs(50)
+            time.sleep(0.2)
     pool.stop()
     server.stop()
 

@@ -183,3 +183,82 @@ def test_tls_end_to_end(tmp_path):
     finally:
         client.close()
         stop(edge, server)
+
+
+POOL, OTHER_POOL, LAPTOP, ACME, GLOBEX, ADMIN = "w" * 24, "x" * 24, "p" * 24, "a" * 24, "b" * 24, "z" * 24
+
+
+@pytest.fixture
+def tenants(tmp_path):
+    """A server with a pool worker token, a worker token bound to `laptop-1`, two tenants and admin."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{POOL} worker\n{OTHER_POOL} worker\n{LAPTOP} worker laptop-1\n"
+                      f"{ACME} control acme\n{GLOBEX} control globex\n{ADMIN} admin\n")
+    server, address = start_server(tmp_path, "--tokens", str(tokens))
+    yield address
+    stop(server)
+
+
+def test_a_worker_id_cannot_be_taken_over(tenants):
+    address = tenants
+    Rogue(address, token=POOL, worker_id="victim").open()  # the first to register `victim` owns the id
+    with pytest.raises(grpc.RpcError) as e:
+        Rogue(address, token=OTHER_POOL, worker_id="victim").open()
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "belongs to another credential" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        Rogue(address, token=LAPTOP, worker_id="someone-else").open()
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "for worker 'laptop-1'" in e.value.details()
+    Rogue(address, token=LAPTOP, worker_id="laptop-1").open()  # its own id is fine
+
+
+def test_tenants_see_and_touch_only_their_own_jobs(tenants, tmp_path):
+    from colaflow.errors import NotFound
+
+    address = tenants
+    acme, globex, admin = (Client(address, token=t) for t in (ACME, GLOBEX, ADMIN))
+    acme.submit(JobSpec("acme-job", LowRank(r=2)), examples(96, 8, seed=0), steps=2, batch_size=4)
+    assert [s.job for s in acme.list()] == ["acme-job"] and globex.list() == []
+    for act in (lambda: globex.get("acme-job"), lambda: globex.cancel("acme-job"),
+                lambda: globex.export("acme-job", tmp_path / "stolen"), lambda: globex.metrics_so_far("acme-job")):
+        with pytest.raises(NotFound, match="unknown job 'acme-job'"):  # indistinguishable from no such job
+            act()
+    assert acme.get("acme-job").state == "waiting" and [s.job for s in admin.list()] == ["acme-job"]
+    anonymous = Client(address).health()  # anyone may ask whether it serves, and learns nothing more
+    assert anonymous.status == "serving" and anonymous.jobs == 0 and anonymous.workers == 0
+    assert acme.health().jobs == 1 and globex.health().jobs == 0
+
+
+def test_many_held_worker_streams_leave_control_calls_fast(tenants):
+    """A stream is a coroutine, not a thread: past the old 32-thread pool, control still answers at once."""
+    address = tenants
+    rogues = [Rogue(address, token=POOL, worker_id=f"idle-{i}").open() for i in range(64)]
+    admin = Client(address, token=ADMIN)
+    end = time.time() + 30
+    while admin.health().workers < 64:
+        assert time.time() < end, admin.health()
+        time.sleep(0.1)
+    for _ in range(5):
+        t = time.perf_counter()
+        admin.list()
+        admin.submit(JobSpec(f"j{_}", LowRank(r=2)), examples(96, 8, seed=0), steps=1, batch_size=4)
+        assert time.perf_counter() - t < 1.0
+    for r in rogues:
+        r.close()
+
+
+def test_an_idle_worker_hears_heartbeats_while_others_are_busy(secured):
+    """Wake-ups meant for busy workers must not starve an idle one's heartbeats (its liveness signal)."""
+    from colaflow.serde import Heartbeat
+
+    client, address = secured
+    idle = Rogue(address, worker_id="idle").open()
+    wait_workers(client, 2)
+    client.submit(JobSpec("busy", LowRank(r=2)), examples(96, 16, seed=2), steps=400, batch_size=4)
+    while client.get("busy").state == "waiting":
+        time.sleep(0.05)
+    t = time.time()
+    for _ in range(3):
+        idle.next(Heartbeat, timeout=5)
+    assert time.time() - t < 5 and client.get("busy").state == "running"
+    client.cancel("busy")
+    idle.close()

@@ -1,0 +1,228 @@
+"""What no tenant, worker or fault may do to the others — on plain objects, in milliseconds: take a
+worker's id, see another tenant's jobs, push an absurd update, fill the server's memory or its
+disk, corrupt a device's checkpoint, or stop the step loop."""
+from __future__ import annotations
+
+import logging
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from colaflow import AdamW, JobSpec, LowRank, Scheduler, Update, Worker
+from colaflow.checkpoint import Checkpoints
+from colaflow.codec import Encoded, decode
+from colaflow.errors import ResourceExhausted
+from colaflow.framing import Payload, Reassembler
+from colaflow.host import Host
+from colaflow.models import tiny
+from colaflow.protocol import Packets
+from colaflow.store import MemoryStore
+from colaflow.v1 import worker_pb2
+from procs import examples
+from sim import Clock, Toy, final_params, reference, toy_batches, toy_loss
+from test_scheduler import SPEC, Rig
+
+
+# identity and tenancy
+
+def test_a_worker_id_belongs_to_the_credential_that_registered_it():
+    s = Scheduler()
+    session = s.register("laptop-1", {}, credential="alice")
+    assert s.register("laptop-1", {}, credential="alice") == session  # the same device, again
+    with pytest.raises(PermissionError, match="worker id 'laptop-1' belongs to another credential"):
+        s.register("laptop-1", {}, credential="mallory")
+
+
+def test_registrations_are_bounded_and_idle_ones_forgotten():
+    clock = Clock()
+    s = Scheduler(clock=clock, max_workers=3)
+    for i in range(3):
+        s.register(f"w{i}", {"accelerator": "cpu"}, credential="pool")
+    with pytest.raises(ResourceExhausted, match="3 workers registered"):
+        s.register("w3", {}, credential="pool")
+    clock.now += 61  # registered, never connected: forgotten
+    s.ready()
+    assert not s.workers
+    s.register("w3", {}, credential="pool")
+
+
+def test_a_tenant_sees_and_acts_on_its_own_jobs_only():
+    from colaflow.server.coordinator import Coordinator
+
+    c = Coordinator(Host(tiny("llama")))
+    data = {"examples": examples(96, 8, 0), "batch_size": 4}
+    c.submit(JobSpec("a-job", LowRank(r=2)), data, steps=2, tenant="acme")
+    c.submit(JobSpec("b-job", LowRank(r=2)), data, steps=2, tenant="globex")
+    assert [s.job for s in c.statuses("acme")] == ["a-job"]
+    assert {s.job for s in c.statuses(None)} == {"a-job", "b-job"}  # admin sees all
+    for act in (lambda: c.status("b-job", "acme"), lambda: c.cancel("b-job", "acme"),
+                lambda: c.export("b-job", "acme"), lambda: c.metrics("b-job", 0, 0.0, "acme")):
+        with pytest.raises(KeyError, match="unknown job 'b-job'"):  # as if it did not exist
+            act()
+    assert c.status("b-job").state == "waiting"  # untouched
+    assert c.health("acme").jobs == 1 and c.health(None).jobs == 2
+
+
+# updates out of bounds
+
+def test_an_absurd_update_quarantines_its_worker_and_the_job_resumes_exactly():
+    """A finite 1e30 update is refused; its worker gets no more work; another worker continues from the
+    last good learner state, and the final adapters are the failure-free run's."""
+    rig = Rig(steps=6)
+    rig.deliver()
+    honest = Worker("h")
+    h_stream = rig.connect("h", honest)
+    for _ in range(2):
+        rig.step()
+        rig.deliver()
+    rig.step()
+    bad = next(u for m in rig.messages() for u in rig.worker.handle(m) if isinstance(u, Update))
+    bad.params["B"] = torch.full_like(bad.params["B"], 1e30)
+    rig.sched.receive("w", bad)
+    assert rig.sched.workers["w"].quarantined and rig.sched.job("j").sites[bad.site].received == 2
+    for _ in range(200):  # drive the honest worker to the end
+        moved = False
+        while (m := rig.sched.next_message("h", h_stream)) is not None:
+            moved = True
+            for reply in honest.handle(m):
+                rig.sched.receive("h", reply)
+        if rig.sched.ready():
+            rig.step()
+        elif not moved:
+            break
+    job = rig.sched.job("j")
+    assert job.state == "done", job.state
+    assert any("quarantined" in e for m in job.metrics for e in m.get("events", []))
+    want = reference(SPEC, 6)
+    got = final_params(rig.sched, "j")
+    assert all(torch.equal(got[s][n], want[s][n]) for s in want for n in want[s])
+
+
+# memory an attacker controls
+
+def test_a_frame_that_declares_more_than_arrived_allocates_nothing():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="needs 1073741824 payload bytes, only 512 left"):
+        Payload([b"\0" * 512]).take(1 << 30, "tensor `data_bytes`")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: no 1 GiB buffer
+
+
+def test_chunks_after_the_first_may_not_carry_an_envelope():
+    r = Reassembler()
+    r.feed(worker_pb2.Chunk(seq=1, index=0, count=2, payload_bytes=8), b"\0" * 4)
+    with pytest.raises(ValueError, match="only the first has a header"):
+        r.feed(worker_pb2.Chunk(seq=1, index=1, count=2, header=b"x" * 10_000), b"\0" * 4)
+
+
+def test_overflowing_shapes_are_invalid_not_internal():
+    with pytest.raises(ValueError, match="exceeds 2147483648 elements"):
+        decode(Encoded("float32", (2 ** 32, 2 ** 32), "raw", b""))
+    with pytest.raises(ValueError, match="at most 8"):
+        decode(Encoded("float32", (1,) * 9, "raw", b"\0\0\0\0"))
+
+
+def test_an_update_frame_is_bounded_by_what_the_jobs_adapters_need():
+    from colaflow import serde
+
+    s = Scheduler()
+    s.add_job(SPEC, [*Host(Toy(), toy_loss).add_job(SPEC)])
+    budget = s.max_update_bytes()
+    assert budget < 2 << 20  # the toy job's adapters are tiny: a few KiB, plus 1 MiB of room
+    inbox = serde.Inbox("server", max_bytes=budget)
+    big = worker_pb2.WorkerMessage(update=worker_pb2.Chunk(seq=1, index=0, count=64, payload_bytes=200 << 20))
+    from colaflow.framing import frame_message
+
+    with pytest.raises(ValueError, match="exceeds this stream's"):
+        inbox.feed(frame_message(big))
+
+
+# a full disk, a corrupt checkpoint, a loop that cannot go on
+
+class FlakyStore(MemoryStore):
+    def __init__(self):
+        super().__init__()
+        self.full = False
+
+    def save_progress(self, job_id, progress):
+        if self.full:
+            raise OSError(28, "No space left on device")
+        super().save_progress(job_id, progress)
+
+    def save_site(self, job_id, site, rec):
+        if self.full:
+            raise OSError(28, "No space left on device")
+        super().save_site(job_id, site, rec)
+
+
+def test_a_full_state_dir_pauses_steps_says_so_and_resumes_exactly(caplog):
+    store = FlakyStore()
+    rig = Rig(JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1", "l2"], staleness=1),
+              steps=6, store=store)
+    rig.deliver()
+    rig.step()
+    store.full = True
+    with caplog.at_level(logging.ERROR, "colaflow.scheduler"):
+        rig.step()  # S = 1: step 1 runs on version 0, but its progress cannot be stored
+        with pytest.raises(OSError):  # nor the worker's update: it is not acknowledged
+            rig.deliver()
+    assert rig.sched.store_error.startswith("OSError") and "steps pause" in caplog.text
+    assert rig.sched.ready() == []  # nothing runs while the disk is full
+    store.full = False
+    rig.clock.now += 60  # past the back-off: the progress is stored, the error cleared
+    assert rig.sched.ready() == [] and rig.sched.store_error == ""  # it now waits for the update
+    rig.stream = rig.connect("w", rig.worker)  # the refused update ended the stream: the link reconnects
+    for u in rig.worker.resend():  # and resends what was not acknowledged
+        rig.sched.receive("w", u)
+    for _ in range(40):
+        rig.deliver()
+        if rig.sched.ready():
+            rig.step()
+    assert rig.sched.job("j").state == "done"
+    want = reference(rig.spec, 6)
+    got = final_params(rig.sched, "j")
+    assert all(torch.equal(got[s][n], want[s][n]) for s in want for n in want[s])
+
+
+def test_a_corrupt_checkpoint_is_set_aside_and_the_server_state_takes_over(tmp_path, caplog):
+    from colaflow.protocol import Assign, SiteStart
+    from colaflow.sites import Site
+
+    site = Site("l1", "linear", 4, 6)
+    spec = JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1"])
+    w = Worker("w", Checkpoints(tmp_path))
+    w.handle(Assign("j", spec, [SiteStart(site)]))
+    g = torch.Generator().manual_seed(0)
+    from colaflow import Packet
+
+    for step in range(2):
+        w.handle(Packets("j", step, [Packet("j", "l1", step, 0, torch.randn(3, 4, generator=g),
+                                            torch.randn(3, 6, generator=g))]))
+    path = tmp_path / "j.pt"
+    raw = bytearray(path.read_bytes())
+    raw[-100] ^= 0xFF  # one flipped byte deep in the tensor data: torch.load alone would not notice
+    path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.ERROR, "colaflow.worker"):
+        again = Worker("w", Checkpoints(tmp_path))  # starts, rather than failing with a traceback
+    assert not again.learners and "is corrupt (checksum mismatch)" in caplog.text
+    assert not path.exists() and list(tmp_path.glob("j.pt.corrupt-*"))
+
+
+def test_a_step_loop_that_keeps_failing_gives_up_and_says_so(monkeypatch):
+    from colaflow.server.coordinator import Coordinator
+
+    c = Coordinator(Host(Toy(), toy_loss))
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    monkeypatch.setattr(c, "step_once", lambda: 1 / 0)
+    c.run(max_failures=3)  # returns instead of spinning forever
+    assert "failed 3 times in a row: ZeroDivisionError" in c.fatal
+    assert c.health().status.startswith("step loop failing")
+
+
+def test_serving_off_loopback_needs_tls_and_tokens_or_says_insecure():
+    out = subprocess.run([sys.executable, "-m", "colaflow.cli.main", "serve", "--model", "tiny-llama",
+                          "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "0.0.0.0 is not a loopback address" in out.stderr
+    assert "TLS (--tls-cert/--tls-key) and tokens (--tokens)" in out.stderr and "--insecure" in out.stderr
