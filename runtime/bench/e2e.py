@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
     with Session(copy.deepcopy(model)) as s:
         wall, path, metrics = _run(s, examples, "inprocess", work)
     record("inprocess", wall, _exact_match(model, tokenizer, path, held_out), metrics)
-    for n in args.workers:
+    for n in args.workers or [1, 2, 4]:
         with LocalCluster(args.model, workers=n, server_threads=2, edge_threads=1) as cluster:
             _settle()
             with Session(address=cluster.address) as s:

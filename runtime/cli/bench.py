@@ -5,7 +5,8 @@ import argparse
 import importlib
 
 BENCHES = {"server-step": "colaflow.bench.server_step", "tenants": "colaflow.bench.tenants",
-           "wire": "colaflow.bench.wire", "state": "colaflow.bench.state", "e2e": "colaflow.bench.e2e"}
+           "wire": "colaflow.bench.wire", "state": "colaflow.bench.state", "e2e": "colaflow.bench.e2e",
+           "load": "colaflow.bench.load", "chaos": "colaflow.bench.chaos"}
 
 
 def add_parser(sub) -> None:
@@ -14,8 +15,10 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=5, help="measured rounds per side")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4],
-                   help="e2e: the edge daemon counts to run over gRPC (comma-separated)")
+    p.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="worker counts, comma-separated (e2e: daemons over gRPC, default 1,2,4; "
+                        "load: default 8,16,64,256)")
+    p.add_argument("--seconds", type=float, default=15.0, help="load: measured seconds per worker count")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     worker_id = args.worker_id or _stable_id(state)
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    if hasattr(signal, "SIGXFSZ"):  # a quota'd disk makes checkpoint writes fail (and retry), not the daemon die
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     daemon = Daemon(args.server, token, worker_id, state, args.device, ca)
     install_sigterm(daemon)
     return daemon.run()

@@ -1,0 +1,246 @@
+"""`colaflow bench chaos`: several tenants' jobs on one server and four workers, while a fault
+injector kills workers (some with their disk), kills and restarts the server, cuts and delays
+connections, fills a worker's disk and corrupts a worker's checkpoint. Loopback only, bounded.
+
+Every job's final adapters are compared, bit for bit, with its failure-free in-process run.
+Last line: {"faults": {kind: count}, "jobs": n, "completed": n, "identical": n, "seconds": s}.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .common import report
+
+POOL, ACME, GLOBEX = "chaos-worker-pool-token", "chaos-tenant-acme-token", "chaos-tenant-globex-token"
+
+
+class FlakyProxy:
+    """A loopback TCP proxy that adds latency to every chunk and can cut every live connection."""
+
+    def __init__(self, upstream: tuple[str, int], delay: float = 0.002):
+        self.upstream, self.delay = upstream, delay
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.live: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                try:
+                    client.close()
+                except Exception:
+                    pass
+                continue
+            with self.lock:
+                self.live += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                time.sleep(self.delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        with self.lock:
+            live, self.live = self.live, []
+        for s in live:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Chaos:
+    def __init__(self, work: Path, seed: int):
+        self.work, self.rng = work, random.Random(seed)
+        (work / "tokens.txt").write_text(f"{POOL} worker\n{ACME} control acme\n{GLOBEX} control globex\n")
+        (work / "worker.token").write_text(POOL)
+        self.port = _free_port()
+        self.server = self._serve()
+        self.proxy = FlakyProxy(("127.0.0.1", self.port))
+        self.edges: dict[str, subprocess.Popen] = {}
+        for name in ("e0", "e1", "e2", "e3"):
+            self.edges[name] = self._edge(name)
+        self.faults: Counter = Counter()
+
+    def _serve(self) -> subprocess.Popen:
+        log = open(self.work / "server.log", "a")
+        proc = subprocess.Popen([sys.executable, "-m", "colaflow.cli.main", "serve", "--model", "tiny-llama",
+                                 "--port", str(self.port), "--threads", "1", "--tokens", str(self.work / "tokens.txt"),
+                                 "--state-dir", str(self.work / "server-state"), "--reassign-after", "2"],
+                                stdout=subprocess.PIPE, stderr=log, text=True)
+        if "listening on" not in proc.stdout.readline():
+            raise RuntimeError(f"server did not start: {(self.work / 'server.log').read_text()[-2000:]}")
+        return proc
+
+    def _edge(self, name: str) -> subprocess.Popen:
+        address = self.proxy.address if name == "e0" else f"127.0.0.1:{self.port}"  # e0 lives behind the flaky link
+        log = open(self.work / f"edge-{name}.log", "a")
+        return subprocess.Popen([sys.executable, "-m", "colaflow.cli.main", "edge", "--server", address, "--threads", "1",
+                                 "--worker-id", name, "--state-dir", str(self.work / f"edge-{name}"),
+                                 "--token-file", str(self.work / "worker.token")],
+                                stdout=log, stderr=subprocess.STDOUT)
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def inject(self) -> str:
+        kind = self.rng.choice(["kill_worker", "kill_worker", "lose_worker", "kill_server", "cut_links",
+                                "full_disk", "corrupt_checkpoint"])
+        name = self.rng.choice(sorted(self.edges))
+        if kind in ("kill_worker", "lose_worker"):
+            self._kill(self.edges[name])
+            if kind == "lose_worker":
+                shutil.rmtree(self.work / f"edge-{name}", ignore_errors=True)
+                time.sleep(2.5)  # longer than --reassign-after: its sites move, with the server's learner state
+            self.edges[name] = self._edge(name)
+        elif kind == "kill_server":
+            self._kill(self.server)
+            time.sleep(self.rng.uniform(0.2, 1.5))
+            self.server = self._serve()
+        elif kind == "cut_links":
+            self.proxy.cut()
+        elif kind == "full_disk":  # the running worker's files may not grow: every checkpoint write fails
+            pid = self.edges[name].pid
+            try:
+                _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (1024, hard))  # the soft limit: raised again below
+                time.sleep(4)
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
+            except ProcessLookupError:
+                pass
+        elif kind == "corrupt_checkpoint":
+            self._kill(self.edges[name])
+            for f in (self.work / f"edge-{name}").glob("*.pt"):
+                raw = bytearray(f.read_bytes())
+                for _ in range(8):
+                    raw[self.rng.randrange(len(raw))] ^= 0xFF
+                f.write_bytes(bytes(raw))
+            self.edges[name] = self._edge(name)
+        self.faults[kind] += 1
+        return kind
+
+    def stop(self) -> None:
+        for p in [*self.edges.values(), self.server]:
+            self._kill(p)
+        self.proxy.sock.close()
+
+
+def _specs():
+    from colaflow import SGD, AdamW, JobSpec, LowRank, MLP
+
+    return [("acme", JobSpec("acme-1", LowRank(r=4), AdamW(lr=1e-2))),
+            ("acme", JobSpec("acme-2", LowRank(r=2), AdamW(lr=2e-2), staleness=1, fit_interval=2)),
+            ("globex", JobSpec("globex-1", MLP(hidden=8), SGD(lr=0.05, momentum=0.9), staleness=2, state_every=2)),
+            ("globex", JobSpec("globex-2", LowRank(r=4), AdamW(lr=1e-2), fit_interval=2))]
+
+
+def _reference(spec, examples: list[dict], steps: int) -> dict:
+    from colaflow import Trainer
+    from colaflow.data import from_map, to_map
+    from colaflow.models import tiny
+
+    trainer = Trainer(tiny("llama"), [spec])
+    batches = from_map(to_map(examples, 4, 0))
+    for _ in range(steps):
+        trainer.step({spec.job_id: next(batches)})
+    return {s: {n: p.detach().clone() for n, p in a.named_parameters()}
+            for s, a in trainer.scheduler.adapters(spec.job_id).items()}
+
+
+def main(args: argparse.Namespace) -> int:
+    from colaflow.client import Client
+    from colaflow.errors import ColaflowError
+    from colaflow.export import load
+
+    torch.set_num_threads(1)
+    steps, budget = 400, 600.0
+    g = torch.Generator().manual_seed(7)
+    examples = [{"input_ids": torch.randint(1, 96, (int(torch.randint(6, 14, (1,), generator=g)),),
+                                            generator=g).tolist()} for _ in range(16)]
+    work = Path(tempfile.mkdtemp(prefix="colaflow-chaos-"))
+    print(f"chaos: 4 jobs of 2 tenants x {steps} steps, 4 workers (one behind a flaky link), faults every "
+          f"1-3 s, at most {budget:.0f} s; logs in {work}", flush=True)
+    chaos = Chaos(work, seed=args.repeats)
+    clients = {t: Client(f"127.0.0.1:{chaos.port}", token=tok) for t, tok in (("acme", ACME), ("globex", GLOBEX))}
+    t0 = time.time()
+    try:
+        time.sleep(3)
+        for tenant, spec in _specs():
+            clients[tenant].submit(spec, examples, steps=steps, batch_size=4)
+        pending = {spec.job_id: tenant for tenant, spec in _specs()}
+        while pending and time.time() - t0 < budget:
+            time.sleep(chaos.rng.uniform(1.0, 3.0))
+            kind = chaos.inject()
+            print(f"  {time.time() - t0:6.1f} s  {kind}", flush=True)
+            for job, tenant in list(pending.items()):
+                try:
+                    if clients[tenant].get(job).state not in ("waiting", "running"):
+                        del pending[job]
+                except ColaflowError:
+                    pass  # the server is restarting
+        end = time.time() + 300  # faults stop; everything must still finish
+        while pending and time.time() < end:
+            for job, tenant in list(pending.items()):
+                try:
+                    if clients[tenant].get(job).state not in ("waiting", "running"):
+                        del pending[job]
+                except ColaflowError:
+                    pass
+            time.sleep(0.5)
+        completed = identical = 0
+        for tenant, spec in _specs():
+            status = clients[tenant].get(spec.job_id)
+            if status.state != "done":
+                print(f"  {spec.job_id}: {status.state} {status.error}")
+                continue
+            completed += 1
+            _, adapters = load(clients[tenant].export(spec.job_id, work / f"export-{spec.job_id}"))
+            want = _reference(spec, examples, steps)
+            same = all(torch.equal(p.detach(), want[s][n]) for s, a in adapters.items() for n, p in a.named_parameters())
+            identical += same
+            print(f"  {spec.job_id}: done, adapters {'identical to' if same else 'DIFFERENT from'} the failure-free run")
+    finally:
+        chaos.stop()
+    out = {"faults": dict(chaos.faults), "faults_total": sum(chaos.faults.values()), "jobs": len(_specs()),
+           "completed": completed, "identical": identical, "seconds": round(time.time() - t0, 1)}
+    report(out)
+    return 0 if identical == len(_specs()) else 1
