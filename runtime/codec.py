@@ -1,25 +1,35 @@
-"""The only place tensors become bytes and back: raw little-endian, bf16, fp16, int8 blockwise.
+"""The only place tensors become bytes and back: raw little-endian, bf16, fp16, int8 and int4 blockwise.
 
     enc = encode(g, "int8")        # Encoded(dtype="float32", shape=(N, D), codec="int8", data, scales, block)
     g2 = decode(enc)               # float32 again; |g2 - g| <= absmax(block) / 254 elementwise
 
 Error bounds (per element, for values in range): raw exact; bf16 relative 2^-8; fp16 relative
-2^-11 (|x| <= 65504, else refused); int8 absolute absmax(block)/254.
+2^-11 (|x| <= 65504, else refused); int8 absolute absmax(block)/254; int4 absolute absmax(block)/7.
+
+int4 rounds stochastically (up with probability equal to the remainder), so decode(encode(t)) is
+unbiased: E[q] = t. An adapter's gradient is linear in g (and in x, for x and g rounded
+independently), so the device's gradient stays unbiased too; rounding to nearest would bias it
+towards zero wherever |t| is small next to its block's absmax. The noise is seeded from the
+tensor's own values and a salt (serde passes job, step and site): a resend of a step encodes to
+the same bytes (failover stays exact), while equal inputs at different steps get fresh noise.
 """
 from __future__ import annotations
 
 import math
 import sys
+import zlib
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-CODECS = ("raw", "bf16", "fp16", "int8")
+CODECS = ("raw", "bf16", "fp16", "int8", "int4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32}
 INT8_BLOCK = 64  # 1 + 4/64 = 1.0625 bytes per element
+INT4_BLOCK = 64  # 0.5 + 4/64 = 0.5625 bytes per element
+_BLOCKED = {"int8": (INT8_BLOCK, 127), "int4": (INT4_BLOCK, 7)}
 MAX_ELEMENTS = 1 << 31
 MAX_DIMS = 8
 
@@ -53,8 +63,10 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint8).numpy()
 
 
-def encode(t: torch.Tensor, codec: str = "raw") -> Encoded:
-    """Encode a tensor; floating tensors may use a lossy codec, integer ones travel raw."""
+def encode(t: torch.Tensor, codec: str = "raw", salt: bytes = b"", seed: int | None = None) -> Encoded:
+    """Encode a tensor; floating tensors may use a lossy codec, integer ones travel raw. int4's
+    rounding noise is seeded by the tensor's values and `salt` (say, job and step: equal inputs of
+    different steps get independent noise, a resend of one step the same); or by `seed`."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; known: {CODECS}")
     dtype = _name(t.dtype)
@@ -66,12 +78,31 @@ def encode(t: torch.Tensor, codec: str = "raw") -> Encoded:
         if t.numel() and float(t.abs().max()) > 65504:
             raise ValueError(f"a value of magnitude {float(t.abs().max()):.3g} overflows fp16; use bf16 or int8")
         return Encoded(dtype, tuple(t.shape), codec, _bytes(t.to(torch.float16)))
+    block, top = _BLOCKED[codec]
     flat = t.detach().float().reshape(-1)
-    pad = (-flat.numel()) % INT8_BLOCK
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, INT8_BLOCK)  # (nb, block)
-    scale = blocks.abs().amax(1, keepdim=True) / 127.0  # (nb, 1)
-    q = torch.round(blocks / scale.clamp_min(1e-30)).clamp_(-127, 127).to(torch.int8)
-    return Encoded(dtype, tuple(t.shape), codec, _bytes(q.reshape(-1)[:flat.numel()]), _bytes(scale), INT8_BLOCK)
+    n = flat.numel()
+    blocks = torch.nn.functional.pad(flat, (0, (-n) % block)).view(-1, block)  # (nb, block)
+    scale = blocks.abs().amax(1, keepdim=True) / top  # (nb, 1)
+    v = blocks / scale.clamp_min(1e-30)
+    if codec == "int8":
+        q = torch.round(v).clamp_(-top, top).to(torch.int8).reshape(-1)[:n]
+        return Encoded(dtype, tuple(t.shape), codec, _bytes(q), _bytes(scale), block)
+    g = torch.Generator(device=v.device).manual_seed(_content_seed(flat, salt) if seed is None else seed)
+    q = torch.floor(v + torch.rand(v.shape, generator=g, device=v.device)).clamp_(-top, top)
+    q = (q.reshape(-1)[:n] + 8).to(torch.uint8)  # nibbles 1..15
+    q = torch.nn.functional.pad(q, (0, n % 2))
+    return Encoded(dtype, tuple(t.shape), codec, _bytes(q[0::2] | (q[1::2] << 4)), _bytes(scale), block)
+
+
+def through(t: torch.Tensor, codec: str, salt: bytes = b"") -> torch.Tensor:
+    """`t` as the receiver of `encode(t, codec, salt)` sees it (in-process delivery applies the wire's loss)."""
+    return t if codec == "raw" else decode(encode(t, codec, salt))
+
+
+def _content_seed(flat: torch.Tensor, salt: bytes) -> int:
+    """A seed from the tensor's values and `salt`, stable across processes: equal in, equal noise."""
+    stats = torch.stack([flat.sum(), flat.abs().sum(), flat[::7].sum()]).double().cpu().numpy()
+    return zlib.crc32(salt, zlib.crc32(np.int64(flat.numel()).tobytes() + stats.tobytes())) | (len(salt) << 32)
 
 
 def decode(e: Encoded) -> torch.Tensor:
@@ -88,22 +119,28 @@ def decode(e: Encoded) -> torch.Tensor:
     if n > MAX_ELEMENTS:
         raise ValueError(f"tensor of shape {e.shape} exceeds {MAX_ELEMENTS} elements")
     dtype = DTYPES[e.dtype]
-    wire = {"raw": dtype, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}[e.codec]
+    wire = {"raw": dtype, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "int4": torch.uint8}[e.codec]
     if e.codec != "raw" and not dtype.is_floating_point:
         raise ValueError(f"codec {e.codec!r} applies to floating tensors, not {e.dtype}")
+    count = (n + 1) // 2 if e.codec == "int4" else n  # int4: two elements per byte
     itemsize = torch.empty(0, dtype=wire).element_size()
-    if len(e.data) != n * itemsize:
-        raise ValueError(f"tensor `data` has {len(e.data)} bytes; shape {e.shape} in {e.codec} needs {n * itemsize}")
+    if len(e.data) != count * itemsize:
+        raise ValueError(f"tensor `data` has {len(e.data)} bytes; shape {e.shape} in {e.codec} needs {count * itemsize}")
     with warnings.catch_warnings():  # read-only buffers: the receiver never writes into them
         warnings.simplefilter("ignore", UserWarning)
-        t = torch.frombuffer(e.data, dtype=wire, count=n) if n else torch.empty(0, dtype=wire)
-        if e.codec == "int8":
-            nb = -(-n // e.block) if e.block > 0 else -1
-            if e.block <= 0 or len(e.scales) != 4 * nb:
-                raise ValueError(f"int8 tensor has {len(e.scales)} scale bytes for block {e.block}; "
-                                 f"needs {4 * max(nb, 0)}")
+        t = torch.frombuffer(e.data, dtype=wire, count=count) if n else torch.empty(0, dtype=wire)
+        if e.codec in _BLOCKED:
+            block = _BLOCKED[e.codec][0]
+            if e.block != block:  # a huge block would make the padding below a huge allocation
+                raise ValueError(f"{e.codec} tensor has block {e.block}; this codec uses {block}")
+            nb = -(-n // block)
+            if len(e.scales) != 4 * nb:
+                raise ValueError(f"{e.codec} tensor has {len(e.scales)} scale bytes for block {block}; needs {4 * nb}")
             scale = torch.frombuffer(e.scales, dtype=torch.float32, count=nb) if nb else torch.empty(0)
-            pad = nb * e.block - n
-            q = torch.nn.functional.pad(t.float(), (0, pad)).view(nb, e.block)
+            if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+                raise ValueError(f"{e.codec} tensor has a negative or non-finite block scale")
+            if e.codec == "int4":
+                t = torch.stack([t & 15, t >> 4], 1).reshape(-1)[:n].to(torch.int8) - 8
+            q = torch.nn.functional.pad(t.float(), (0, nb * e.block - n)).view(nb, e.block)
             t = (q * scale[:, None]).reshape(-1)[:n]
     return t.to(dtype).reshape(e.shape)

@@ -15,13 +15,15 @@ server's coordinator runs the same object on its device.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import Adapter, LowRankAdapter, build_adapter, load_params
+from .adapters import Adapter, build_adapter, load_params
 from .gl import Packet, Update, site_seed
 from .job import JobSpec
 from .loss import LossFn, causal_lm, per_job
@@ -51,11 +53,15 @@ class _Ctx:
     """What the site hooks need during one forward; lives only inside `step` / `using`."""
 
     rows: dict[str, torch.Tensor | None]  # job -> row indices (None: the job has every row)
-    row_job: torch.Tensor | None  # (B,) index into `order`, for mixed batches
     order: list[str]
     merged: set[str]  # sites whose weights already carry the single job's delta
     capture: bool
-    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    runs: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, job): rows of one job
+    seen: set[str] = field(default_factory=set)  # sites the forward ran
+    leaves: list[torch.Tensor] = field(default_factory=list)  # where the backward starts from
+    shapes: dict[str, tuple] = field(default_factory=dict)  # site -> its output's (shape, dtype, device)
+    stream: "_Stream | None" = None
+    gate: Callable[[str], None] | None = None
     inputs: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> x
     detached: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
@@ -71,6 +77,7 @@ class Host:
         self.jobs: dict[str, HostedJob] = {}
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._ctx: _Ctx | None = None
+        self._packing: ThreadPoolExecutor | None = None
         self.steps = 0
 
     # jobs and updates
@@ -124,16 +131,35 @@ class Host:
             raise KeyError(f"unknown job {job_id!r}; hosted: {sorted(self.jobs)}")
         return self.jobs[job_id]
 
+    def _packer(self) -> ThreadPoolExecutor:
+        """One thread that turns copied-out device tensors into packets, in order (CUDA steps only)."""
+        if self._packing is None:
+            self._packing = ThreadPoolExecutor(1, thread_name_prefix="colaflow-pack")
+        return self._packing
+
     def _device_of(self, site: Site) -> torch.device:
         return next(site_module(self.model, site).parameters()).device
 
     # the step
 
-    def step(self, batch: dict) -> StepResult:
-        """Forward with adapters, backward for site gradients only; one packet per (job, site)."""
+    def step(self, batch: dict, emit: Callable[[list[Packet]], None] | None = None,
+             gate: Callable[[str], None] | None = None) -> StepResult:
+        """Forward with adapters, backward for site gradients only; one packet per (job, site).
+
+        Packets stream out of the backward: a site's packet is made as soon as the gradients of
+        every site sharing its input exist (top layers first), and its g is released then. With
+        `emit`, each such group goes to `emit` at that moment (the wire overlaps the backward) and
+        `result.packets` stays empty; without, they are collected in `result.packets`. `gate(site)`
+        runs just before a site's adapter does: it may block until that site's version is loaded
+        (a step that starts while the devices still fit its lower layers).
+        """
         jobs = list(batch["jobs"])
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         inputs = {k: v for k, v in batch.items() if k not in ("jobs", "labels")}
         ctx = self._context(jobs, capture=True)
+        ctx.gate = gate
+        collected: list[Packet] = []
         self._ctx = ctx
         try:
             with torch.enable_grad():
@@ -143,37 +169,29 @@ class Host:
                 losses = per_job(row_sum, row_count, {j: torch.arange(len(jobs)) if r is None else r
                                                       for j, r in ctx.rows.items()})
                 for job_id in ctx.rows:
-                    missed = [n for n in self.jobs[job_id].sites if n not in ctx.outputs]
+                    missed = [n for n in self.jobs[job_id].sites if n not in ctx.seen]
                     if missed:  # e.g. a tied embedding whose module is not the one the forward calls
                         raise RuntimeError(f"site `{missed[0]}` of job {job_id!r} was not called in the forward "
                                            f"({len(missed)} of its sites were not); pick modules the forward runs")
-                names = list(ctx.outputs)
-                grads = torch.autograd.grad(sum(losses.values()), [ctx.outputs[n] for n in names],
-                                            allow_unused=True)
+                stream = _Stream(self, ctx, losses, emit or collected.extend)
+                ctx.stream, ctx.detached = stream, {}  # x now lives in ctx.inputs only, until it is sent
+                if not ctx.leaves:  # only when something upstream of every site already wants a gradient
+                    raise RuntimeError("no adapted site starts a gradient path: the model's inputs or parameters "
+                                       "require grad; the host expects a frozen model and integer inputs")
+                try:
+                    torch.autograd.grad(sum(losses.values()), ctx.leaves, allow_unused=True)
+                except BaseException:
+                    stream.abort()
+                    raise
+                stream.finish()  # sites no loss depends on: zero gradients
         finally:
             self._ctx = None
-        g_of = {n: (g if g is not None else torch.zeros_like(ctx.outputs[n])) for n, g in zip(names, grads)}
         mask = batch.get("attention_mask")
-        packets, tokens = [], {}
+        tokens = {}
         for job_id, rows in ctx.rows.items():
-            job = self.jobs[job_id]
             m = None if mask is None else (mask if rows is None else mask[rows])
             tokens[job_id] = int(m.sum()) if m is not None else len(jobs)
-            by_input: dict[int, list[str]] = {}  # sites reading one input share its tensor on the wire
-            for name in job.sites:
-                by_input.setdefault(id(ctx.inputs[(job_id, name)]), []).append(name)
-            for group in by_input.values():
-                x = _rows(ctx.inputs[(job_id, group[0])], rows)
-                gs = {n: _rows(g_of[n], rows) for n in group}
-                for n, g in gs.items():
-                    if not torch.isfinite(g).all():
-                        raise FloatingPointError(f"site `{n}`: gradient of job {job_id!r} at step {self.steps} "
-                                                 f"holds NaN or Inf (loss {float(losses[job_id].detach()):.4g})")
-                keep = _live_tokens(x, list(gs.values()), [job.sites[n].kind for n in group])
-                xs = _cut(x, keep)
-                for n in group:
-                    packets.append(Packet(job_id, n, self.steps, job.versions[n], xs, _cut(gs[n], keep)))
-        result = StepResult(self.steps, {j: float(v.detach()) for j, v in losses.items()}, packets, tokens)
+        result = StepResult(self.steps, {j: float(v.detach()) for j, v in losses.items()}, collected, tokens)
         self.steps += 1
         return result
 
@@ -196,10 +214,15 @@ class Host:
         if len(order) == 1:
             job = self.jobs[order[0]]
             merged = {n for n, a in job.adapters.items() if job.spec.merge and self._mergeable(job, n)}
-            return _Ctx({order[0]: None}, None, order, merged, capture)
+            return _Ctx({order[0]: None}, order, merged, capture)
         row_job = torch.tensor([order.index(j) for j in jobs])
         rows = {j: (row_job == i).nonzero().squeeze(1) for i, j in enumerate(order)}
-        return _Ctx(rows, row_job, order, set(), capture)
+        runs, start = [], 0
+        for i in range(1, len(jobs) + 1):
+            if i == len(jobs) or jobs[i] != jobs[start]:
+                runs.append((start, i, jobs[start]))
+                start = i
+        return _Ctx(rows, order, set(), capture, runs=runs)
 
     def _mergeable(self, job: HostedJob, name: str) -> bool:
         adapter, mod = job.adapters[name], site_module(self.model, name)
@@ -238,16 +261,21 @@ class Host:
             jobs = [j for j in ctx.order if name in self.jobs[j].adapters]
             if not jobs:
                 return None
-            if name in ctx.outputs:
+            if name in ctx.seen:
                 raise RuntimeError(f"site `{name}` was called twice in one forward; colaflow adapts "
                                    "modules that run once per forward")
             x = args[0]
+            if ctx.gate is not None:
+                ctx.gate(name)
             if ctx.capture and not output.requires_grad:
                 output = output.detach().requires_grad_(True)  # nothing below needs a gradient
+                ctx.leaves.append(output)
             delta = self._delta(name, x, output, jobs, ctx)
             out = output if delta is None else output + delta
-            if ctx.capture:
-                ctx.outputs[name] = out
+            ctx.seen.add(name)
+            ctx.shapes[name] = (out.shape, out.dtype, out.device)
+            if ctx.capture:  # g leaves the backward here, not at its end
+                out.register_hook(lambda g: ctx.stream.grad(name, g))
             return out
         return hook
 
@@ -256,17 +284,16 @@ class Host:
             job = self.jobs[jobs[0]]
             xj = self._adapter_input(job, name, x, ctx)
             return None if name in ctx.merged else job.adapters[name](xj)
-        adapters = [self.jobs[j].adapters[name] for j in jobs]
-        if len(jobs) == len(ctx.order) and _uniform_lowrank(adapters):
-            for j in jobs:
-                self._adapter_input(self.jobs[j], name, x, ctx)
-            return _mixed_lowrank(x, adapters, ctx.row_job)
-        delta = output.new_zeros(output.shape)
-        for j in jobs:
-            rows = ctx.rows[j]
-            xj = self._adapter_input(self.jobs[j], name, x, ctx)
-            delta = delta.index_put((rows,), self.jobs[j].adapters[name](xj[rows]))
-        return delta
+        # a mixed batch: each run of one job's rows through that job's adapter, one call per run
+        # (no per-row copies of A and B), and zeros for rows whose job does not adapt this site
+        xs = {j: self._adapter_input(self.jobs[j], name, x, ctx) for j in jobs}
+        parts = []
+        for start, end, j in ctx.runs:
+            if j in xs:
+                parts.append(self.jobs[j].adapters[name](xs[j][start:end]))
+            else:
+                parts.append(output.new_zeros((end - start, *output.shape[1:])))
+        return torch.cat(parts)
 
     def _adapter_input(self, job: HostedJob, name: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
         """The input the adapter sees: x, or x after the adapter's dropout (the device fits that)."""
@@ -280,22 +307,103 @@ class Host:
         return x
 
 
-def _uniform_lowrank(adapters: list[Adapter]) -> bool:
-    first = adapters[0]
-    return all(isinstance(a, LowRankAdapter) and a.site.kind in ("linear", "conv1d") and a.spec.dropout == 0
-               and a.spec.r == first.spec.r and a.A.dtype == first.A.dtype for a in adapters)
+class _Stream:
+    """Turns site gradients into packets during the backward, one input group at a time.
+
+    Sites of a job that read one input share its tensor on the wire and one token mask, so a
+    group's packets leave when the last of its gradients exists; each g and x is dropped then.
+    """
+
+    def __init__(self, host: Host, ctx: _Ctx, losses: dict[str, torch.Tensor], emit: Callable[[list[Packet]], None]):
+        self.host, self.ctx, self.losses, self.emit = host, ctx, losses, emit
+        self.grads: dict[str, torch.Tensor] = {}
+        self.waiting: dict[tuple[str, int], set[str]] = {}  # (job, group) -> sites still without g
+        self.groups: dict[tuple[str, int], list[str]] = {}
+        self.of_site: dict[str, list[tuple[str, int]]] = {}
+        self.copying: list = []  # futures of the groups whose device-to-host copies are in flight
+        self.failed = False
+        for job_id in ctx.rows:
+            by_input: dict[int, list[str]] = {}
+            for name in host.jobs[job_id].sites:
+                by_input.setdefault(id(ctx.inputs[(job_id, name)]), []).append(name)
+            for i, group in enumerate(by_input.values()):
+                self.groups[(job_id, i)], self.waiting[(job_id, i)] = group, set(group)
+                for name in group:
+                    self.of_site.setdefault(name, []).append((job_id, i))
+
+    def grad(self, name: str, g: torch.Tensor) -> None:
+        self.grads[name] = g.detach()
+        for key in self.of_site.get(name, []):
+            self.waiting[key].discard(name)
+            if not self.waiting[key]:
+                self._send(key)
+
+    def finish(self) -> None:
+        """Send the groups whose sites got no gradient at all (zero g: unused by every loss), and wait
+        for the copies still in flight."""
+        for key in [k for k, left in self.waiting.items() if left]:
+            for name in list(self.waiting[key]):
+                shape, dtype, device = self.ctx.shapes[name]
+                self.grads.setdefault(name, torch.zeros(shape, dtype=dtype, device=device))
+            self._send(key)
+        for copied in self.copying:
+            copied.result()  # raises the first group's error, if any
+
+    def _send(self, key: tuple[str, int]) -> None:
+        job_id, _ = key
+        group = self.groups.pop(key)
+        del self.waiting[key]
+        rows, ctx = self.ctx.rows[job_id], self.ctx
+        x = _rows(ctx.inputs[(job_id, group[0])], rows)
+        gs = {n: _rows(self.grads[n], rows) for n in group}
+        for n in group:
+            ctx.inputs.pop((job_id, n), None)
+            self.of_site[n] = [k for k in self.of_site[n] if k != key]
+            if not self.of_site[n]:  # a g no other job's group still waits for is released now
+                self.grads.pop(n, None)
+        if x.is_cuda:  # copy out without waiting; a host thread checks, cuts and emits the copy, so
+            # the backward's thread goes on launching kernels (no synchronisation per site)
+            x, gs = _to_host(x), {n: _to_host(g) for n, g in gs.items()}
+            event = torch.cuda.Event()
+            event.record()
+            self.copying.append(self.host._packer().submit(self._emit_copied, event, job_id, group, x, gs))
+        else:
+            self._emit(job_id, group, x, gs)
+
+    def abort(self) -> None:
+        """The step failed: nothing more of it leaves; wait for the copies in flight."""
+        self.failed = True
+        for copied in self.copying:
+            copied.exception()
+
+    def _emit_copied(self, event, job_id: str, group: list[str], x: torch.Tensor, gs: dict) -> None:
+        event.synchronize()
+        if not self.failed:  # after a bad group, nothing more of this step leaves
+            try:
+                self._emit(job_id, group, x, gs, pinned=True)
+            except BaseException:
+                self.failed = True
+                raise
+
+    def _emit(self, job_id: str, group: list[str], x: torch.Tensor, gs: dict[str, torch.Tensor],
+              pinned: bool = False) -> None:
+        job = self.host.jobs[job_id]
+        for n, g in gs.items():
+            if not torch.isfinite(g).all():
+                raise FloatingPointError(f"site `{n}`: gradient of job {job_id!r} at step {self.host.steps} "
+                                         f"holds NaN or Inf (loss {float(self.losses[job_id].detach()):.4g})")
+        keep = _live_tokens(x, list(gs.values()), [job.sites[n].kind for n in group])
+        cut = {n: _cut(g, keep) for n, g in gs.items()}
+        xs = _cut(x, keep)
+        if pinned:  # packets may be kept for a while: they must not hold page-locked staging memory
+            xs = xs.clone() if xs.data_ptr() == x.data_ptr() else xs
+            cut = {n: c.clone() if c.data_ptr() == gs[n].data_ptr() else c for n, c in cut.items()}
+        self.emit([Packet(job_id, n, self.host.steps, job.versions[n], xs, cut[n]) for n in group])
 
 
-def _mixed_lowrank(x: torch.Tensor, adapters: list[LowRankAdapter], row_job: torch.Tensor) -> torch.Tensor:
-    """Every row through its own job's low-rank adapter in two batched matmuls."""
-    B = x.shape[0]
-    idx = row_job.to(x.device)
-    A = torch.stack([a.A for a in adapters])[idx]  # (B, r, in)
-    Bm = torch.stack([a.B for a in adapters])[idx]  # (B, out, r)
-    scale = torch.tensor([a.scaling for a in adapters], dtype=x.dtype, device=x.device)[idx]  # (B,)
-    h = torch.bmm(x.reshape(B, -1, x.shape[-1]), A.transpose(1, 2))  # (B, T, r)
-    d = torch.bmm(h, Bm.transpose(1, 2)) * scale.view(B, 1, 1)  # (B, T, out)
-    return d.reshape(*x.shape[:-1], d.shape[-1])
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """An asynchronous copy of a device tensor into pinned host memory (valid once its event is done)."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:

@@ -25,7 +25,7 @@ class JobSpec:
     # default: for small ranks the unmerged delta costs less than a cached W + dW per site.
     merge: bool = False
     seed: int = 0  # adapter initialisation, so server and device build the same start
-    codec_x: str = "raw"  # wire codec of the site inputs x: raw, bf16, fp16, int8
+    codec_x: str = "raw"  # wire codec of the site inputs x: raw, bf16, fp16, int8, int4
     codec_g: str = "raw"  # wire codec of the gradients g
     # Every `state_every` fits the worker sends its full learner state (optimizer moments included)
     # with the update, and the server keeps the packets since: a device lost for good is replaced

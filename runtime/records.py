@@ -101,6 +101,8 @@ class StepPlan:
     step: int
     need: int  # the version of every site in this step
     apply: list[Update]
+    waiting: list[str] = field(default_factory=list)  # sites whose version is not in yet (layered start)
+    staleness: int = 0  # the newest version in at the step's start, less the one it uses
 
 
 def restored_job(stored: dict) -> JobRecord:

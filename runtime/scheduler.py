@@ -40,6 +40,10 @@ from .store import Store
 log = logging.getLogger("colaflow.scheduler")
 
 
+class Abandoned(Exception):
+    """A step stopped half-way because its job stopped running (cancelled, failed, moved on)."""
+
+
 class Scheduler:
     def __init__(self, store: Store | None = None, reassign_after: float = 30.0,
                  clock: Callable[[], float] = time.monotonic, max_workers: int = 10_000):
@@ -127,42 +131,80 @@ class Scheduler:
 
     # steps
 
-    def ready(self) -> list[str]:
-        """Jobs whose next step may run now; also moves lost workers' sites and finishes jobs."""
+    def ready(self, layered: bool = False) -> list[str]:
+        """Jobs whose next step may run now; also moves lost workers' sites and finishes jobs.
+
+        `layered`: also jobs whose step may start before every site's version is in (the forward
+        waits at each site for its own; see `begin`), but not those that merge their weights.
+        """
         self._reassign_lost()
         if not self._flush():
             return []  # no step runs while the store cannot keep what steps change
-        return [j.job_id for j in list(self.jobs.values()) if self._advance(j)]
+        return [j.job_id for j in list(self.jobs.values()) if self._advance(j, layered and self._startable(j))]
 
-    def begin(self, job_id: str) -> StepPlan:
-        """The plan of a ready job's next step; raises if it is not ready."""
+    def _startable(self, job: JobRecord) -> bool:
+        """May this job's step start before its versions are in: no merge, and every site still
+        waiting has a connected owner (else nothing would arrive)."""
+        need = job.need(job.t)
+        return not job.spec.merge and all(
+            r.received >= need or (r.owner in self.workers and self.workers[r.owner].connected)
+            for r in job.sites.values())
+
+    def begin(self, job_id: str, layered: bool = False) -> StepPlan:
+        """The plan of a ready job's next step; raises if it is not ready. With `layered`, sites whose
+        version is not in yet are `plan.waiting`: take each with `arrived` before the forward uses it."""
         job = self.job(job_id)
-        if not self._advance(job):
+        layered = layered and not job.spec.merge  # merged weights are made before the forward starts
+        if not self._advance(job, layered):
             lagging = {n: r.received for n, r in job.sites.items() if r.received < job.need(job.t)}
             raise RuntimeError(f"job {job_id!r} ({job.state}) cannot run step {job.t}: it needs version "
                                f"{job.need(job.t)} of every site; behind: {lagging}")
-        need, apply = job.need(job.t), []
+        need, apply, waiting = job.need(job.t), [], []
         for name, rec in job.sites.items():
-            if rec.applied != need:
+            if rec.received < need:
+                waiting.append(name)
+            elif rec.applied != need:
                 apply.append(Update(job_id, name, need, self._params(job, rec, need), 0.0))
                 rec.applied = need
-        return StepPlan(job_id, job.t, need, apply)
+        newest = max(r.received for r in job.sites.values())  # what the step could have used, at its start
+        return StepPlan(job_id, job.t, need, apply, waiting, max(0, newest - need))
+
+    def arrived(self, plan: StepPlan, site: str) -> Update | None:
+        """A waiting site's update for `plan` once its version is in (None: not yet); raises
+        `Abandoned` if the job stopped running meanwhile."""
+        job = self.jobs.get(plan.job)
+        if job is None or job.state != "running" or job.t != plan.step:
+            raise Abandoned(f"job {plan.job!r} stopped while step {plan.step} waited for `{site}`")
+        rec = job.sites[site]
+        if rec.received < plan.need:
+            return None
+        rec.applied = plan.need
+        return Update(plan.job, site, plan.need, self._params(job, rec, plan.need), 0.0)
+
+    def publish(self, plan: StepPlan, packet: Packet) -> None:
+        """One packet of a running step: its owner may have it now (a step streams its packets)."""
+        job = self.jobs.get(plan.job)
+        if job is None or job.state != "running" or job.t != plan.step:
+            return  # cancelled or failed while the step ran
+        if packet.site not in job.sites or packet.version != plan.need:
+            raise RuntimeError(f"host packet for site `{packet.site}` used version {packet.version}; "
+                               f"the scheduler planned {plan.need}")
+        rec = job.sites[packet.site]
+        if plan.step <= self._floor(job, rec):
+            return  # durable state already folds this step in (its fit came back before the step ended)
+        packet.step = plan.step
+        rec.retained[plan.step] = packet
 
     def finish(self, plan: StepPlan, packets: list[Packet], loss: float, tokens: int, seconds: float = 0.0) -> None:
-        """Take a step's packets (kept until durable state covers them) and advance the job."""
+        """Take a step's packets (those not published during it) and advance the job."""
         job = self.jobs.get(plan.job)
         if job is None or job.state != "running" or job.t != plan.step:
             return  # cancelled or failed while the step ran
         for p in packets:
-            if p.site not in job.sites or p.version != plan.need:
-                raise RuntimeError(f"host packet for site `{p.site}` used version {p.version}; "
-                                   f"the scheduler planned {plan.need}")
-            p.step = plan.step
-            job.sites[p.site].retained[plan.step] = p
-        newest = max(r.received for r in job.sites.values())
-        job.max_staleness = max(job.max_staleness, newest - plan.need)
+            self.publish(plan, p)
+        job.max_staleness = max(job.max_staleness, plan.staleness)
         job.losses.append(loss)
-        job.metrics.append({"step": plan.step, "loss": loss, "tokens": tokens, "staleness": newest - plan.need,
+        job.metrics.append({"step": plan.step, "loss": loss, "tokens": tokens, "staleness": plan.staleness,
                             "seconds": seconds, "time": time.time(),  # seconds: the server's compute
                             "fits": job.fits, "bytes_sent": job.bytes_sent, "bytes_received": job.bytes_received})
         if job.events:
@@ -170,7 +212,7 @@ class Scheduler:
         job.t += 1
         self._save_progress(job)
 
-    def _advance(self, job: JobRecord) -> bool:
+    def _advance(self, job: JobRecord, layered: bool = False) -> bool:
         """Move a job through waiting -> running -> done; True if its next step may run now."""
         if job.state == "waiting" and all(r.owner is not None for r in job.sites.values()):
             job.state = "running"
@@ -183,7 +225,7 @@ class Scheduler:
                 self._end(job, "done", "")
             return False
         need = job.need(job.t)
-        return all(r.received >= need for r in job.sites.values())
+        return layered or all(r.received >= need for r in job.sites.values())
 
     def _end(self, job: JobRecord, state: str, reason: str) -> None:
         job.state, job.error = state, reason
@@ -409,7 +451,9 @@ class Scheduler:
         return sum(r.owner == worker_id for j in self.jobs.values() for r in j.sites.values())
 
     def _assign(self) -> None:
-        """Give every unowned site of a live job to the connected worker with the fewest sites."""
+        """Give every unowned site of a live job to the connected worker with the fewest sites; sites
+        of one parent module (q_proj and v_proj of one attention) go together, since they usually
+        read one input and a shared input travels once per worker."""
         live = sorted(w.worker_id for w in self.workers.values() if w.connected and not w.quarantined)
         if not live:
             return
@@ -418,12 +462,16 @@ class Scheduler:
             if job.state not in LIVE:
                 continue
             new: dict[str, list[str]] = {}
+            groups: dict[str, list[str]] = {}
             for name, rec in job.sites.items():
                 if rec.owner is None:
-                    wid = min(live, key=lambda k: (load[k], k))
-                    rec.owner = wid
-                    load[wid] += 1
-                    new.setdefault(wid, []).append(name)
+                    groups.setdefault(name.rpartition(".")[0] or name, []).append(name)
+            for names in groups.values():
+                wid = min(live, key=lambda k: (load[k], k))
+                for name in names:
+                    job.sites[name].owner = wid
+                load[wid] += len(names)
+                new.setdefault(wid, []).extend(names)
             for wid, names in new.items():
                 self._send_assign(self.workers[wid], job, names)
                 log.info("assigned job %s sites %d -> worker %s", job.job_id, len(names), wid)

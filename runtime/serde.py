@@ -26,15 +26,16 @@ __all__ = ["CHUNK_BYTES", "Credit", "Goodbye", "Heartbeat", "Inbox", "Opening", 
            "to_server", "opening", "credit", "goodbye", "heartbeat_to_worker", "heartbeat_to_server"]
 
 _CODEC_PB = {"raw": tensor_pb2.CODEC_RAW, "bf16": tensor_pb2.CODEC_BF16, "fp16": tensor_pb2.CODEC_FP16,
-             "int8": tensor_pb2.CODEC_INT8}
+             "int8": tensor_pb2.CODEC_INT8, "int4": tensor_pb2.CODEC_INT4}
 _PB_CODEC = {v: k for k, v in _CODEC_PB.items()}
 
 
 # tensors
 
-def tensor_to_proto(t: torch.Tensor, codec_name: str = "raw", parts: Parts | None = None) -> tensor_pb2.Tensor:
+def tensor_to_proto(t: torch.Tensor, codec_name: str = "raw", parts: Parts | None = None,
+                    salt: bytes = b"") -> tensor_pb2.Tensor:
     """A Tensor message; with `parts`, its bytes are appended there (payload mode), else inline."""
-    e = codec.encode(t, codec_name)
+    e = codec.encode(t, codec_name, salt)
     m = tensor_pb2.Tensor(dtype=e.dtype, shape=e.shape, codec=_CODEC_PB[e.codec], block=e.block)
     if parts is None:
         m.inline, m.data, m.scales = True, bytes(e.data), bytes(e.scales)
@@ -95,11 +96,16 @@ def packets_to_proto(msg: Packets, codec_x: str = "raw", codec_g: str = "raw") -
             raise ValueError("one PacketFrame carries one job's step")
         if id(p.x) not in index:
             index[id(p.x)] = len(frame.inputs)
-            frame.inputs.append(tensor_to_proto(p.x, codec_x, parts))
+            frame.inputs.append(tensor_to_proto(p.x, codec_x, parts, packet_salt(msg.job, msg.step, "x")))
     for p in msg.packets:
         frame.sites.append(worker_pb2.SiteGrad(site=p.site, version=p.version, input=index[id(p.x)],
-                                               g=tensor_to_proto(p.g, codec_g, parts)))
+                                               g=tensor_to_proto(p.g, codec_g, parts, packet_salt(msg.job, msg.step, p.site))))
     return frame, parts
+
+
+def packet_salt(job: str, step: int, role: str) -> bytes:
+    """What seeds a packet tensor's codec noise with its values: the same on a resend of the step."""
+    return f"{job}\0{step}\0{role}".encode()
 
 
 def packets_from_proto(frame: worker_pb2.PacketFrame, payload=None) -> Packets:

@@ -57,8 +57,30 @@ class Worker:
         return [u for key in sorted(self.unacked) for u in self.unacked[key] if id(u) not in held]
 
     def handle(self, msg: ToWorker) -> list[ToServer]:
-        if isinstance(msg, Packets):
-            return self._packets(msg)
+        return self.handle_all([msg])
+
+    def handle_all(self, msgs: list[ToWorker]) -> list[ToServer]:
+        """Handle messages in order; the fits of consecutive packet frames are checkpointed once per
+        job (a step streams out as many frames as it has input groups; a disk write each would cost)."""
+        out: list[ToServer] = []
+        fitted: dict[str, list[Update]] = {}
+        for msg in msgs:
+            if isinstance(msg, Packets):
+                out += self._packets(msg, fitted.setdefault(msg.job, []))
+                continue
+            out += self._release(fitted)  # before an Ack, Assign or Revoke changes what is held
+            out += self._other(msg)
+        return out + self._release(fitted)
+
+    def _release(self, fitted: dict[str, list[Update]]) -> list[ToServer]:
+        out: list[ToServer] = []
+        for job, new in fitted.items():
+            if new:  # held ones from an earlier failure go with them, in order
+                out += self._emit(job, new)
+        fitted.clear()
+        return out
+
+    def _other(self, msg: ToWorker) -> list[ToServer]:
         if isinstance(msg, Assign):
             return self._assign(msg)
         if isinstance(msg, Ack):
@@ -107,10 +129,9 @@ class Worker:
         log.info("assigned job %s: %d sites", a.job, len(a.sites))
         return out
 
-    def _packets(self, frame: Packets) -> list[ToServer]:
-        """Fit what the frame completes, checkpoint the job once, then release the updates."""
+    def _packets(self, frame: Packets, new: list[Update]) -> list[ToServer]:
+        """Fit what the frame completes; its updates go to `new` (released once checkpointed)."""
         out: list[ToServer] = []
-        new: list[Update] = []
         for p in frame.packets:
             learner = self.learners.get((p.job, p.site))
             if learner is None or p.step <= learner.fitted_through + len(learner.buffer):
@@ -125,8 +146,6 @@ class Worker:
                 self.fits += 1
                 self.unacked.setdefault((p.job, p.site), []).append(update)
                 new.append(update)
-        if new:  # held ones from an earlier failure go with them, in order
-            out += self._emit(frame.job, new)
         return out
 
     def _emit(self, job: str, new: list[Update]) -> list[Update]:
@@ -135,7 +154,7 @@ class Worker:
         held += new
         if self.store is not None:
             try:
-                self.store.save(job, self._checkpoint(job))
+                self.store.save(job, self._checkpoint(job, {u.site for u in held}))
             except OSError as e:
                 self._failures += 1
                 delay = min(self.max_backoff, 0.5 * 2 ** min(self._failures, 10))
@@ -162,7 +181,7 @@ class Worker:
             return
         try:
             if any(j == r.job for j, _ in self.learners):
-                self.store.save(r.job, self._checkpoint(r.job))
+                self.store.remove(r.job, list(r.sites))
             else:
                 self.store.remove(r.job)
         except OSError as e:  # a stale checkpoint is harmless: the server revokes it again on connect
@@ -170,10 +189,11 @@ class Worker:
 
     # checkpoints: plain dicts of tensors and values (read back with weights_only=True)
 
-    def _checkpoint(self, job: str) -> dict:
+    def _checkpoint(self, job: str, sites: set[str]) -> dict:
+        """The entries of `sites` of `job` (those whose learners moved since their last checkpoint)."""
         return {site: {"spec": l.spec.to_dict(), "site": l.site.to_dict(), "state": state_to_dict(l.state()),
                        "unacked": [update_to_dict(u) for u in self.unacked.get((j, site), [])]}
-                for (j, site), l in self.learners.items() if j == job}
+                for (j, site), l in self.learners.items() if j == job and site in sites}
 
     def _restore(self) -> None:
         for job, sites in self.store.load().items():

@@ -24,7 +24,7 @@ from colaflow.host import Host
 from colaflow.job import JobSpec
 from colaflow.protocol import Hello, ToServer, ToWorker
 from colaflow.records import LIVE, StepPlan
-from colaflow.scheduler import Scheduler
+from colaflow.scheduler import Abandoned, Scheduler
 from colaflow.store import Store
 
 log = logging.getLogger("colaflow.server")
@@ -63,8 +63,11 @@ class Closed(Exception):
 
 
 class Coordinator:
-    def __init__(self, host: Host, reassign_after: float = 30.0, store: Store | None = None, mix: bool = False):
-        self.host, self.mix = host, mix
+    def __init__(self, host: Host, reassign_after: float = 30.0, store: Store | None = None, mix: bool = False,
+                 layered: bool = True):
+        self.host, self.mix, self.layered = host, mix, layered
+        self.layer_wait = 60.0  # seconds a layered step waits for its versions before it starts over
+        self._unused: dict[str, tuple[int, dict]] = {}  # job -> (step, batch) of a step that was abandoned
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.listeners: list = []  # called (under the lock) whenever workers may have something new
@@ -267,9 +270,12 @@ class Coordinator:
         with self.lock:
             for job_id in self.scheduler.take_ended():
                 self.data.pop(job_id, None)
+                self._unused.pop(job_id, None)
                 if job_id in self.host.jobs:
                     self.host.remove_job(job_id)  # a finished job's adapters live on in the scheduler
-            ready = self.scheduler.ready()
+            ready, layered = self.scheduler.ready(), False
+            if not ready and self.layered and not self.mix:  # start a step while its lower layers still fit
+                ready, layered = self.scheduler.ready(layered=True), True
             if not ready:
                 self._notify()  # ready() may have moved a lost worker's sites
                 return False
@@ -279,7 +285,8 @@ class Coordinator:
             work = []
             for job_id in ready:
                 try:
-                    batch = next(self.data[job_id])
+                    held = self._unused.pop(job_id, None)  # an abandoned step's batch: step t keeps batch t
+                    batch = held[1] if held and held[0] == self.scheduler.job(job_id).t else next(self.data[job_id])
                 except StopIteration:
                     self.scheduler.fail(job_id, "its data ran out")
                     continue
@@ -287,7 +294,7 @@ class Coordinator:
                     log.exception("job %s: its data failed", job_id)
                     self.scheduler.fail(job_id, f"its data failed: {type(e).__name__}: {e}")
                     continue
-                plan = self.scheduler.begin(job_id)
+                plan = self.scheduler.begin(job_id, layered)
                 for update in plan.apply:
                     self.host.apply(update)
                 work.append((plan, batch))
@@ -300,8 +307,19 @@ class Coordinator:
         if not work:
             return
         t0 = time.perf_counter()
+        alone = work[0][0] if len(work) == 1 else None
         try:
-            result = self.host.step(collate([(plan.job, batch) for plan, batch in work]))
+            # one job: its packets go to their owners as the backward makes them, and the forward
+            # waits at each site still fitting; a mixed step publishes at its end (a retry stays clean)
+            result = self.host.step(collate([(plan.job, batch) for plan, batch in work]),
+                                    emit=None if alone is None else (lambda p: self._publish(alone, p)),
+                                    gate=None if alone is None or not alone.waiting else self._gate(alone))
+        except Abandoned as e:
+            log.info("%s", e)
+            with self.lock:
+                for plan, batch in work:
+                    self._unused[plan.job] = (plan.step, batch)
+            return
         except Exception as e:
             if len(work) > 1:  # find the culprit: every job alone
                 log.warning("mixed step of %s failed (%s); retrying them one by one", [p.job for p, _ in work], e)
@@ -318,3 +336,31 @@ class Coordinator:
             for plan, _ in work:
                 packets = [p for p in result.packets if p.job == plan.job]
                 self.scheduler.finish(plan, packets, result.losses[plan.job], result.tokens[plan.job], seconds)
+
+    def _publish(self, plan: StepPlan, packets: list) -> None:
+        with self.lock:  # one group at a time: sites that share an input leave in one frame
+            for p in packets:
+                self.scheduler.publish(plan, p)
+            self._notify()
+
+    def _gate(self, plan: StepPlan):
+        """Block the forward at a site until its version is in, then load it (layered start). The step
+        is abandoned (and runs again later, with the same batch) after `layer_wait` seconds, when
+        the server stops, or when another job becomes ready: a waiting job never holds others up."""
+        waiting = set(plan.waiting)
+        deadline = time.monotonic() + self.layer_wait
+
+        def gate(site: str) -> None:
+            if site not in waiting:
+                return
+            with self.lock:
+                while (update := self.scheduler.arrived(plan, site)) is None:
+                    others = [j for j in self.scheduler.ready() if j != plan.job]  # also moves a lost worker's sites
+                    self._notify()
+                    if self._stop or others or time.monotonic() > deadline:
+                        why = "the server stops" if self._stop else f"{others[0]} is ready" if others else "timeout"
+                        raise Abandoned(f"step {plan.step} of job {plan.job} stopped waiting for `{site}` ({why})")
+                    self.cond.wait(0.05)
+            waiting.discard(site)
+            self.host.apply(update)
+        return gate

@@ -4,6 +4,8 @@ from __future__ import annotations
 import socket
 import threading
 
+from colaflow.bench.shaper import hang_up
+
 
 class CuttingProxy:
     def __init__(self, upstream: str, cut_after: int):
@@ -45,12 +47,7 @@ class CuttingProxy:
                 sent += len(data)
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+        hang_up(src, dst)
 
     def close(self):
         self.sock.close()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from colaflow import Host, JobSpec, Scheduler, Worker
+from colaflow.scheduler import Abandoned
 from colaflow.checkpoint import MemoryCheckpoints
 from colaflow.data import collate
 from colaflow.store import MemoryStore
@@ -88,6 +89,7 @@ class Sim:
     def _server(self) -> None:
         self.host = Host(Toy(), toy_loss)
         self.sched = Scheduler(self.store, REASSIGN_AFTER, self.clock)
+        self.running: list | None = None  # the step in progress: [plan, waiting sites, packet groups, result]
         if self.spec.job_id in self.sched.jobs:  # restored
             self.host.add_job(self.spec)
         else:
@@ -176,14 +178,45 @@ class Sim:
         return False
 
     def _step(self) -> bool:
-        ready = self.sched.ready()
-        if not ready:
-            return False
-        plan = self.sched.begin(ready[0])
-        for u in plan.apply:
-            self.host.apply(u)
-        result = self.host.step(collate([(plan.job, self.batches[plan.step])]))
-        self.sched.finish(plan, result.packets, result.losses[plan.job], result.tokens[plan.job])
+        """One piece of a step, as the coordinator runs it: begin (before every site's version is in,
+        when nothing else is ready: layered), load each waiting site once its version arrives,
+        compute, publish one group of packets per call, finish. Any action may come between pieces,
+        as the wire and the workers interleave with the server's step thread."""
+        if self.running is None:
+            full = self.sched.ready()
+            ready = full or self.sched.ready(layered=True)
+            if not ready:
+                return False
+            plan = self.sched.begin(ready[0], layered=not full)
+            for u in plan.apply:
+                self.host.apply(u)
+            self.running = [plan, list(plan.waiting), None, None]
+            return True
+        plan, waiting, groups, result = self.running
+        if waiting:
+            try:
+                arrived = [(site, self.sched.arrived(plan, site)) for site in waiting]
+            except Abandoned:
+                self.running = None
+                return True
+            for site, u in arrived:
+                if u is not None:
+                    self.host.apply(u)
+                    waiting.remove(site)
+            if waiting:
+                self.sched.ready()  # as the coordinator's wait does: a lost worker's sites move
+            return len(waiting) < len(arrived)
+        if groups is None:
+            groups = []
+            result = self.host.step(collate([(plan.job, self.batches[plan.step])]), emit=groups.append)
+            self.running[2:] = [groups, result]
+            return True
+        if groups:
+            for p in groups.pop(0):
+                self.sched.publish(plan, p)
+            return True
+        self.sched.finish(plan, [], result.losses[plan.job], result.tokens[plan.job])
+        self.running = None
         return True
 
     def _to_worker(self, w: SimWorker) -> bool:

@@ -52,6 +52,27 @@ def test_lossy_codecs_hold_their_bounds(codec, bytes_per_elem, elem_bound):
     assert float((decode(encode(g, codec)) - g).norm() / g.norm()) < 0.01
 
 
+def test_int4_is_unbiased_within_its_bound_and_deterministic():
+    """int4: 0.5625 bytes per element, error < absmax(block)/7, stochastic rounding with mean zero
+    (nearest rounding would not be), and one tensor always gives the same bytes (replays stay exact)."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 77) * torch.logspace(-3, 2, 77)
+    e = encode(x, "int4")
+    assert e.nbytes / x.numel() <= 0.5625 + 1e-3
+    m = torch.nn.functional.pad(x.reshape(-1).abs(), (0, (-x.numel()) % 64)).view(-1, 64).amax(1)
+    m = m.repeat_interleave(64)[: x.numel()].view_as(x)
+    assert ((decode(e) - x).abs() <= m / 7 * (1 + 1e-6)).all()
+    assert bytes(encode(x.clone(), "int4").data) == bytes(e.data)
+    small = torch.full((64,), 0.1)
+    small[0] = 7.0  # one large value per block: the rest round to 0 or 1 x scale, never to nearest
+    mean = torch.stack([decode(encode(small, "int4", seed=k)) for k in range(1000)]).mean(0)
+    assert float((mean[1:] - 0.1).abs().max()) < 0.05 and float(decode(encode(small, "int4", seed=0))[1:].mean()) != 0
+    odd = torch.randn(3, 5)  # an odd count: the last byte holds one element
+    assert decode(encode(odd, "int4")).shape == odd.shape
+    with pytest.raises(ValueError, match="`data` has 7 bytes"):
+        decode(Encoded("float32", (3, 5), "int4", b"\0" * 7, b"\0" * 4, 64))
+
+
 def test_fp16_refuses_overflow_and_integers_travel_raw():
     with pytest.raises(ValueError, match="overflows fp16"):
         encode(torch.tensor([1e6]), "fp16")
@@ -66,6 +87,9 @@ def test_fp16_refuses_overflow_and_integers_travel_raw():
     (Encoded("float32", (2,), "zip", b"\0" * 8), "`codec` 'zip' is unknown"),
     (Encoded("float32", (100,), "int8", b"\0" * 100, b"\0" * 4, 64), "scale bytes"),
     (Encoded("int64", (2,), "bf16", b"\0" * 4), "applies to floating tensors"),
+    (Encoded("float32", (1,), "int4", b"\0", b"\0" * 4, 1 << 30), "block 1073741824; this codec uses 64"),
+    (Encoded("float32", (1,), "int8", b"\0", b"\0" * 4, 1 << 31), "this codec uses 64"),
+    (Encoded("float32", (2,), "int8", b"\0" * 2, b"\x00\x00\xc0\x7f", 64), "non-finite block scale"),
 ])
 def test_bad_frames_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):

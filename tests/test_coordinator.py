@@ -29,7 +29,8 @@ class Pumped:
     """A coordinator on a tiny Llama and one in-process worker; `run()` drives both to quiescence."""
 
     def __init__(self, mix: bool = False):
-        self.c = Coordinator(Host(tiny("llama")), mix=mix)
+        # one thread drives both sides, so no update can arrive during a step: no layered start
+        self.c = Coordinator(Host(tiny("llama")), mix=mix, layered=False)
         self.worker = Worker("w")
         self.stream = self.c.connect("w", self.c.register("w", {}), self.worker.hello())
         self.c.grant("w", self.stream, 1000)
@@ -172,3 +173,82 @@ def test_token_ids_and_lengths_are_checked_against_the_model_at_submit():
     with pytest.raises(ValueError, match=r"`data.examples\[1\]` has 200 tokens; the model's context is 128"):
         p.c.submit(JobSpec("long", LowRank(r=4)), long, steps=2)
     assert not p.c.scheduler.jobs and not p.c.host.jobs
+
+
+def test_a_layered_step_starts_before_its_lower_layers_are_fitted_and_stays_exact():
+    """S = 0 over a slow device: the server starts step t+1 while the device still fits step t's lower
+    layers (the forward waits at each site for its own version), and the run equals the in-process one."""
+    import threading
+    import time
+
+    c = Coordinator(Host(tiny("llama")))  # layered by default
+    worker = Worker("w")
+    stream = c.connect("w", c.register("w", {}), worker.hello())
+    c.grant("w", stream, 1000)
+    plans = []
+    begin = c.scheduler.begin
+    c.scheduler.begin = lambda *a, **k: plans.append(begin(*a, **k)) or plans[-1]
+    spec = JobSpec("a", LowRank(r=4), AdamW(lr=1e-2))
+    c.submit(spec, data(), steps=5)
+    done = threading.Event()
+
+    def device():  # slow fits: each frame takes 20 ms more
+        while not done.is_set():
+            try:
+                msg = c.next_message("w", stream, timeout=0.05)
+            except Closed:
+                return
+            if msg is not None:
+                time.sleep(0.02)
+                for reply in worker.handle(msg):
+                    c.receive("w", reply)
+    threads = [threading.Thread(target=c.run, kwargs={"poll": 0.01}), threading.Thread(target=device)]
+    for t in threads:
+        t.start()
+    try:
+        end = time.monotonic() + 60
+        while c.status("a").state != "done" and time.monotonic() < end:
+            time.sleep(0.05)
+    finally:
+        done.set()
+        c.stop()
+        for t in threads:
+            t.join(10)
+    assert c.status("a").state == "done"
+    assert any(p.waiting for p in plans), "no step started before its versions were in"
+    trainer = Trainer(tiny("llama"), [spec])
+    batches = from_map(data())
+    for _ in range(5):
+        trainer.step({"a": next(batches)})
+    exported = c.export("a")
+    for site, a in trainer.adapters("a").items():
+        assert torch.equal(exported.adapters[site].A, a.A.detach()) and torch.equal(exported.adapters[site].B, a.B.detach())
+
+
+def test_an_abandoned_layered_step_keeps_its_batch_and_the_run_stays_exact():
+    """A layered step that stops waiting (no fit came back in time) runs again later with the same
+    batch: step t always trains on batch t, so the run is still the in-process one."""
+    p = Pumped()
+    p.c.layered, p.c.layer_wait = True, 0.2
+    spec = JobSpec("a", LowRank(r=4), AdamW(lr=1e-2))
+    p.c.submit(spec, data(), steps=4)
+    taken = []
+    source = p.c.data["a"]
+    p.c.data["a"] = (taken.append(1) or b for b in source)
+    while (msg := p.c.next_message("w", p.stream, timeout=0)) is not None:
+        for reply in p.worker.handle(msg):  # the assignment only
+            p.c.receive("w", reply)
+    assert p.c.step_once()  # step 0: every version is in
+    for _ in range(2):  # step 1 starts layered; its versions never come (no one pumps the worker)
+        assert p.c.step_once()
+    assert p.c.status("a").step == 1 and len(taken) == 2  # batch 1 was taken once, kept, reused
+    p.c.layered = False
+    p.run()
+    assert p.c.status("a").state == "done" and len(taken) == 4
+    trainer = Trainer(tiny("llama"), [spec])
+    batches = from_map(data())
+    for _ in range(4):
+        trainer.step({"a": next(batches)})
+    exported = p.c.export("a")
+    for site, a in trainer.adapters("a").items():
+        assert torch.equal(exported.adapters[site].B, a.B.detach())

@@ -200,14 +200,14 @@ def test_a_corrupt_checkpoint_is_set_aside_and_the_server_state_takes_over(tmp_p
     for step in range(2):
         w.handle(Packets("j", step, [Packet("j", "l1", step, 0, torch.randn(3, 4, generator=g),
                                             torch.randn(3, 6, generator=g))]))
-    path = tmp_path / "j.pt"
+    path = tmp_path / "j" / "l1.pt"
     raw = bytearray(path.read_bytes())
     raw[-100] ^= 0xFF  # one flipped byte deep in the tensor data: torch.load alone would not notice
     path.write_bytes(bytes(raw))
     with caplog.at_level(logging.ERROR, "colaflow.worker"):
         again = Worker("w", Checkpoints(tmp_path))  # starts, rather than failing with a traceback
     assert not again.learners and "is corrupt (checksum mismatch)" in caplog.text
-    assert not path.exists() and list(tmp_path.glob("j.pt.corrupt-*"))
+    assert not path.exists() and list(tmp_path.glob("j/l1.pt.corrupt-*"))
 
 
 def test_a_step_loop_that_keeps_failing_gives_up_and_says_so(monkeypatch):

@@ -171,3 +171,35 @@ def test_each_site_gets_its_own_input_even_when_temporaries_are_freed():
             inp = torch.tanh(h) * 1.0
             assert torch.equal(packets[f"layers.{i}"].x, inp.flatten(0, 1)), i  # (B*T, 8): token rows
             h = layer(inp)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_packets_stream_out_of_the_backward_top_layer_first():
+    """With `emit`, each packet leaves while the backward still runs (top layer first, before any
+    lower layer's gradient exists), and the packets equal the collected ones bit for bit."""
+    model = tiny("llama")
+    host = Host(model)
+    host.add_job(JobSpec("a", LowRank(r=4)))
+    for a in host.jobs["a"].adapters.values():
+        a.B.data.normal_(0, 0.1)
+    batch = random_batch(96, 3, 10, 0) | {"jobs": ["a"] * 3}
+    collected = {p.site: p for p in host.step(batch).packets}
+    seen, during = [], []
+    first_layer = model.model.layers[0].self_attn.q_proj
+
+    def bottom_backward(*_):  # runs when the backward reaches the first layer's q_proj
+        during.append(list(seen))
+    first_layer.register_full_backward_pre_hook(bottom_backward)
+    def emit(group):
+        for p in group:
+            seen.append(p.site)
+            collected[("new", p.site)] = p
+    result = host.step(batch, emit=emit)
+    assert result.packets == [] and len(seen) == len(host.jobs["a"].sites)
+    top = len(model.model.layers) - 1
+    assert seen[0].startswith(f"model.layers.{top}.") and seen[-1].startswith("model.layers.0.")
+    # when the backward reached layer 0, every upper layer's packets had already left
+    assert during and {s for s in during[0]} == {s for s in seen if not s.startswith("model.layers.0.")}
+    for site in seen:
+        old, new = collected[site], collected[("new", site)]
+        assert torch.equal(old.x, new.x) and torch.equal(old.g, new.g) and old.version == new.version

@@ -78,22 +78,27 @@ def test_grpc_run_equals_in_process(cluster, tmp_path):
 
 def test_lossy_codecs_stay_within_their_bound(cluster, tmp_path):
     """Lossy x/g codecs perturb each gradient by well under 1% (bf16 ~0.2%, int8 ~0.6%: see
-    test_codec.py). With SGD, whose step is linear in the gradient, the adapters after 12 steps
-    stay within `bound` relative of the lossless run. (AdamW divides by sqrt(v) and amplifies
-    noise on near-zero components, so its trajectories drift further.) Both jobs share the server."""
+    test_codec.py; int4 rounds stochastically: unbiased, but ~10% per element, so ~30% here). With SGD, whose step is linear in
+    the gradient, the adapters after 12 steps stay within `bound` relative of the lossless run.
+    (AdamW divides by sqrt(v) and amplifies noise on near-zero components, so its trajectories
+    drift further.) The in-process run with the same codec is the gRPC run bit for bit: in-process
+    delivery applies the wire's codecs, and int4's rounding noise is seeded by the tensor itself."""
     client, _, _ = cluster
     ex = examples(96, 16, seed=1)
     opt = SGD(lr=0.5, momentum=0.9)
-    bounds = {"bf16": 1e-2, "int8": 3e-2}
+    bounds = {"bf16": 1e-2, "int8": 3e-2, "int4": 0.5}
     for codec in bounds:
         client.submit(JobSpec(f"lossy-{codec}", LowRank(r=4), opt, codec_x=codec, codec_g=codec), ex,
                       steps=STEPS, batch_size=4)
     for codec, bound in bounds.items():
         job = f"lossy-{codec}"
         assert wait_done(client, job).state == "done"
-        err = max_err(exported(client, job, tmp_path), reference(JobSpec(job, LowRank(r=4), opt), ex, STEPS))
+        got = exported(client, job, tmp_path)
+        err = max_err(got, reference(JobSpec(job, LowRank(r=4), opt), ex, STEPS))
         print(f"{codec}: relative error {err:.2e}")
         assert 0 < err <= bound, err
+        same = reference(JobSpec(job, LowRank(r=4), opt, codec_x=codec, codec_g=codec), ex, STEPS)
+        assert max_err(got, same) == 0.0
 
 
 def test_connection_cut_mid_frame_recovers_exactly(tmp_path, monkeypatch):
@@ -129,7 +134,7 @@ def test_sigterm_checkpoints_says_goodbye_and_resumes(cluster, tmp_path):
         time.sleep(0.02)
     procs["a"].send_signal(signal.SIGTERM)
     assert procs["a"].wait(timeout=20) == 0
-    assert list((tmp_path / "edge-a").glob("graceful.pt"))
+    assert list((tmp_path / "edge-a").glob("graceful/*.pt"))
     assert "says goodbye" in (tmp_path / "server.log").read_text()
     procs["a"] = start_edge(tmp_path, address, "a")
     assert wait_done(client, "graceful").state == "done"

@@ -152,3 +152,28 @@ def test_a_learner_that_breaks_on_a_state_is_refused_not_raised():
     w.handle(Assign("j", SPEC, [SiteStart(SITE, state)]))
     (refusal,) = w.handle(packets(1))
     assert isinstance(refusal, Refusal) and refusal.step == 1
+
+
+class Counting(MemoryCheckpoints):
+    def __init__(self):
+        super().__init__()
+        self.saves = 0
+
+    def save(self, job, state):
+        self.saves += 1
+        super().save(job, state)
+
+
+def test_frames_that_arrived_together_are_checkpointed_once_and_fit_the_same():
+    """A step streams one frame per input group; the frames a worker has in hand are fitted in order
+    and checkpointed once per job, with the updates one-by-one handling gives."""
+    one, many = assigned(Worker("a", Counting())), assigned(Worker("b", Counting()))
+    one.store.saves = many.store.saves = 0
+    frames = [packets(s) for s in range(4)]
+    singly = [u for f in frames for u in one.handle(f)]
+    together = many.handle_all(frames + [Ack("j", "l1", 2)])
+    assert one.store.saves == 4 and many.store.saves == 1
+    assert [u.version for u in singly] == [u.version for u in together] == [1, 2, 3, 4]
+    for a, b in zip(singly, together):
+        assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    assert [u.version for u in many.unacked[("j", "l1")]] == [3, 4]  # the Ack came after the fits

@@ -34,9 +34,19 @@ def _status(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def peak_during(fn: Callable[[], None]) -> int:
-    """Peak resident bytes above the current level while `fn` runs (Linux: VmHWM reset)."""
+def peak_during(fn: Callable[[], None], device: str = "cpu") -> int:
+    """Peak bytes above the current level while `fn` runs: resident (Linux: VmHWM reset) on the CPU,
+    allocated on a CUDA device."""
     gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     base = _status("VmRSS")
@@ -72,18 +82,31 @@ def token_batch(vocab: int, rows: int, tokens: int, seed: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def load_model(name: str):
+def load_model(name: str, device: str = "cpu"):
     from colaflow.models import load
 
-    return load(name, verbose=False)[0]
+    return load(name, verbose=False)[0].to(device)
 
 
-def mem_side_main(run_side: Callable[[str, str], None]) -> None:
+def synced(fn: Callable[[], None], device: str) -> Callable[[], None]:
+    """`fn`, then wait for the device: so a timed call includes its kernels."""
+    if not device.startswith("cuda"):
+        return fn
+    import torch
+
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize()
+    return run
+
+
+def mem_side_main(run_side: Callable[[str, str, str], None]) -> None:
     """The `python -m colaflow.bench.X --mem-side SIDE` entry that `measure_in_subprocess` starts."""
     import argparse
 
     p = argparse.ArgumentParser()
     p.add_argument("--mem-side", required=True)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu")
     a = p.parse_args()
-    run_side(a.mem_side, a.model)
+    run_side(a.mem_side, a.model, a.device)

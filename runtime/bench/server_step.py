@@ -12,30 +12,34 @@ import copy
 
 import torch
 
-from .common import alternate, load_model, measure_in_subprocess, mem_side_main, mib, peak_during, report, token_batch
+from .common import alternate, load_model, measure_in_subprocess, mem_side_main, mib, peak_during, report, synced, token_batch
 
 MODULE = "colaflow.bench.server_step"
 ROWS, TOKENS = 8, 128
 
 
-def _batch(vocab: int) -> dict:
-    return token_batch(vocab, ROWS, TOKENS, seed=0)
+def _batch(vocab: int, device: str) -> dict:
+    return {k: v.to(device) for k, v in token_batch(vocab, ROWS, TOKENS, seed=0).items()}
 
 
-def _sides(model, which: set[str]) -> dict:
+def _sides(model, which: set[str], device: str = "cpu") -> dict:
     from colaflow import JobSpec, LowRank
     from colaflow.host import Host
 
-    batch = _batch(model.config.vocab_size)
+    batch = _batch(model.config.vocab_size, device)
     sides = {}
-    if "colaflow" in which or "colaflow-merged" in which:
-        for name, merge in (("colaflow", False), ("colaflow-merged", True)):  # merge is off by default
+    if which & {"colaflow", "colaflow-merged", "colaflow-kept"}:
+        for name, merge in (("colaflow", False), ("colaflow-merged", True), ("colaflow-kept", False)):
             if name in which:
                 host = Host(model if len(which) == 1 else copy.deepcopy(model))
                 host.add_job(JobSpec("bench", LowRank(r=8, alpha=8), merge=merge))
                 for a in host.jobs["bench"].adapters.values():  # a trained-looking adapter, not zeros
                     a.B.data.normal_(0, 0.01)
-                sides[name] = (lambda h: lambda: h.step(batch | {"jobs": ["bench"] * ROWS}))(host)
+                # packets stream out of the backward to a sink that drops them (what the step itself
+                # holds); "-kept" collects them all until the step ends, as a server holds them
+                # until the devices' updates cover them (on a GPU: in host memory, not the device's)
+                sink = None if name == "colaflow-kept" else (lambda group: None)
+                sides[name] = (lambda h, e: lambda: h.step(batch | {"jobs": ["bench"] * ROWS}, emit=e))(host, sink)
     if "peft" in which:
         from peft import LoraConfig, get_peft_model
 
@@ -48,35 +52,36 @@ def _sides(model, which: set[str]) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         sides["peft"] = peft_step
-    return sides
+    return {k: synced(fn, device) for k, fn in sides.items()}
 
 
 def main(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
-    model = load_model(args.model)
-    print(f"server-step: {args.model}, batch {ROWS} x {TOKENS} tokens, lowrank r=8 on q_proj,v_proj, "
+    model = load_model(args.model, args.device)
+    print(f"server-step: {args.model} on {args.device}, batch {ROWS} x {TOKENS} tokens, lowrank r=8 on q_proj,v_proj, "
           f"{torch.get_num_threads()} threads, {args.repeats} alternating rounds", flush=True)
-    t = alternate(_sides(model, {"colaflow", "colaflow-merged", "peft"}), args.repeats)
+    t = alternate(_sides(model, {"colaflow", "colaflow-merged", "peft"}, args.device), args.repeats)
     for k, v in t.items():
         print(f"  time  {k:18s} {v * 1000:8.0f} ms/step   {ROWS * TOKENS / v:7.0f} tokens/s")
-    mem = {s: measure_in_subprocess(MODULE, s, ["--model", args.model])["peak"]
-           for s in ("colaflow", "colaflow-merged", "peft")}
+    mem = {s: measure_in_subprocess(MODULE, s, ["--model", args.model, "--device", args.device])["peak"]
+           for s in ("colaflow", "colaflow-merged", "colaflow-kept", "peft")}
     for k, v in mem.items():
         print(f"  peak  {k:18s} {mib(v)} above the loaded model (2 steps, fresh process)")
     report({"time_ratio": round(t["colaflow"] / t["peft"], 3), "mem_ratio": round(mem["colaflow"] / mem["peft"], 3),
             "merged_time_ratio": round(t["colaflow-merged"] / t["peft"], 3),
             "merged_mem_ratio": round(mem["colaflow-merged"] / mem["peft"], 3),
+            "kept_mem_ratio": round(mem["colaflow-kept"] / mem["peft"], 3),
             "colaflow_ms": round(t["colaflow"] * 1000), "peft_ms": round(t["peft"] * 1000)})
     return 0
 
 
-def _mem_side(side: str, model_name: str) -> None:
-    model = load_model(model_name)
-    step = _sides(model, {side})[side]
+def _mem_side(side: str, model_name: str, device: str) -> None:
+    model = load_model(model_name, device)
+    step = _sides(model, {side}, device)[side]
     def two_steps():  # the second step shows the optimizer state PEFT keeps; results are dropped
         step()
         step()
-    peak = peak_during(two_steps)
+    peak = peak_during(two_steps, device)
     report({"side": side, "peak": peak})
 
 

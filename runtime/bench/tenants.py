@@ -13,45 +13,45 @@ import copy
 
 import torch
 
-from .common import alternate, load_model, measure_in_subprocess, mem_side_main, mib, peak_during, report, token_batch
+from .common import alternate, load_model, measure_in_subprocess, mem_side_main, mib, peak_during, report, synced, token_batch
 
 MODULE = "colaflow.bench.tenants"
 K, TOKENS = 16, 128
 
 
-def _rows(vocab: int) -> dict:
-    return token_batch(vocab, K, TOKENS, seed=1)
+def _rows(vocab: int, device: str = "cpu") -> dict:
+    return {k: v.to(device) for k, v in token_batch(vocab, K, TOKENS, seed=1).items()}
 
 
-def _colaflow(model, fits: bool = False):
+def _colaflow(model, fits: bool = False, device: str = "cpu"):
     from colaflow import JobSpec, LowRank, Trainer
 
     trainer = Trainer(model, [JobSpec(f"t{k}", LowRank(r=8, alpha=8), seed=k) for k in range(K)])
     for job in trainer.host.jobs.values():
         for a in job.adapters.values():
             a.B.data.normal_(0, 0.01)
-    batch = _rows(model.config.vocab_size)
+    batch = _rows(model.config.vocab_size, device)
     mixed = batch | {"jobs": [f"t{k}" for k in range(K)]}
     parts = {f"t{k}": {n: v[k:k + 1] for n, v in batch.items()} for k in range(K)}
 
-    def server_step():
-        trainer.host.step(mixed)
+    def server_step():  # packets go to a sink, as they leave a server once sent
+        trainer.host.step(mixed, emit=lambda group: None)
 
     def with_fits():  # the in-process loop: server step + all 16 x 60 device fits on this machine
         trainer.step(parts)
     held = sum(p.numel() * p.element_size() for j in trainer.host.jobs.values()
                for a in j.adapters.values() for p in a.parameters()) / K
-    return (with_fits if fits else server_step), held
+    return synced(with_fits if fits else server_step, device), held
 
 
-def _peft(model):
+def _peft(model, device: str = "cpu"):
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     pm = get_peft_model(model, cfg, adapter_name="t0")
     for k in range(1, K):
         pm.add_adapter(f"t{k}", cfg)
-    batch = _rows(model.config.vocab_size)
+    batch = _rows(model.config.vocab_size, device)
     opts = {}
     for k in range(K):
         pm.set_adapter(f"t{k}")
@@ -73,16 +73,16 @@ def _peft(model):
                 total += sum(t.numel() * t.element_size() for t in opts[k].state[p].values()
                              if isinstance(t, torch.Tensor))
         return total / K
-    return sequential, held
+    return synced(sequential, device), held
 
 
 def main(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
-    model = load_model(args.model)
-    cola, cola_held = _colaflow(copy.deepcopy(model))
-    cola_fits, _ = _colaflow(copy.deepcopy(model), fits=True)
-    peft, peft_held = _peft(model)
-    print(f"tenants: {args.model}, K={K} tenants x 1 row x {TOKENS} tokens per step, lowrank r=8 on "
+    model = load_model(args.model, args.device)
+    cola, cola_held = _colaflow(copy.deepcopy(model), device=args.device)
+    cola_fits, _ = _colaflow(copy.deepcopy(model), fits=True, device=args.device)
+    peft, peft_held = _peft(model, args.device)
+    print(f"tenants: {args.model} on {args.device}, K={K} tenants x 1 row x {TOKENS} tokens per step, lowrank r=8 on "
           f"q_proj,v_proj, {torch.get_num_threads()} threads, {args.repeats} alternating rounds", flush=True)
     t = alternate({"colaflow": cola, "peft": peft, "colaflow+fits": cola_fits}, args.repeats)
     tps = {k: K * TOKENS / v for k, v in t.items()}
@@ -91,7 +91,8 @@ def main(args: argparse.Namespace) -> int:
     held = {"colaflow": cola_held, "peft": peft_held()}
     for k, v in held.items():
         print(f"  server-held per tenant  {k:9s} {v / 1024:8.1f} KiB")
-    mem = {s: measure_in_subprocess(MODULE, s, ["--model", args.model])["peak"] for s in ("colaflow", "peft")}
+    mem = {s: measure_in_subprocess(MODULE, s, ["--model", args.model, "--device", args.device])["peak"]
+           for s in ("colaflow", "peft")}
     for k, v in mem.items():
         print(f"  peak  {k:9s} {mib(v)} above the loaded model (fresh process, 2 rounds)")
     report({"throughput_ratio": round(tps["colaflow"] / tps["peft"], 3),
@@ -101,14 +102,14 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mem_side(side: str, model_name: str) -> None:
-    model = load_model(model_name)
-    step = _colaflow(model)[0] if side == "colaflow" else _peft(model)[0]
+def _mem_side(side: str, model_name: str, device: str) -> None:
+    model = load_model(model_name, device)
+    step = _colaflow(model, device=device)[0] if side == "colaflow" else _peft(model, device)[0]
 
     def two_rounds():
         step()
         step()
-    report({"side": side, "peak": peak_during(two_rounds)})
+    report({"side": side, "peak": peak_during(two_rounds, device)})
 
 
 if __name__ == "__main__":

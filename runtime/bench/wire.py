@@ -21,7 +21,7 @@ import torch
 from .common import report
 
 LAYERS, TOKENS, HIDDEN, KV = 30, 8 * 128, 576, 192
-CODECS = ("raw", "bf16", "fp16", "int8")
+CODECS = ("raw", "bf16", "fp16", "int8", "int4")
 
 
 def step_packets(step: int = 0):

@@ -6,7 +6,7 @@ import importlib
 
 BENCHES = {"server-step": "colaflow.bench.server_step", "tenants": "colaflow.bench.tenants",
            "wire": "colaflow.bench.wire", "state": "colaflow.bench.state", "e2e": "colaflow.bench.e2e",
-           "load": "colaflow.bench.load", "chaos": "colaflow.bench.chaos"}
+           "load": "colaflow.bench.load", "chaos": "colaflow.bench.chaos", "link": "colaflow.bench.link"}
 
 
 def add_parser(sub) -> None:
@@ -19,6 +19,10 @@ def add_parser(sub) -> None:
                    help="worker counts, comma-separated (e2e: daemons over gRPC, default 1,2,4; "
                         "load: default 8,16,64,256)")
     p.add_argument("--seconds", type=float, default=15.0, help="load: measured seconds per worker count")
+    p.add_argument("--codecs", type=lambda s: s.split(","), default=None,
+                   help="link: codecs to compare, comma-separated (default: all)")
+    p.add_argument("--server-threads", type=int, default=2, help="link: torch threads of the server")
+    p.add_argument("--steps", type=int, default=None, help="link: steps of each full run (default 60)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,6 +27,10 @@ def add_parser(sub) -> None:
     p.add_argument("--mix", action="store_true",
                    help="run every ready job in one mixed forward (throughput) instead of one job per step "
                         "(bit-for-bit deterministic runs)")
+    p.add_argument("--no-layered", dest="layered", action="store_false",
+                   help="start a step only once every site's version is in (by default a step starts as soon "
+                        "as nothing else can run, and its forward waits at each site still fitting)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0)
 
 
@@ -93,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     if args.port:
         _check_port_free(args.host, args.port)  # before the model loads: fail in a second, not a minute
     store = DirStore(args.state_dir) if args.state_dir else None
-    coordinator = Coordinator(Host(load_model(args.model)), reassign_after=args.reassign_after, store=store,
-                              mix=args.mix)
+    coordinator = Coordinator(Host(load_model(args.model).to(args.device)), reassign_after=args.reassign_after, store=store,
+                              mix=args.mix, layered=args.layered)
     try:
         server, port = make_server(coordinator, tokens, f"{args.host}:{args.port}", tls, model_name=args.model)
     except OSError as e:

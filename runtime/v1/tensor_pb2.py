@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63olaflow/v1/tensor.proto\x12\x0b\x63olaflow.v1\"\xaf\x01\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12!\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x12.colaflow.v1.Codec\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\r\n\x05\x62lock\x18\x06 \x01(\r\x12\x0e\n\x06inline\x18\x07 \x01(\x08\x12\x12\n\ndata_bytes\x18\x08 \x01(\x04\x12\x13\n\x0bscale_bytes\x18\t \x01(\x04*]\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\r\n\tCODEC_RAW\x10\x01\x12\x0e\n\nCODEC_BF16\x10\x02\x12\x0e\n\nCODEC_FP16\x10\x03\x12\x0e\n\nCODEC_INT8\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63olaflow/v1/tensor.proto\x12\x0b\x63olaflow.v1\"\xaf\x01\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12!\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x12.colaflow.v1.Codec\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\r\n\x05\x62lock\x18\x06 \x01(\r\x12\x0e\n\x06inline\x18\x07 \x01(\x08\x12\x12\n\ndata_bytes\x18\x08 \x01(\x04\x12\x13\n\x0bscale_bytes\x18\t \x01(\x04*m\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\r\n\tCODEC_RAW\x10\x01\x12\x0e\n\nCODEC_BF16\x10\x02\x12\x0e\n\nCODEC_FP16\x10\x03\x12\x0e\n\nCODEC_INT8\x10\x04\x12\x0e\n\nCODEC_INT4\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'colaflow.v1.tensor_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CODEC']._serialized_start=219
-  _globals['_CODEC']._serialized_end=312
+  _globals['_CODEC']._serialized_end=328
   _globals['_TENSOR']._serialized_start=42
   _globals['_TENSOR']._serialized_end=217
 # @@protoc_insertion_point(module_scope)

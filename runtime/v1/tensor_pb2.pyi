@@ -14,11 +14,13 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_BF16: _ClassVar[Codec]
     CODEC_FP16: _ClassVar[Codec]
     CODEC_INT8: _ClassVar[Codec]
+    CODEC_INT4: _ClassVar[Codec]
 CODEC_UNSPECIFIED: Codec
 CODEC_RAW: Codec
 CODEC_BF16: Codec
 CODEC_FP16: Codec
 CODEC_INT8: Codec
+CODEC_INT4: Codec
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "codec", "data", "scales", "block", "inline", "data_bytes", "scale_bytes")
