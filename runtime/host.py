@@ -287,10 +287,14 @@ class Host:
         # a mixed batch: each run of one job's rows through that job's adapter, one call per run
         # (no per-row copies of A and B), and zeros for rows whose job does not adapt this site
         xs = {j: self._adapter_input(self.jobs[j], name, x, ctx) for j in jobs}
+        sizes = [end - start for start, end, _ in ctx.runs]
+        # one split, not a slice per run: a slice's backward fills a whole-batch gradient with zeros
+        pieces = x.split(sizes) if all(v is x for v in xs.values()) else [
+            xs[j][start:end] if j in xs else None for start, end, j in ctx.runs]
         parts = []
-        for start, end, j in ctx.runs:
+        for (start, end, j), piece in zip(ctx.runs, pieces):
             if j in xs:
-                parts.append(self.jobs[j].adapters[name](xs[j][start:end]))
+                parts.append(self.jobs[j].adapters[name](piece))
             else:
                 parts.append(output.new_zeros((end - start, *output.shape[1:])))
         return torch.cat(parts)
