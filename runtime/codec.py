@@ -94,11 +94,6 @@ def encode(t: torch.Tensor, codec: str = "raw", salt: bytes = b"", seed: int | N
     return Encoded(dtype, tuple(t.shape), codec, _bytes(q[0::2] | (q[1::2] << 4)), _bytes(scale), block)
 
 
-def through(t: torch.Tensor, codec: str, salt: bytes = b"") -> torch.Tensor:
-    """`t` as the receiver of `encode(t, codec, salt)` sees it (in-process delivery applies the wire's loss)."""
-    return t if codec == "raw" else decode(encode(t, codec, salt))
-
-
 def _content_seed(flat: torch.Tensor, salt: bytes) -> int:
     """A seed from the tensor's values and `salt`, stable across processes: equal in, equal noise."""
     stats = torch.stack([flat.sum(), flat.abs().sum(), flat[::7].sum()]).double().cpu().numpy()

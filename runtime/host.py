@@ -57,9 +57,8 @@ class _Ctx:
     merged: set[str]  # sites whose weights already carry the single job's delta
     capture: bool
     runs: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, job): rows of one job
-    seen: set[str] = field(default_factory=set)  # sites the forward ran
     leaves: list[torch.Tensor] = field(default_factory=list)  # where the backward starts from
-    shapes: dict[str, tuple] = field(default_factory=dict)  # site -> its output's (shape, dtype, device)
+    shapes: dict[str, tuple] = field(default_factory=dict)  # sites the forward ran: (shape, dtype, device) of each output
     stream: "_Stream | None" = None
     gate: Callable[[str], None] | None = None
     inputs: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> x
@@ -169,7 +168,7 @@ class Host:
                 losses = per_job(row_sum, row_count, {j: torch.arange(len(jobs)) if r is None else r
                                                       for j, r in ctx.rows.items()})
                 for job_id in ctx.rows:
-                    missed = [n for n in self.jobs[job_id].sites if n not in ctx.seen]
+                    missed = [n for n in self.jobs[job_id].sites if n not in ctx.shapes]
                     if missed:  # e.g. a tied embedding whose module is not the one the forward calls
                         raise RuntimeError(f"site `{missed[0]}` of job {job_id!r} was not called in the forward "
                                            f"({len(missed)} of its sites were not); pick modules the forward runs")
@@ -261,7 +260,7 @@ class Host:
             jobs = [j for j in ctx.order if name in self.jobs[j].adapters]
             if not jobs:
                 return None
-            if name in ctx.seen:
+            if name in ctx.shapes:
                 raise RuntimeError(f"site `{name}` was called twice in one forward; colaflow adapts "
                                    "modules that run once per forward")
             x = args[0]
@@ -272,7 +271,6 @@ class Host:
                 ctx.leaves.append(output)
             delta = self._delta(name, x, output, jobs, ctx)
             out = output if delta is None else output + delta
-            ctx.seen.add(name)
             ctx.shapes[name] = (out.shape, out.dtype, out.device)
             if ctx.capture:  # g leaves the backward here, not at its end
                 out.register_hook(lambda g: ctx.stream.grad(name, g))

@@ -96,14 +96,14 @@ def packets_to_proto(msg: Packets, codec_x: str = "raw", codec_g: str = "raw") -
             raise ValueError("one PacketFrame carries one job's step")
         if id(p.x) not in index:
             index[id(p.x)] = len(frame.inputs)
-            frame.inputs.append(tensor_to_proto(p.x, codec_x, parts, packet_salt(msg.job, msg.step, "x")))
+            frame.inputs.append(tensor_to_proto(p.x, codec_x, parts, _salt(msg.job, msg.step, "x")))
     for p in msg.packets:
         frame.sites.append(worker_pb2.SiteGrad(site=p.site, version=p.version, input=index[id(p.x)],
-                                               g=tensor_to_proto(p.g, codec_g, parts, packet_salt(msg.job, msg.step, p.site))))
+                                               g=tensor_to_proto(p.g, codec_g, parts, _salt(msg.job, msg.step, p.site))))
     return frame, parts
 
 
-def packet_salt(job: str, step: int, role: str) -> bytes:
+def _salt(job: str, step: int, role: str) -> bytes:
     """What seeds a packet tensor's codec noise with its values: the same on a resend of the step."""
     return f"{job}\0{step}\0{role}".encode()
 

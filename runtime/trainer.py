@@ -12,22 +12,19 @@ scheduler, before the next step begins.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Iterator
 
-import torch
 
 from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter
-from .codec import through
 from .data import collate
 from .host import Host
 from .job import JobSpec
 from .loss import LossFn, causal_lm
+from . import serde
 from .protocol import Packets
-from .serde import packet_salt
 from .scheduler import Scheduler
 from .worker import Worker
 
@@ -101,19 +98,14 @@ class Trainer:
                 raise RuntimeError(f"job {job!r} failed: {self.scheduler.job(job).error}")
 
     def _through_codecs(self, msg):
-        """Packets as the job's wire codecs deliver them, so a lossy codec trains here as over gRPC."""
+        """Packets as the job's wire codecs deliver them (the wire's own encoding and decoding), so a
+        lossy codec trains here exactly as over gRPC."""
         if not isinstance(msg, Packets):
             return msg
         spec = self.specs[msg.job]
         if spec.codec_x == spec.codec_g == "raw":
             return msg
-        xs: dict[int, torch.Tensor] = {}  # a shared input is encoded once, as on the wire
-        packets = []
-        for p in msg.packets:
-            if id(p.x) not in xs:
-                xs[id(p.x)] = through(p.x, spec.codec_x, packet_salt(msg.job, msg.step, "x"))
-            packets.append(replace(p, x=xs[id(p.x)], g=through(p.g, spec.codec_g, packet_salt(msg.job, msg.step, p.site))))
-        return Packets(msg.job, msg.step, packets)
+        return serde.packets_from_proto(*serde.packets_to_proto(msg, spec.codec_x, spec.codec_g))
 
     def adapters(self, job_id: str) -> dict[str, Adapter]:
         """The device-side (authoritative) adapters of a job, by site name."""

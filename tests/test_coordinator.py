@@ -252,3 +252,24 @@ def test_an_abandoned_layered_step_keeps_its_batch_and_the_run_stays_exact():
     exported = p.c.export("a")
     for site, a in trainer.adapters("a").items():
         assert torch.equal(exported.adapters[site].B, a.B.detach())
+
+
+def test_a_job_waiting_in_a_layered_step_never_holds_up_another_job():
+    """Invariant 9: while job a's step waits for versions that do not come, job b becomes ready; a's
+    step gives way at once (keeping its batch) and b steps."""
+    import threading
+    import time
+
+    p = Pumped()
+    p.c.layered, p.c.layer_wait = True, 60.0
+    p.c.submit(JobSpec("a", LowRank(r=4), AdamW(lr=1e-2)), data(), steps=4)
+    while (msg := p.c.next_message("w", p.stream, timeout=0)) is not None:
+        for reply in p.worker.handle(msg):
+            p.c.receive("w", reply)
+    assert p.c.step_once()  # a's step 0; a's step 1 will start layered and wait (nobody pumps the worker)
+    threading.Timer(0.3, lambda: p.c.submit(JobSpec("b", LowRank(r=4), AdamW(lr=1e-2)), data(seed=1), steps=2)).start()
+    t = time.monotonic()
+    assert p.c.step_once()
+    assert time.monotonic() - t < 20  # gave way, rather than waiting out layer_wait
+    assert p.c.status("a").step == 1
+    assert p.c.step_once() and p.c.status("b").step == 1  # b ran
