@@ -90,6 +90,11 @@ class WorkerRecord:
     credits: int = 0
     left_at: float | None = None
     control: deque = field(default_factory=deque)  # Assign, Ack, Revoke: sent before any packets
+    last_seen: float | None = None  # clock time of its last frame or heartbeat (None: not since this start)
+    fits: int = 0  # updates accepted from it
+    fit_times: deque = field(default_factory=lambda: deque(maxlen=4096))  # clock times of recent fits (its rate)
+    bytes_in: int = 0  # wire bytes of its updates
+    bytes_out: int = 0  # wire bytes of the packets sent to it
     cursor: dict[tuple[str, str], int] = field(default_factory=dict)  # last step sent (or fitted) per site
 
 

@@ -395,6 +395,8 @@ class Scheduler:
             raise
         self._prune(job)
         job.fits += 1
+        w.fits += 1
+        w.fit_times.append(self.clock())
         w.control.append(Ack(u.job, u.site, u.version))
 
     def _prune(self, job: JobRecord) -> None:

@@ -28,6 +28,7 @@ from colaflow.scheduler import Abandoned, Scheduler
 from colaflow.store import Store
 
 log = logging.getLogger("colaflow.server")
+RATE_WINDOW_S = 30.0  # a worker's fits/s are its fits in this many seconds, divided by them
 
 
 @dataclass
@@ -171,6 +172,58 @@ class Coordinator:
             jobs = sum(tenant in (None, j.tenant) for j in self.scheduler.jobs.values())
             return Health(self._trouble() or "serving", workers, jobs)
 
+    def jobs_view(self, tenant: str | None = None) -> list[dict]:
+        """Every job `tenant` sees (None: all), for the status page and /metrics: its status, owner,
+        counters, queue depths (packets kept until durable state covers them; of those, not yet sent
+        to a connected owner) and its last 20 metrics."""
+        with self.lock:
+            out = []
+            for job_id, job in self.scheduler.jobs.items():
+                if tenant not in (None, job.tenant):
+                    continue
+                unsent = 0
+                for name, rec in job.sites.items():
+                    w = self.scheduler.workers.get(rec.owner) if rec.owner is not None else None
+                    cursor = w.cursor.get((job_id, name), -1) if w is not None and w.connected else -1
+                    unsent += sum(step > cursor for step in rec.retained)
+                view = vars(self._status(job_id))
+                view.update(tenant=job.tenant, fits=job.fits, bytes_sent=job.bytes_sent,
+                            bytes_received=job.bytes_received, packets_unsent=unsent,
+                            packets_retained=sum(len(r.retained) for r in job.sites.values()),
+                            recent=[dict(m) for m in job.metrics[-20:]])
+                out.append(view)
+            return out
+
+    def workers_view(self) -> list[dict]:
+        """Every worker the server knows, for the status page and `colaflow workers`: `worker`, `state`
+        (connected, unhealthy, disconnected, quarantined; `detail` says why), `last_seen_s`, `sites`
+        {job: [site, ...]}, `fits_per_s` (over the last RATE_WINDOW_S), `bytes_in`, `bytes_out`."""
+        with self.lock:
+            now = self.scheduler.clock()
+            owned: dict[str, dict[str, list[str]]] = {}
+            for job_id, job in self.scheduler.jobs.items():
+                for name, rec in job.sites.items():
+                    if rec.owner is not None and job.state in LIVE:
+                        owned.setdefault(rec.owner, {}).setdefault(job_id, []).append(name)
+            out = []
+            for w in sorted(self.scheduler.workers.values(), key=lambda w: w.worker_id):
+                state = ("quarantined" if w.quarantined else "disconnected" if not w.connected
+                         else "unhealthy" if w.status else "connected")
+                out.append({"worker": w.worker_id, "state": state, "detail": w.quarantined or w.status,
+                            "last_seen_s": None if w.last_seen is None else max(0.0, now - w.last_seen),
+                            "sites": owned.get(w.worker_id, {}),
+                            "fits_per_s": sum(now - t <= RATE_WINDOW_S for t in w.fit_times) / RATE_WINDOW_S,
+                            "bytes_in": w.bytes_in, "bytes_out": w.bytes_out})
+            return out
+
+    def _seen(self, worker_id: str, bytes_in: int = 0, bytes_out: int = 0) -> None:
+        """Under the lock: the worker was heard from now (and moved these wire bytes)."""
+        w = self.scheduler.workers.get(worker_id)
+        if w is not None:
+            w.last_seen = self.scheduler.clock()
+            w.bytes_in += bytes_in
+            w.bytes_out += bytes_out
+
     def _trouble(self) -> str:
         if self.loop_error:
             return f"step loop failing: {self.loop_error}"
@@ -187,6 +240,7 @@ class Coordinator:
     def connect(self, worker_id: str, session: str, hello: Hello) -> int:
         with self.lock:
             stream = self.scheduler.connect(worker_id, session, hello)
+            self._seen(worker_id)
             self._notify()
             return stream
 
@@ -198,13 +252,17 @@ class Coordinator:
     def grant(self, worker_id: str, stream: int, n: int) -> None:
         with self.lock:
             self.scheduler.grant(worker_id, stream, min(n, 1024))
+            self._seen(worker_id)
             self._notify()
 
     def worker_status(self, worker_id: str, stream: int, status: str) -> None:
         """A worker's own word on its health ("" = healthy), from its heartbeats."""
         with self.lock:
             w = self.scheduler.workers.get(worker_id)
-            if w is None or w.stream != stream or w.status == status:
+            if w is None or w.stream != stream:
+                return
+            self._seen(worker_id)
+            if w.status == status:
                 return
             w.status = status
         if status:
@@ -216,11 +274,16 @@ class Coordinator:
         with self.lock:
             self.scheduler.receive(worker_id, msg)
             self.scheduler.count_bytes(msg.job, received=nbytes)
+            self._seen(worker_id, bytes_in=nbytes)
             self._notify()
 
-    def sent(self, job_id: str, nbytes: int) -> None:
+    def sent(self, job_id: str, nbytes: int, worker_id: str = "") -> None:
+        """Packet bytes went out on the wire, for `job_id`, to `worker_id`."""
         with self.lock:
             self.scheduler.count_bytes(job_id, sent=nbytes)
+            w = self.scheduler.workers.get(worker_id)
+            if w is not None:
+                w.bytes_out += nbytes
 
     def next_message(self, worker_id: str, stream: int, timeout: float) -> ToWorker | None:
         """The next message for the worker's stream, or None after `timeout`; raises Closed."""

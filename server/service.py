@@ -26,6 +26,7 @@ from colaflow.wire import MAX_MESSAGE_BYTES, SERVER_OPTIONS, add_worker_service
 
 from .auth import Identity, Tokens
 from .coordinator import Closed, Coordinator, JobStatus
+from .probes import Probes
 
 log = logging.getLogger("colaflow.server")
 HEARTBEAT_S = 1.0
@@ -150,7 +151,7 @@ class WorkerService:
                     yield raw
                 last_sent = time.monotonic()
                 if isinstance(msg, Packets):
-                    self.c.sent(msg.job, sum(len(raw) for raw in chunks))
+                    self.c.sent(msg.job, sum(len(raw) for raw in chunks), worker_id)
                 seq += 1
         finally:
             self.wakers.discard(wake)
@@ -269,6 +270,8 @@ class Served:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="colaflow-grpc", daemon=True)
         self.thread.start()
+        self.probes = Probes(coordinator)
+        self._watch: asyncio.Future | None = None
         self.server, self.port = self._run(self._build(coordinator, tokens, address, tls, model_name))
 
     def _run(self, coro, timeout: float = 60.0):
@@ -278,6 +281,7 @@ class Served:
         server = grpc.aio.server(options=SERVER_OPTIONS)
         add_worker_service(server, WorkerService(coordinator, tokens, asyncio.get_running_loop()))
         control_pb2_grpc.add_ControlServicer_to_server(ControlService(coordinator, tokens, model_name), server)
+        self.probes.add_to(server)  # grpc.health.v1 and reflection: no token, nothing about jobs
         try:
             if tls is None:
                 port = server.add_insecure_port(address)
@@ -291,10 +295,15 @@ class Served:
         return server, port
 
     def start(self) -> None:
+        self._run(self.probes.update())  # the first probe already tells the truth
         self._run(self.server.start())
+        self._watch = asyncio.run_coroutine_threadsafe(self.probes.watch(), self.loop)
 
     def stop(self, grace: float | None = None) -> None:
         try:
+            if self._watch is not None:
+                self._watch.cancel()
+                self._run(self.probes.shutdown())
             self._run(self.server.stop(grace))
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -304,7 +313,8 @@ class Served:
 def make_server(coordinator: Coordinator, tokens: Tokens, address: str = "127.0.0.1:0",
                 tls: tuple[bytes, bytes, bytes | None] | None = None,
                 model_name: str | None = None) -> tuple[Served, int]:
-    """A gRPC server with both services; returns it (not started) and its bound port."""
+    """A gRPC server with the worker and control services, health and reflection; returns it (not
+    started) and its bound port."""
     served = Served(coordinator, tokens, address, tls, model_name)
     if served.port == 0:
         served.stop(0)

@@ -1,6 +1,9 @@
 """`colaflow serve`: the adaptation server (model host + worker and control gRPC services).
 
     colaflow serve --model smollm2-135m --port 7000 --tokens tokens.txt
+
+prints `colaflow serve: listening on HOST:PORT`, then `colaflow serve: status page at http://HOST:PORT/`
+(the page, /metrics and the JSON API: server/status.py; by default on the gRPC port + 1).
 """
 from __future__ import annotations
 
@@ -32,6 +35,28 @@ def add_parser(sub) -> None:
                         "as nothing else can run, and its forward waits at each site still fitting)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--http-port", type=_http_port, default=None, metavar="PORT|off",
+                   help="the status page, /metrics and the JSON API (same host, tokens and TLS): a port, 0 for a "
+                        "free one, or `off` (default: the gRPC port + 1, or a free port when that one is taken "
+                        "or --port is 0)")
+    p.add_argument("--tensorboard", metavar="DIR", help="write every job's metrics as TensorBoard scalars "
+                                                        "under DIR/JOB (needs `pip install tensorboard`)")
+
+
+def _http_port(value: str) -> int | str:
+    if value == "off":
+        return value
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port (0-65535) or `off`, got {value!r}")
+    return int(value)
+
+
+def _port_free(host: str, port: int) -> bool:
+    try:
+        _check_port_free(host, port)
+        return True
+    except SystemExit:
+        return False
 
 
 def load_model(name: str):
@@ -96,6 +121,13 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("colaflow.server").warning("serving %s without %s (--insecure)", args.host, missing)
     if args.port:
         _check_port_free(args.host, args.port)  # before the model loads: fail in a second, not a minute
+    if isinstance(args.http_port, int) and args.http_port:
+        _check_port_free(args.host, args.http_port)
+    tensorboard = None
+    if args.tensorboard:
+        from colaflow.server.tblog import TensorBoardLog
+
+        tensorboard = TensorBoardLog.check(args.tensorboard)  # a missing package fails now, clearly
     store = DirStore(args.state_dir) if args.state_dir else None
     coordinator = Coordinator(Host(load_model(args.model).to(args.device)), reassign_after=args.reassign_after, store=store,
                               mix=args.mix, layered=args.layered)
@@ -105,6 +137,23 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"colaflow serve: {e}") from None
     server.start()
     print(f"colaflow serve: listening on {args.host}:{port}", flush=True)
+    status = None
+    if args.http_port != "off":
+        from colaflow.server.status import StatusServer
+
+        http_port = args.http_port
+        if http_port is None:  # the default: next to the gRPC port when that one is free
+            http_port = port + 1 if args.port and port < 65535 and _port_free(args.host, port + 1) else 0
+        files = (args.tls_cert, args.tls_key, args.tls_client_ca) if tls else None
+        try:
+            status = StatusServer(coordinator, tokens, args.host, http_port, files).start()
+        except OSError as e:
+            server.stop(0)
+            raise SystemExit(f"colaflow serve: cannot serve the status page on {args.host}:{http_port}: "
+                             f"{e.strerror or e} (pick another --http-port, or --http-port off)") from None
+        print(f"colaflow serve: status page at {status.url}", flush=True)
+    if tensorboard is not None:
+        tensorboard.start(coordinator)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     def loop() -> None:
@@ -116,6 +165,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     coordinator.stop()
+    if status is not None:
+        status.stop()
+    if tensorboard is not None:
+        tensorboard.stop()
     server.stop(2)
     if coordinator.fatal:
         print(f"colaflow serve: {coordinator.fatal}", file=sys.stderr)
