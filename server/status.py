@@ -86,7 +86,8 @@ class StatusServer:
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        if self.thread.is_alive():  # shutdown() waits for serve_forever, which must have started
+            self.httpd.shutdown()
         self.httpd.server_close()
 
     # auth
