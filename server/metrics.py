@@ -109,7 +109,8 @@ class ServerCollector:
         families = {
             "steps": CounterMetricFamily("colaflow_job_steps", "Steps a job has run", labels=["job", "tenant"]),
             "target": GaugeMetricFamily("colaflow_job_steps_target", "Steps a job will run", labels=["job", "tenant"]),
-            "rate": GaugeMetricFamily("colaflow_job_steps_per_second", "A job's steps/s over its last 20 steps",
+            "rate": GaugeMetricFamily("colaflow_job_steps_per_second", "A job's steps/s over its last 20 steps (0 once "
+                                      "it ended or ran no step for 30 s)",
                                       labels=["job", "tenant"]),
             "loss": GaugeMetricFamily("colaflow_job_loss", "A job's last loss", labels=["job", "tenant"]),
             "fits": CounterMetricFamily("colaflow_job_fits", "Updates accepted (one per site per fit)",
@@ -125,19 +126,22 @@ class ServerCollector:
             "stale": GaugeMetricFamily("colaflow_job_max_staleness", "Largest staleness a step used",
                                        labels=["job", "tenant"]),
         }
-        now, total_recent = time.time(), 0
+        now, total = time.time(), 0.0
         for j in jobs:
             labels = [j["job"], j["tenant"]]
             rate, _ = job_rate(j, now)
-            total_recent += sum(now - m.get("time", 0.0) <= RATE_WINDOW_S for m in j["recent"])
+            last = j["recent"][-1].get("time", 0.0) if j["recent"] else 0.0
+            if j["state"] not in LIVE or now - last > RATE_WINDOW_S:
+                rate = None  # ended, or no step for a while: it runs at 0 steps/s now
+            total += rate or 0.0
             for key, value in (("steps", j["step"]), ("target", j["steps"]), ("rate", rate or 0.0),
                                ("loss", j["loss"]), ("fits", j["fits"]), ("sent", j["bytes_sent"]),
                                ("received", j["bytes_received"]), ("retained", j["packets_retained"]),
                                ("unsent", j["packets_unsent"]), ("stale", j["max_staleness"])):
                 families[key].add_metric(labels, float(value))
         yield from families.values()
-        yield GaugeMetricFamily("colaflow_steps_per_second", f"Steps of all jobs over the last {RATE_WINDOW_S:.0f} s "
-                                "(of each job's last 20)", value=total_recent / RATE_WINDOW_S)
+        yield GaugeMetricFamily("colaflow_steps_per_second", "Steps/s of all live jobs (the sum of "
+                                "colaflow_job_steps_per_second)", value=total)
         count = GaugeMetricFamily("colaflow_workers", "Workers by state", labels=["state"])
         for state in ("connected", "unhealthy", "disconnected", "quarantined"):
             count.add_metric([state], sum(w["state"] == state for w in workers))

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import http.client
+import importlib.util
 import io
 import json
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -42,7 +44,8 @@ def served(tmp_path_factory):
     (work / "tokens.txt").write_text(f"{TOKENS['admin']} admin\n{TOKENS['acme']} control acme\n"
                                      f"{TOKENS['globex']} control globex\n{TOKENS['worker']} worker\n")
     (work / "worker.token").write_text(TOKENS["worker"])
-    server, address = start_server(work, "--tokens", str(work / "tokens.txt"))
+    tensorboard = ("--tensorboard", str(work / "tb")) if importlib.util.find_spec("tensorboard") else ()
+    server, address = start_server(work, "--tokens", str(work / "tokens.txt"), *tensorboard)
     line = server.stdout.readline()  # printed after "listening on", as Ray prints its dashboard's
     m = re.fullmatch(r"colaflow serve: status page at (http://127\.0\.0\.1:\d+/)\n", line)
     assert m, line
@@ -206,6 +209,8 @@ def test_metrics_scrape_parses_and_tells_the_truth(served):
         assert value("colaflow_job_sent_bytes_total", job=job) == jobs[job]["bytes_sent"] > 0
         assert value("colaflow_job_fits_total", job=job) == jobs[job]["fits"] == 4 * steps  # 4 sites, I = 1
     assert value("colaflow_jobs", state="done") == 2 and value("colaflow_jobs", state="running") == 0
+    assert value("colaflow_steps_per_second") == 0 == value("colaflow_job_steps_per_second", job="acme-job")
+    assert jobs["acme-job"]["steps_per_s"] > 0 and jobs["acme-job"]["eta_s"] is None  # its pace, and it is done
     connected = served["clients"]["admin"].health().workers
     assert value("colaflow_workers", state="connected") == connected == 1
     assert value("colaflow_serving") == 1
@@ -339,3 +344,28 @@ def test_workers_view_shows_assignment_health_and_a_tenant_only_its_sites():
         page.stop()
     c.disconnect("w1", stream)
     assert c.workers_view()[0]["state"] == "disconnected"
+
+
+# TensorBoard
+
+def test_tensorboard_gets_every_jobs_metrics_as_scalars(served):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    want = served["clients"]["acme"].metrics_so_far("acme-job")
+    def written():
+        acc = EventAccumulator(str(served["work"] / "tb" / "acme-job"))
+        acc.Reload()
+        return acc.Scalars("loss") if "loss" in acc.Tags()["scalars"] else []
+    wait_for(lambda: len(written()) == len(want))
+    got = written()
+    assert [e.step for e in got] == [m["step"] for m in want]
+    assert [e.value for e in got] == pytest.approx([m["loss"] for m in want], rel=1e-6)  # stored as float32
+
+
+def test_tensorboard_without_the_package_stops_the_server_at_start_saying_what_to_install(tmp_path):
+    code = ("import sys; sys.modules['tensorboard'] = None; from colaflow.cli.main import main; "
+            f"sys.exit(main(['serve', '--model', 'tiny-llama', '--port', '0', '--tensorboard', {str(tmp_path)!r}]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--tensorboard needs the `tensorboard` package: pip install tensorboard" in out.stderr
+    assert "listening" not in out.stdout
