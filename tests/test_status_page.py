@@ -369,3 +369,35 @@ def test_tensorboard_without_the_package_stops_the_server_at_start_saying_what_t
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "--tensorboard needs the `tensorboard` package: pip install tensorboard" in out.stderr
     assert "listening" not in out.stdout
+
+
+def test_under_tls_the_page_is_https_only_and_its_cookie_secure(tmp_path):
+    import ssl
+
+    from colaflow.server.auth import Tokens
+    from colaflow.server.coordinator import Coordinator
+    from colaflow.server.status import StatusServer
+    from test_wire_security import _certs
+
+    certs = _certs(tmp_path)
+    c = Coordinator(Host(tiny("llama")))
+    page = StatusServer(c, Tokens({TOKENS["admin"]: ("admin", None)}), "127.0.0.1", 0,
+                        (str(certs["cert"]), str(certs["key"]), None)).start()
+    try:
+        assert page.url == f"https://127.0.0.1:{page.port}/"
+        ctx = ssl.create_default_context(cafile=str(certs["ca"]))
+        conn = http.client.HTTPSConnection("127.0.0.1", page.port, context=ctx, timeout=30)
+        conn.request("GET", f"/?token={TOKENS['admin']}")
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 303 and "; Secure" in r.getheader("Set-Cookie")
+        conn.request("GET", "/api/jobs", headers={"Authorization": f"Bearer {TOKENS['admin']}"})
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["jobs"] == []
+        conn.close()
+        plain = http.client.HTTPConnection("127.0.0.1", page.port, timeout=10)  # plaintext gets no page
+        with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+            plain.request("GET", "/healthz")
+            plain.getresponse().read()
+    finally:
+        page.stop()
