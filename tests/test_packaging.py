@@ -21,6 +21,7 @@ def test_non_editable_install_imports(tmp_path):
                          check=True, capture_output=True, text=True, cwd=tmp_path).stdout.split()
     assert all(p.startswith(str(target)) for p in out), out
     assert out[1].endswith("colaflow/server/__init__.py") and out[2].endswith("colaflow/edge_client/__init__.py")
+    assert (target / "colaflow" / "server" / "status.html").is_file()  # the status page ships as package data
 
 
 def test_console_script_help():
