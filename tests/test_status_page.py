@@ -401,3 +401,16 @@ def test_under_tls_the_page_is_https_only_and_its_cookie_secure(tmp_path):
             plain.getresponse().read()
     finally:
         page.stop()
+
+
+def test_a_taken_http_port_stops_the_server_before_the_model_loads():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "colaflow.cli.main", "serve", "--model", "no-such-model",
+                              "--port", "0", "--http-port", str(port)], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
+    assert "--http-port off" in out.stderr and "Traceback" not in out.stderr

@@ -78,7 +78,7 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int, flag: str = "--port") -> None:
     import socket
 
     try:
@@ -87,7 +87,7 @@ def _check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
     except OSError as e:
         raise SystemExit(f"colaflow serve: cannot listen on {host}:{port}: {e.strerror} "
-                         "(another colaflow serve? pick another --port)") from None
+                         f"(another colaflow serve? pick another {flag})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     if args.port:
         _check_port_free(args.host, args.port)  # before the model loads: fail in a second, not a minute
     if isinstance(args.http_port, int) and args.http_port:
-        _check_port_free(args.host, args.http_port)
+        _check_port_free(args.host, args.http_port, "--http-port, or --http-port off")
     tensorboard = None
     if args.tensorboard:
         from colaflow.server.tblog import TensorBoardLog
