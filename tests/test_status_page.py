@@ -367,7 +367,8 @@ def test_tensorboard_without_the_package_stops_the_server_at_start_saying_what_t
     code = ("import sys; sys.modules['tensorboard'] = None; from colaflow.cli.main import main; "
             f"sys.exit(main(['serve', '--model', 'tiny-llama', '--port', '0', '--tensorboard', {str(tmp_path)!r}]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "--tensorboard needs the `tensorboard` package: pip install tensorboard" in out.stderr
+    assert out.returncode != 0
+    assert "--tensorboard needs the `tensorboard` package: pip install tensorboard" in out.stderr
     assert "listening" not in out.stdout
 
 

@@ -90,6 +90,25 @@ def _check_port_free(host: str, port: int, flag: str = "--port") -> None:
                          f"(another colaflow serve? pick another {flag})") from None
 
 
+def _status_page(args: argparse.Namespace, coordinator, tokens, grpc_port: int):
+    """Start the HTTP status page, /metrics and JSON API (None with `--http-port off`); print its URL."""
+    if args.http_port == "off":
+        return None
+    from colaflow.server.status import StatusServer
+
+    port = args.http_port
+    if port is None:  # the default: next to the gRPC port when that one is free, else any free port
+        port = grpc_port + 1 if args.port and grpc_port < 65535 and _port_free(args.host, grpc_port + 1) else 0
+    files = (args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    try:
+        status = StatusServer(coordinator, tokens, args.host, port, files).start()
+    except OSError as e:
+        raise SystemExit(f"colaflow serve: cannot serve the status page on {args.host}:{port}: "
+                         f"{e.strerror or e} (pick another --http-port, or --http-port off)") from None
+    print(f"colaflow serve: status page at {status.url}", flush=True)
+    return status
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -137,21 +156,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"colaflow serve: {e}") from None
     server.start()
     print(f"colaflow serve: listening on {args.host}:{port}", flush=True)
-    status = None
-    if args.http_port != "off":
-        from colaflow.server.status import StatusServer
-
-        http_port = args.http_port
-        if http_port is None:  # the default: next to the gRPC port when that one is free
-            http_port = port + 1 if args.port and port < 65535 and _port_free(args.host, port + 1) else 0
-        files = (args.tls_cert, args.tls_key, args.tls_client_ca) if tls else None
-        try:
-            status = StatusServer(coordinator, tokens, args.host, http_port, files).start()
-        except OSError as e:
-            server.stop(0)
-            raise SystemExit(f"colaflow serve: cannot serve the status page on {args.host}:{http_port}: "
-                             f"{e.strerror or e} (pick another --http-port, or --http-port off)") from None
-        print(f"colaflow serve: status page at {status.url}", flush=True)
+    try:
+        status = _status_page(args, coordinator, tokens, port)
+    except SystemExit:
+        server.stop(0)
+        raise
     if tensorboard is not None:
         tensorboard.start(coordinator)
     done = threading.Event()
