@@ -13,7 +13,8 @@ Auth is the gRPC server's tokens: `Authorization: Bearer TOKEN`, or a session co
 (the form, or `?token=` followed by a redirect that drops it from the address bar) sets. The
 cookie holds a random session id, never the token (cookies are not scoped by port), HttpOnly,
 SameSite=Strict, Secure under TLS. Without a tokens file every caller is admin, as on gRPC, and
-requests must name a loopback Host (a web page cannot reach the page by DNS rebinding).
+on a loopback address requests must name a loopback Host (a web page cannot reach the page by
+DNS rebinding).
 """
 from __future__ import annotations
 
@@ -184,8 +185,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.BAD_REQUEST, str(e))
 
     def _check_host(self) -> None:
-        if self.app.tokens.enabled:
-            return
+        """Without tokens on loopback, only requests naming a loopback host: no DNS rebinding."""
+        if self.app.tokens.enabled or self.app.host not in LOOPBACK_NAMES and not self.app.host.startswith("127."):
+            return  # tokens guard it; or it was put off loopback without them on purpose (--insecure)
         host = urlsplit("//" + (self.headers.get("Host") or "")).hostname or ""
         if host not in LOOPBACK_NAMES | {self.app.host}:
             raise Refused(HTTPStatus.FORBIDDEN, f"Host {host[:64]!r} is not this server's (a server without "

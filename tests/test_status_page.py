@@ -415,3 +415,22 @@ def test_a_taken_http_port_stops_the_server_before_the_model_loads():
                               "--port", "0", "--http-port", str(port)], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
     assert "--http-port off" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_without_tokens_on_loopback_only_loopback_host_names_are_answered():
+    from colaflow.server.auth import Tokens
+    from colaflow.server.coordinator import Coordinator
+    from colaflow.server.status import StatusServer
+
+    page = StatusServer(Coordinator(Host(tiny("llama"))), Tokens(None)).start()  # every caller is admin
+    try:
+        def get(host: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", page.port, timeout=10)
+            conn.request("GET", "/api/jobs", headers={"Host": host})
+            status = conn.getresponse().status
+            conn.close()
+            return status
+        assert get(f"127.0.0.1:{page.port}") == 200 and get(f"localhost:{page.port}") == 200
+        assert get(f"evil.example:{page.port}") == 403  # a DNS-rebound page in the operator's browser
+    finally:
+        page.stop()
