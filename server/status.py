@@ -183,6 +183,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, str(e.args[0]) if e.args else "not found")
         except (ValueError, TypeError) as e:
             self._error(HTTPStatus.BAD_REQUEST, str(e))
+        except (ConnectionError, TimeoutError, ssl.SSLError):
+            raise  # the client went away: nothing to answer
+        except Exception as e:  # a bug: say so in the log, answer 500, keep serving
+            log.exception("status page: %s failed", self.path.split("?")[0][:100])
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__} (see the server's log)")
 
     def _check_host(self) -> None:
         """Without tokens on loopback, only requests naming a loopback host: no DNS rebinding."""
