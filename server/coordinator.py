@@ -197,7 +197,8 @@ class Coordinator:
     def workers_view(self) -> list[dict]:
         """Every worker the server knows, for the status page and `colaflow workers`: `worker`, `state`
         (connected, unhealthy, disconnected, quarantined; `detail` says why), `last_seen_s`, `sites`
-        {job: [site, ...]}, `fits_per_s` (over the last RATE_WINDOW_S), `bytes_in`, `bytes_out`."""
+        {job: [site, ...]} of live jobs, `fits_per_s` (over the last RATE_WINDOW_S), `bytes_in` (its
+        updates' wire bytes, to the server) and `bytes_out` (packets' wire bytes, to it)."""
         with self.lock:
             now = self.scheduler.clock()
             owned: dict[str, dict[str, list[str]]] = {}
