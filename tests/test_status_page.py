@@ -434,3 +434,20 @@ def test_without_tokens_on_loopback_only_loopback_host_names_are_answered():
         assert get(f"evil.example:{page.port}") == 403  # a DNS-rebound page in the operator's browser
     finally:
         page.stop()
+
+
+def test_grpc_health_is_not_serving_once_the_step_loop_gave_up(monkeypatch):
+    import asyncio
+
+    from colaflow.server.coordinator import Coordinator
+    from colaflow.server.probes import NOT_SERVING, SERVING, Probes
+
+    c = Coordinator(Host(tiny("llama")))
+    probes = Probes(c)
+    assert asyncio.run(probes.update()) == SERVING
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    monkeypatch.setattr(c, "step_once", lambda: 1 / 0)
+    c.run(max_failures=2)  # gives up: `colaflow serve` exits non-zero, and says so until then
+    assert c.fatal and asyncio.run(probes.update()) == NOT_SERVING
+    assert asyncio.run(probes.health.Check(health_pb2.HealthCheckRequest(service="colaflow.v1.Control"), None)) \
+        .status == NOT_SERVING
