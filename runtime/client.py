@@ -45,7 +45,8 @@ class Client:
         except grpc.RpcError as e:
             raise from_rpc(e, what) from None
 
-    def submit(self, spec: JobSpec, examples, steps: int, batch_size: int = 8, seed: int = 0, tokenizer=None) -> str:
+    def submit(self, spec: JobSpec, examples: object, steps: int, batch_size: int = 8, seed: int = 0,
+               tokenizer=None) -> str:
         """Submit a job on any data `colaflow.datasets.rows` reads (a path, rows, a datasets.Dataset).
 
         Text is tokenised here with `tokenizer`, by default the server's (fetched once).

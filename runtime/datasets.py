@@ -65,7 +65,8 @@ def _records(source: Any) -> tuple[str, Iterator[tuple[str, Any]]]:
         return _file(Path(source))
     if isinstance(source, dict):
         if isinstance(getattr(source, "column_names", None), dict):  # a datasets.DatasetDict
-            raise InvalidArgument(f"the dataset has splits {sorted(source)}: pass one, e.g. dataset[{next(iter(source), 'train')!r}]")
+            split = next(iter(source), "train")
+            raise InvalidArgument(f"the dataset has splits {sorted(source)}: pass one, e.g. dataset[{split!r}]")
         raise InvalidArgument("the data is one map; pass a list of rows (maps), a file path or a datasets.Dataset")
     if isinstance(source, (bytes, bytearray)) or not isinstance(source, Iterable):
         raise InvalidArgument(f"cannot read data from a {type(source).__name__}: pass a list of rows (maps), a path "
@@ -125,7 +126,8 @@ def _csv(path: Path) -> Iterator[tuple[str, Any]]:
                     try:
                         row[key] = json.loads(row[key])
                     except ValueError:
-                        raise InvalidArgument(f'{where}: "{key}" must be JSON in a CSV cell, got {row[key][:40]!r}') from None
+                        raise InvalidArgument(f'{where}: "{key}" must be JSON in a CSV cell, '
+                                              f"got {row[key][:40]!r}") from None
             yield where, row
 
 
@@ -160,7 +162,7 @@ class _Tokenizer:
     """The tokenizer, resolved on the first row that needs one; and the length rule."""
 
     def __init__(self, tokenizer: Any, max_length: int | None):
-        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2):
+        if max_length is not None and (type(max_length) is not int or max_length < 2):
             raise InvalidArgument(f"`max_length` must be an int >= 2, got {max_length!r}")
         self.source, self.tok, self.max_length = tokenizer, None, max_length
 
@@ -170,7 +172,7 @@ class _Tokenizer:
             if t is not None and not hasattr(t, "encode") and callable(t):
                 try:
                     t = t()
-                except Exception as e:
+                except InvalidArgument as e:  # e.g. the server's model has none; a network error stays one
                     raise InvalidArgument(f"{where}: {fmt} rows need a tokenizer, and none is at hand: {e}") from None
             if t is None:
                 raise InvalidArgument(f"{where}: {fmt} rows need a tokenizer (pass `tokenizer=`), or give "
@@ -240,7 +242,8 @@ def _messages(messages: Any, where: str) -> list[dict]:
     for j, m in enumerate(messages):
         field = f'"messages"[{j}]'
         if not isinstance(m, dict):
-            raise InvalidArgument(f"{where}: {field} must be a map with \"role\" and \"content\", got {type(m).__name__}")
+            raise InvalidArgument(f'{where}: {field} must be a map with "role" and "content", '
+                                  f"got {type(m).__name__}")
         for key in ("role", "content"):
             if not isinstance(m.get(key), str):
                 raise InvalidArgument(f'{where}: {field}["{key}"] must be a string, got {type(m.get(key)).__name__}')
@@ -248,7 +251,8 @@ def _messages(messages: Any, where: str) -> list[dict]:
     if "assistant" not in roles:
         raise InvalidArgument(f'{where}: "messages" has no "assistant" turn: nothing to learn from')
     if roles[0] == "assistant":
-        raise InvalidArgument(f'{where}: "messages"[0] is an assistant turn; a conversation opens with a system or user turn')
+        raise InvalidArgument(f'{where}: "messages"[0] is an assistant turn; a conversation opens with a system '
+                              "or user turn")
     return messages
 
 
@@ -278,7 +282,8 @@ def _pretokenised(row: dict, where: str, tok: _Tokenizer) -> dict:
                               "non-empty lists")
     limit = tok.max_length
     if limit is not None and len(ids) > limit:
-        raise InvalidArgument(f"{where}: {len(ids)} tokens; the model's context is {limit} (pre-tokenised rows are not cut)")
+        raise InvalidArgument(f"{where}: {len(ids)} tokens; the model's context is {limit} "
+                              "(pre-tokenised rows are not cut)")
     return {"input_ids": ids, "labels": labels}
 
 

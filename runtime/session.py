@@ -112,14 +112,18 @@ class Session:
             spec = JobSpec(job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}",
                            adapter or LowRank(), optimizer or AdamW(), targets, fit_interval, staleness, seed=seed,
                            codec_x=codec_x, codec_g=codec_g, state_every=state_every)
-            tokenizer = self._backend.tokenizer if self.tokenizer is None else self.tokenizer
-            data = to_map(rows(examples, tokenizer, self._backend.max_length()), batch_size, seed)
+            data = to_map(self._rows(examples), batch_size, seed)
             if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
                 raise ValueError(f"`steps` must be an int in [1, {MAX_STEPS}], got {steps!r}")
         except ValueError as e:
             raise e if isinstance(e, ColaflowError) else InvalidArgument(str(e)) from None
         self._backend.submit(spec, data, steps)
         return Job(self, spec.job_id, steps)
+
+    def _rows(self, source) -> list[dict]:
+        """Token-id rows from any data source, tokenised here (see colaflow.datasets.rows)."""
+        tokenizer = self._backend.tokenizer if self.tokenizer is None else self.tokenizer
+        return rows(source, tokenizer, self._backend.max_length())
 
     def job(self, job_id: str) -> Job:
         status = self._backend.status(job_id)

@@ -167,6 +167,21 @@ def test_a_datasets_dataset(tok):
         rows(datasets.DatasetDict({"train": ds}), tok)
 
 
+def test_in_process_sessions_tokenise_with_the_models_tokenizer(tok):
+    with Session("tiny-llama") as session:  # a test model without a tokenizer
+        with pytest.raises(InvalidArgument, match="^row 0: text rows need a tokenizer, and none is at hand: the "
+                                                  "model 'tiny-llama' has no tokenizer: pass Session"):
+            session.submit([{"text": "hi"}], steps=1, batch_size=1)
+        assert session.jobs() == []
+    with Session(tiny("llama", vocab=49152), tokenizer=tok) as session:
+        data = [{"prompt": "Q: 2+2?\nA:", "completion": " 4"}, {"prompt": "many " * 200, "completion": " words"}]
+        with pytest.raises(InvalidArgument, match="^row 1: the prompt fills the first 128 tokens"):  # the context
+            session.submit(data, steps=1, batch_size=1)
+        job = session.submit(data[:1], steps=2, batch_size=1, adapter=LowRank(r=2))
+        assert job.wait(timeout=60)["state"] == "done"
+        assert job.metrics()[0]["tokens"] == len(rows(data[:1], tok)[0]["input_ids"])  # tokenised here, as rows() does
+
+
 # a real loopback server: the tokenizer travels, bad data never does
 
 class Served:
