@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import InvalidArgument
 
-MAX_FILES_BYTES = 32 << 20  # a tokenizer is a few MiB; anything bigger is not one
+MAX_FILES_BYTES = 48 << 20  # the biggest tokenizers (e.g. Gemma's) are ~35 MiB; all must fit one gRPC message
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 

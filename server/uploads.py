@@ -92,7 +92,7 @@ class Uploads:
         with self._lock:
             self._uploads.pop(upload_id, None)
 
-    def claim(self, upload_id: str, tenant: str) -> bytes:
+    def claim(self, upload_id: str, tenant: str) -> bytearray:
         """The finished upload's bytes, once; another tenant's upload reads as unknown."""
         with self._lock:
             self._sweep()
@@ -101,7 +101,7 @@ class Uploads:
                 raise KeyError(f"unknown or unfinished upload {upload_id[:40]!r} (an upload is used once, within "
                                f"{self.limits.ttl:.0f} s)")
             del self._uploads[upload_id]
-            return bytes(u.data)
+            return u.data  # no copy: msgpack reads it as it is
 
     def _live(self, upload_id: str) -> _Upload:
         self._sweep()
