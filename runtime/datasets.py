@@ -85,7 +85,7 @@ def _file(path: Path) -> tuple[str, Iterator[tuple[str, Any]]]:
         return name, _jsonl(path)
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except (ValueError, UnicodeDecodeError) as e:
             raise InvalidArgument(f"{name}: not valid JSON ({e})") from None
         if not isinstance(data, list):
@@ -97,14 +97,17 @@ def _file(path: Path) -> tuple[str, Iterator[tuple[str, Any]]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise InvalidArgument(f"{name}: reading .parquet needs pyarrow (pip install pyarrow)") from None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow's errors are its own types
+        raise InvalidArgument(f"{name}: cannot read it as Parquet ({e})") from None
     return name, ((f"row {i} of {name}", row) for i, row in enumerate(table.to_pylist()))
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     i = 0
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open(encoding="utf-8-sig") as f:
+        for n, line in enumerate(_utf8(f, path.name), 1):
             if not line.strip():
                 continue
             where = f"row {i} (line {n}) of {path.name}"
@@ -116,8 +119,8 @@ def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(_utf8(f, path.name))
         for i, row in enumerate(reader):
             where = f"row {i} (line {reader.line_num}) of {path.name}"
             row = {k: v for k, v in row.items() if k is not None and v not in (None, "")}  # empty cell: absent
@@ -129,6 +132,13 @@ def _csv(path: Path) -> Iterator[tuple[str, Any]]:
                         raise InvalidArgument(f'{where}: "{key}" must be JSON in a CSV cell, '
                                               f"got {row[key][:40]!r}") from None
             yield where, row
+
+
+def _utf8(lines: Iterable[str], name: str) -> Iterator[str]:
+    try:
+        yield from lines
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"{name}: not UTF-8 text ({e.reason})") from None
 
 
 # formats

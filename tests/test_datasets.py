@@ -118,6 +118,9 @@ def test_jsonl_names_the_row_and_line(tok, tmp_path):
         rows(path, tok)
     path.write_text("\n".join(json.dumps(r) for r in lines[:1] + lines[2:3]) + "\n")
     assert rows(path, tok) == rows(lines[:1] + lines[2:3], tok)
+    path.write_bytes(b'{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(InvalidArgument, match="^data.jsonl: not UTF-8 text"):
+        rows(path, tok)
 
 
 def test_json_and_csv_files(tok, tmp_path):
