@@ -28,7 +28,6 @@ from .data import token_ids
 from .errors import InvalidArgument
 from .loss import IGNORE
 
-FORMATS = ("pre-tokenised", "chat", "prompt/completion", "text")
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 _JSON_CELLS = ("input_ids", "labels", "messages")  # CSV cells that hold JSON, not text
 _NO_LIMIT = 1 << 40  # HF's "no limit" model_max_length is ~1e30
