@@ -1,6 +1,6 @@
 """Datasets as people have them -> token-id rows `{"input_ids": [...], "labels": [...]}` (-100: no loss).
 
-    rows("data.jsonl", tokenizer)                  # also .json, .csv, .parquet; a list of dicts; a datasets.Dataset
+    rows("data.jsonl", tokenizer)      # also .json, .csv, .parquet; a list of dicts; a datasets.Dataset or DataFrame
     rows([{"prompt": "2+2=", "completion": "4"}], tokenizer, max_length=2048)
 
 One format per dataset, told by the fields of each row:
@@ -70,6 +70,8 @@ def _records(source: Any) -> tuple[str, Iterator[tuple[str, Any]]]:
     if isinstance(source, (bytes, bytearray)) or not isinstance(source, Iterable):
         raise InvalidArgument(f"cannot read data from a {type(source).__name__}: pass a list of rows (maps), a path "
                               f"to a {'/'.join(SUFFIXES)} file, or a datasets.Dataset")
+    if hasattr(source, "columns") and hasattr(source, "to_dict"):  # a pandas DataFrame iterates its column names
+        source = source.to_dict("records")
     of = " of the dataset" if hasattr(source, "column_names") else ""  # a datasets.Dataset yields its rows as maps
     return "the data", ((f"row {i}{of}", row) for i, row in enumerate(source))
 

@@ -168,6 +168,10 @@ def test_a_datasets_dataset(tok):
         rows(datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}]), tok)
     with pytest.raises(InvalidArgument, match=r"has splits \['train'\]: pass one"):
         rows(datasets.DatasetDict({"train": ds}), tok)
+    frame = ds.to_pandas()  # a pandas DataFrame: its rows, not its column names
+    assert rows(frame, tok) == rows(ds, tok)
+    with pytest.raises(InvalidArgument, match='^row 1: "text" must be a string, got int$'):
+        rows(type(frame)({"text": ["hello", 5]}), tok)
 
 
 def test_in_process_sessions_tokenise_with_the_models_tokenizer(tok):
