@@ -24,6 +24,7 @@ from colaflow.server.auth import Tokens
 from colaflow.server.coordinator import Coordinator
 from colaflow.server.service import make_server
 from colaflow.server.uploads import UploadLimits, Uploads
+from colaflow.tokenizer import from_files, to_files
 from procs import start_edge, stop, wait_workers
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
@@ -75,6 +76,12 @@ def test_chat_uses_the_real_template_and_has_loss_on_assistant_turns_only(tok):
         rows([{"messages": CHAT}, {"messages": bad}], tok)
     with pytest.raises(InvalidArgument, match='^row 0: "messages" has no "assistant" turn'):
         rows([{"messages": CHAT[:1]}], tok)
+    with pytest.raises(InvalidArgument, match=r'^row 0: "messages"\[0\] is an assistant turn'):
+        rows([{"messages": CHAT[1:]}], tok)
+    plain = from_files(to_files(tok))
+    plain.chat_template = None
+    with pytest.raises(InvalidArgument, match='^row 0: "messages" rows need a tokenizer with a chat template'):
+        rows([{"messages": CHAT}], plain)
 
 
 def test_pre_tokenised_rows_pass_as_today_without_a_tokenizer():
@@ -187,6 +194,17 @@ def test_in_process_sessions_tokenise_with_the_models_tokenizer(tok):
         job = session.submit(data[:1], steps=2, batch_size=1, adapter=LowRank(r=2))
         assert job.wait(timeout=60)["state"] == "done"
         assert job.metrics()[0]["tokens"] == len(rows(data[:1], tok)[0]["input_ids"])  # tokenised here, as rows() does
+
+
+def test_a_tokenizer_from_the_wire_is_checked_before_it_is_loaded(tok):
+    files = to_files(tok)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(files)
+    with pytest.raises(InvalidArgument, match="tokenizer file name '../tokenizer.json' is not a plain file name"):
+        from_files({"../tokenizer.json": files["tokenizer.json"]})
+    with pytest.raises(InvalidArgument, match="the tokenizer has no files"):
+        from_files({})
+    with pytest.raises(InvalidArgument, match="cannot load the tokenizer from its files"):
+        from_files({"tokenizer.json": b"{not json", "tokenizer_config.json": b"{}"})
 
 
 # a real loopback server: the tokenizer travels, bad data never does
