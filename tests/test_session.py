@@ -108,7 +108,7 @@ def test_in_process_failures_are_colaflows_own_too(tmp_path):
     with Session("tiny-llama") as session:
         with pytest.raises(InvalidArgument, match="`steps` must be an int"):
             session.submit(examples(96, 8, seed=0), job_id="leak", steps=0, batch_size=4)
-        with pytest.raises(InvalidArgument, match="example 0: `input_ids` must be a list of token ids, got str"):
+        with pytest.raises(InvalidArgument, match="row 0: `input_ids` must be a list of token ids, got str"):
             session.submit([{"input_ids": "abc"}], steps=2, batch_size=1)
         with pytest.raises(InvalidArgument, match="`batch_size` 8 is larger than the 4 examples"):
             session.submit(examples(96, 4, seed=0), job_id="leak", steps=2)

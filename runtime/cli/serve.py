@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
                         "as nothing else can run, and its forward waits at each site still fitting)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--max-upload-mb", type=int, default=256,
+                   help="the largest data map a client may upload for one job (MiB); all uploads held at once "
+                        "are capped at 4x this, one tenant's at 2x")
     p.add_argument("--http-port", type=_http_port, default=None, metavar="PORT|off",
                    help="the status page, /metrics and the JSON API (same host, tokens and TLS): a port, 0 for a "
                         "free one, or `off` (default: the gRPC port + 1, or a free port when that one is taken "
@@ -60,11 +63,12 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def load_model(name: str):
+    """(model, tokenizer); tiny-* models have no tokenizer (None)."""
     from colaflow.models import load, tiny
 
     if name.startswith("tiny-"):
-        return tiny(name[len("tiny-"):])
-    return load(name)[0]
+        return tiny(name[len("tiny-"):]), None
+    return load(name)
 
 
 def _loopback(host: str) -> bool:
@@ -117,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from colaflow.server.coordinator import Coordinator
     from colaflow.server.service import make_server
     from colaflow.server.store import DirStore
+    from colaflow.server.uploads import UploadLimits
 
     logging.basicConfig(level=os.environ.get("COLAFLOW_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads:
@@ -148,10 +153,16 @@ def run(args: argparse.Namespace) -> int:
 
         tensorboard = TensorBoardLog.check(args.tensorboard)  # a missing package fails now, clearly
     store = DirStore(args.state_dir) if args.state_dir else None
-    coordinator = Coordinator(Host(load_model(args.model).to(args.device)), reassign_after=args.reassign_after, store=store,
+    if args.max_upload_mb < 1:
+        raise SystemExit(f"colaflow serve: --max-upload-mb must be >= 1, got {args.max_upload_mb}")
+    model, tokenizer = load_model(args.model)
+    coordinator = Coordinator(Host(model.to(args.device)), reassign_after=args.reassign_after, store=store,
                               mix=args.mix, layered=args.layered)
+    mb = args.max_upload_mb << 20
+    limits = UploadLimits(max_bytes=mb, max_total=4 * mb, max_per_tenant=2 * mb)
     try:
-        server, port = make_server(coordinator, tokens, f"{args.host}:{args.port}", tls, model_name=args.model)
+        server, port = make_server(coordinator, tokens, f"{args.host}:{args.port}", tls, model_name=args.model,
+                                   tokenizer=tokenizer, upload_limits=limits)
     except OSError as e:
         raise SystemExit(f"colaflow serve: {e}") from None
     server.start()

@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("spec", "data", "steps")
+    __slots__ = ("spec", "data", "steps", "upload")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_FIELD_NUMBER: _ClassVar[int]
     spec: bytes
     data: bytes
     steps: int
-    def __init__(self, spec: _Optional[bytes] = ..., data: _Optional[bytes] = ..., steps: _Optional[int] = ...) -> None: ...
+    upload: str
+    def __init__(self, spec: _Optional[bytes] = ..., data: _Optional[bytes] = ..., steps: _Optional[int] = ..., upload: _Optional[str] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -132,3 +134,42 @@ class HealthResponse(_message.Message):
     workers: int
     jobs: int
     def __init__(self, status: _Optional[str] = ..., workers: _Optional[int] = ..., jobs: _Optional[int] = ...) -> None: ...
+
+class GetTokenizerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetTokenizerResponse(_message.Message):
+    __slots__ = ("model", "max_length", "vocab_size", "files")
+    class FilesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    max_length: int
+    vocab_size: int
+    files: _containers.ScalarMap[str, bytes]
+    def __init__(self, model: _Optional[str] = ..., max_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., files: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class UploadDataRequest(_message.Message):
+    __slots__ = ("total_bytes", "data")
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    total_bytes: int
+    data: bytes
+    def __init__(self, total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadDataResponse(_message.Message):
+    __slots__ = ("upload", "bytes")
+    UPLOAD_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    upload: str
+    bytes: int
+    def __init__(self, upload: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...

@@ -69,6 +69,16 @@ class ControlStub:
                 request_serializer=colaflow_dot_v1_dot_control__pb2.HealthRequest.SerializeToString,
                 response_deserializer=colaflow_dot_v1_dot_control__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.GetTokenizer = channel.unary_unary(
+                '/colaflow.v1.Control/GetTokenizer',
+                request_serializer=colaflow_dot_v1_dot_control__pb2.GetTokenizerRequest.SerializeToString,
+                response_deserializer=colaflow_dot_v1_dot_control__pb2.GetTokenizerResponse.FromString,
+                _registered_method=True)
+        self.UploadData = channel.stream_unary(
+                '/colaflow.v1.Control/UploadData',
+                request_serializer=colaflow_dot_v1_dot_control__pb2.UploadDataRequest.SerializeToString,
+                response_deserializer=colaflow_dot_v1_dot_control__pb2.UploadDataResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -116,6 +126,20 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTokenizer(self, request, context):
+        """The server model's tokenizer, so clients tokenise text data as the server's model reads it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadData(self, request_iterator, context):
+        """A data map too big for one message, in chunks; SubmitJob then names it by `upload`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +177,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=colaflow_dot_v1_dot_control__pb2.HealthRequest.FromString,
                     response_serializer=colaflow_dot_v1_dot_control__pb2.HealthResponse.SerializeToString,
+            ),
+            'GetTokenizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTokenizer,
+                    request_deserializer=colaflow_dot_v1_dot_control__pb2.GetTokenizerRequest.FromString,
+                    response_serializer=colaflow_dot_v1_dot_control__pb2.GetTokenizerResponse.SerializeToString,
+            ),
+            'UploadData': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadData,
+                    request_deserializer=colaflow_dot_v1_dot_control__pb2.UploadDataRequest.FromString,
+                    response_serializer=colaflow_dot_v1_dot_control__pb2.UploadDataResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +378,60 @@ class Control:
             '/colaflow.v1.Control/Health',
             colaflow_dot_v1_dot_control__pb2.HealthRequest.SerializeToString,
             colaflow_dot_v1_dot_control__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTokenizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colaflow.v1.Control/GetTokenizer',
+            colaflow_dot_v1_dot_control__pb2.GetTokenizerRequest.SerializeToString,
+            colaflow_dot_v1_dot_control__pb2.GetTokenizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadData(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/colaflow.v1.Control/UploadData',
+            colaflow_dot_v1_dot_control__pb2.UploadDataRequest.SerializeToString,
+            colaflow_dot_v1_dot_control__pb2.UploadDataResponse.FromString,
             options,
             channel_credentials,
             insecure,
