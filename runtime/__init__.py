@@ -4,6 +4,7 @@ from .gl import Learner, LearnerState, OptimizerState, Packet, Update, fit
 from .errors import ColaflowError, JobFailed, NoWorkers
 from .host import Host
 from .job import JobSpec
+from .jobfile import load_job
 from .optim import SGD, Adam, AdamW, Schedule, optimizer_kinds, register_optimizer
 from .scheduler import Scheduler
 from .session import Job, Session
@@ -15,4 +16,4 @@ __version__ = "0.1.0"
 __all__ = ["Adam", "AdamW", "Adapter", "AdapterSpec", "ColaflowError", "Host", "Job", "JobFailed", "JobSpec",
            "Learner", "LearnerState", "Linear", "LowRank", "MLP", "NoWorkers", "OptimizerState", "Packet", "SGD",
            "Schedule", "Scheduler", "Session", "Site", "Trainer", "Update", "Worker", "adapter_kinds",
-           "build_adapter", "find_sites", "fit", "optimizer_kinds", "register_adapter", "register_optimizer"]
+           "build_adapter", "find_sites", "fit", "load_job", "optimizer_kinds", "register_adapter", "register_optimizer"]

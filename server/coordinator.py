@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from colaflow.adapters import Adapter
+from colaflow.gl import Update
 from colaflow.data import check_limits, collate, from_map
 from colaflow.host import Host
 from colaflow.job import JobSpec
@@ -40,6 +42,7 @@ class JobStatus:
     loss: float
     error: str
     max_staleness: int
+    workers: list[str] = field(default_factory=list)  # owners of the job's sites now
 
 
 @dataclass
@@ -56,6 +59,19 @@ class Export:
     spec: JobSpec
     adapters: dict[str, Adapter]
     versions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Traffic:
+    """What the server saw of one worker: for `workers_view` (the operator's picture), not for scheduling."""
+
+    last_seen: float = 0.0  # time.time() of its last message (heartbeats included)
+    fits: deque = field(default_factory=lambda: deque(maxlen=100_000))  # when its updates arrived
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+FITS_WINDOW_S = 10.0
 
 
 class Closed(Exception):
@@ -77,15 +93,16 @@ class Coordinator:
         self.fatal = ""  # set when the step loop gave up: the process should exit non-zero
         self._turn = 0
         self._stop = False
+        self._traffic: dict[str, _Traffic] = {}
         for job in self.scheduler.jobs.values():  # restored from the state dir
             if job.state in LIVE:
-                self._host_job(job.spec, job.data, skip=job.t)
+                self._host_job(job.spec, job.data, skip=job.t, init=job.init)
 
-    def _host_job(self, spec: JobSpec, data: dict, skip: int = 0) -> None:
+    def _host_job(self, spec: JobSpec, data: dict, skip: int = 0, init: dict | None = None) -> None:
         batches = from_map(data)
         for _ in range(skip):  # the same map always yields the same batches
             next(batches)
-        self.host.add_job(spec)
+        self.host.add_job(spec, init)
         self.data[spec.job_id] = batches
 
     def _notify(self) -> None:
@@ -95,16 +112,18 @@ class Coordinator:
 
     # control
 
-    def submit(self, spec: JobSpec, data: dict, steps: int, tenant: str = "default") -> str:
-        """Host and schedule a job for `tenant`; `data` is a data map (see `colaflow.data.from_map`)."""
+    def submit(self, spec: JobSpec, data: dict, steps: int, tenant: str = "default",
+               init: dict[str, dict] | None = None) -> str:
+        """Host and schedule a job for `tenant`; `data` is a data map (see `colaflow.data.from_map`);
+        `init` ({site: params}, see `colaflow.export.init_params`): where its adapters start."""
         batches = from_map(data)  # refuse bad data before anything is allocated
         check_limits(data, *self.host.limits())
         with self.lock:
             if spec.job_id in self.scheduler.jobs:
                 raise ValueError(f"job {spec.job_id!r} already exists")
-            sites = self.host.add_job(spec)
+            sites = self.host.add_job(spec, init)
             try:
-                self.scheduler.add_job(spec, sites, steps, data, tenant)
+                self.scheduler.add_job(spec, sites, steps, data, tenant, init)
             except BaseException:
                 self.host.remove_job(spec.job_id)
                 raise
@@ -139,7 +158,37 @@ class Coordinator:
     def _status(self, job_id: str) -> JobStatus:
         job = self.scheduler.job(job_id)
         return JobStatus(job_id, job.state, job.t, job.steps or 0, {n: r.received for n, r in job.sites.items()},
-                         job.losses[-1] if job.losses else 0.0, job.error, job.max_staleness)
+                         job.losses[-1] if job.losses else 0.0, job.error, job.max_staleness,
+                         sorted({r.owner for r in job.sites.values() if r.owner is not None}))
+
+    def workers_view(self) -> list[dict]:
+        """Every worker the server knows, for operators (`colaflow workers`, the status page): worker,
+        state (connected, unhealthy: why, disconnected, quarantined: why), last_seen_s, sites
+        {job: [site, ...]} it owns, fits_per_s (updates over the last 10 s), bytes_in, bytes_out."""
+        now = time.time()
+        with self.lock:
+            out = []
+            for wid, w in sorted(self.scheduler.workers.items()):
+                sites: dict[str, list[str]] = {}
+                for job_id, job in self.scheduler.jobs.items():
+                    mine = [n for n, r in job.sites.items() if r.owner == wid]
+                    if mine and job.state in LIVE:
+                        sites[job_id] = mine
+                t = self._traffic.get(wid, _Traffic())
+                state = (f"quarantined: {w.quarantined}" if w.quarantined else
+                         "disconnected" if not w.connected else f"unhealthy: {w.status}" if w.status else "connected")
+                recent = sum(1 for at in t.fits if at > now - FITS_WINDOW_S)
+                out.append({"worker": wid, "state": state,
+                            "last_seen_s": round(now - t.last_seen, 1) if t.last_seen else None,
+                            "sites": sites, "fits_per_s": round(recent / FITS_WINDOW_S, 2),
+                            "bytes_in": t.bytes_in, "bytes_out": t.bytes_out})
+            return out
+
+    def _seen(self, worker_id: str) -> _Traffic:
+        """The worker's traffic record, marked seen now (call under the lock)."""
+        t = self._traffic.setdefault(worker_id, _Traffic())
+        t.last_seen = time.time()
+        return t
 
     def metrics(self, job_id: str, since: int, timeout: float, tenant: str | None = None) -> tuple[list[dict], bool]:
         """Metrics after the first `since`, waiting up to `timeout` for some; and whether the job ended."""
@@ -187,6 +236,7 @@ class Coordinator:
     def connect(self, worker_id: str, session: str, hello: Hello) -> int:
         with self.lock:
             stream = self.scheduler.connect(worker_id, session, hello)
+            self._seen(worker_id)
             self._notify()
             return stream
 
@@ -204,6 +254,8 @@ class Coordinator:
         """A worker's own word on its health ("" = healthy), from its heartbeats."""
         with self.lock:
             w = self.scheduler.workers.get(worker_id)
+            if w is not None and w.stream == stream:
+                self._seen(worker_id)  # heartbeats are how an idle worker shows it is alive
             if w is None or w.stream != stream or w.status == status:
                 return
             w.status = status
@@ -216,11 +268,17 @@ class Coordinator:
         with self.lock:
             self.scheduler.receive(worker_id, msg)
             self.scheduler.count_bytes(msg.job, received=nbytes)
+            t = self._seen(worker_id)
+            t.bytes_in += nbytes
+            if isinstance(msg, Update):
+                t.fits.append(t.last_seen)
             self._notify()
 
-    def sent(self, job_id: str, nbytes: int) -> None:
+    def sent(self, job_id: str, nbytes: int, worker_id: str | None = None) -> None:
         with self.lock:
             self.scheduler.count_bytes(job_id, sent=nbytes)
+            if worker_id is not None:
+                self._traffic.setdefault(worker_id, _Traffic()).bytes_out += nbytes
 
     def next_message(self, worker_id: str, stream: int, timeout: float) -> ToWorker | None:
         """The next message for the worker's stream, or None after `timeout`; raises Closed."""

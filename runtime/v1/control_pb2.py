@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63olaflow/v1/control.proto\x12\x0b\x63olaflow.v1\"=\n\x10SubmitJobRequest\x12\x0c\n\x04spec\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05steps\x18\x03 \x01(\x04\" \n\x11SubmitJobResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xe1\x01\n\tJobStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x36\n\x08versions\x18\x05 \x03(\x0b\x32$.colaflow.v1.JobStatus.VersionsEntry\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x15\n\rmax_staleness\x18\x08 \x01(\x04\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x1c\n\rGetJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"8\n\x0eGetJobResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.colaflow.v1.JobStatus\"\x11\n\x0fListJobsRequest\"8\n\x10ListJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.colaflow.v1.JobStatus\"\x1f\n\x10\x43\x61ncelJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\";\n\x11\x43\x61ncelJobResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.colaflow.v1.JobStatus\"B\n\x14StreamMetricsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05since\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"(\n\x15StreamMetricsResponse\x12\x0f\n\x07metrics\x18\x01 \x01(\x0c\"3\n\x14\x45xportAdapterRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"Q\n\x15\x45xportAdapterResponse\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x0f\n\rHealthRequest\"?\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\r\x12\x0c\n\x04jobs\x18\x03 \x01(\r2\xa4\x04\n\x07\x43ontrol\x12J\n\tSubmitJob\x12\x1d.colaflow.v1.SubmitJobRequest\x1a\x1e.colaflow.v1.SubmitJobResponse\x12\x41\n\x06GetJob\x12\x1a.colaflow.v1.GetJobRequest\x1a\x1b.colaflow.v1.GetJobResponse\x12G\n\x08ListJobs\x12\x1c.colaflow.v1.ListJobsRequest\x1a\x1d.colaflow.v1.ListJobsResponse\x12J\n\tCancelJob\x12\x1d.colaflow.v1.CancelJobRequest\x1a\x1e.colaflow.v1.CancelJobResponse\x12X\n\rStreamMetrics\x12!.colaflow.v1.StreamMetricsRequest\x1a\".colaflow.v1.StreamMetricsResponse0\x01\x12X\n\rExportAdapter\x12!.colaflow.v1.ExportAdapterRequest\x1a\".colaflow.v1.ExportAdapterResponse0\x01\x12\x41\n\x06Health\x12\x1a.colaflow.v1.HealthRequest\x1a\x1b.colaflow.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63olaflow/v1/control.proto\x12\x0b\x63olaflow.v1\"K\n\x10SubmitJobRequest\x12\x0c\n\x04spec\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x0c\n\x04init\x18\x04 \x01(\x0c\" \n\x11SubmitJobResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xf2\x01\n\tJobStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x36\n\x08versions\x18\x05 \x03(\x0b\x32$.colaflow.v1.JobStatus.VersionsEntry\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x15\n\rmax_staleness\x18\x08 \x01(\x04\x12\x0f\n\x07workers\x18\t \x03(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x1c\n\rGetJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"8\n\x0eGetJobResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.colaflow.v1.JobStatus\"\x11\n\x0fListJobsRequest\"8\n\x10ListJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.colaflow.v1.JobStatus\"\x1f\n\x10\x43\x61ncelJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\";\n\x11\x43\x61ncelJobResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.colaflow.v1.JobStatus\"B\n\x14StreamMetricsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05since\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"(\n\x15StreamMetricsResponse\x12\x0f\n\x07metrics\x18\x01 \x01(\x0c\"3\n\x14\x45xportAdapterRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"Q\n\x15\x45xportAdapterResponse\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x0f\n\rHealthRequest\"?\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\r\x12\x0c\n\x04jobs\x18\x03 \x01(\r\"\x14\n\x12ListWorkersRequest\"&\n\x13ListWorkersResponse\x12\x0f\n\x07workers\x18\x01 \x01(\x0c\x32\xf6\x04\n\x07\x43ontrol\x12J\n\tSubmitJob\x12\x1d.colaflow.v1.SubmitJobRequest\x1a\x1e.colaflow.v1.SubmitJobResponse\x12\x41\n\x06GetJob\x12\x1a.colaflow.v1.GetJobRequest\x1a\x1b.colaflow.v1.GetJobResponse\x12G\n\x08ListJobs\x12\x1c.colaflow.v1.ListJobsRequest\x1a\x1d.colaflow.v1.ListJobsResponse\x12J\n\tCancelJob\x12\x1d.colaflow.v1.CancelJobRequest\x1a\x1e.colaflow.v1.CancelJobResponse\x12X\n\rStreamMetrics\x12!.colaflow.v1.StreamMetricsRequest\x1a\".colaflow.v1.StreamMetricsResponse0\x01\x12X\n\rExportAdapter\x12!.colaflow.v1.ExportAdapterRequest\x1a\".colaflow.v1.ExportAdapterResponse0\x01\x12\x41\n\x06Health\x12\x1a.colaflow.v1.HealthRequest\x1a\x1b.colaflow.v1.HealthResponse\x12P\n\x0bListWorkers\x12\x1f.colaflow.v1.ListWorkersRequest\x1a .colaflow.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,37 +34,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSTATUS_VERSIONSENTRY']._loaded_options = None
   _globals['_JOBSTATUS_VERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_SUBMITJOBREQUEST']._serialized_start=42
-  _globals['_SUBMITJOBREQUEST']._serialized_end=103
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=105
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=137
-  _globals['_JOBSTATUS']._serialized_start=140
-  _globals['_JOBSTATUS']._serialized_end=365
-  _globals['_JOBSTATUS_VERSIONSENTRY']._serialized_start=318
-  _globals['_JOBSTATUS_VERSIONSENTRY']._serialized_end=365
-  _globals['_GETJOBREQUEST']._serialized_start=367
-  _globals['_GETJOBREQUEST']._serialized_end=395
-  _globals['_GETJOBRESPONSE']._serialized_start=397
-  _globals['_GETJOBRESPONSE']._serialized_end=453
-  _globals['_LISTJOBSREQUEST']._serialized_start=455
-  _globals['_LISTJOBSREQUEST']._serialized_end=472
-  _globals['_LISTJOBSRESPONSE']._serialized_start=474
-  _globals['_LISTJOBSRESPONSE']._serialized_end=530
-  _globals['_CANCELJOBREQUEST']._serialized_start=532
-  _globals['_CANCELJOBREQUEST']._serialized_end=563
-  _globals['_CANCELJOBRESPONSE']._serialized_start=565
-  _globals['_CANCELJOBRESPONSE']._serialized_end=624
-  _globals['_STREAMMETRICSREQUEST']._serialized_start=626
-  _globals['_STREAMMETRICSREQUEST']._serialized_end=692
-  _globals['_STREAMMETRICSRESPONSE']._serialized_start=694
-  _globals['_STREAMMETRICSRESPONSE']._serialized_end=734
-  _globals['_EXPORTADAPTERREQUEST']._serialized_start=736
-  _globals['_EXPORTADAPTERREQUEST']._serialized_end=787
-  _globals['_EXPORTADAPTERRESPONSE']._serialized_start=789
-  _globals['_EXPORTADAPTERRESPONSE']._serialized_end=870
-  _globals['_HEALTHREQUEST']._serialized_start=872
-  _globals['_HEALTHREQUEST']._serialized_end=887
-  _globals['_HEALTHRESPONSE']._serialized_start=889
-  _globals['_HEALTHRESPONSE']._serialized_end=952
-  _globals['_CONTROL']._serialized_start=955
-  _globals['_CONTROL']._serialized_end=1503
+  _globals['_SUBMITJOBREQUEST']._serialized_end=117
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=119
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=151
+  _globals['_JOBSTATUS']._serialized_start=154
+  _globals['_JOBSTATUS']._serialized_end=396
+  _globals['_JOBSTATUS_VERSIONSENTRY']._serialized_start=349
+  _globals['_JOBSTATUS_VERSIONSENTRY']._serialized_end=396
+  _globals['_GETJOBREQUEST']._serialized_start=398
+  _globals['_GETJOBREQUEST']._serialized_end=426
+  _globals['_GETJOBRESPONSE']._serialized_start=428
+  _globals['_GETJOBRESPONSE']._serialized_end=484
+  _globals['_LISTJOBSREQUEST']._serialized_start=486
+  _globals['_LISTJOBSREQUEST']._serialized_end=503
+  _globals['_LISTJOBSRESPONSE']._serialized_start=505
+  _globals['_LISTJOBSRESPONSE']._serialized_end=561
+  _globals['_CANCELJOBREQUEST']._serialized_start=563
+  _globals['_CANCELJOBREQUEST']._serialized_end=594
+  _globals['_CANCELJOBRESPONSE']._serialized_start=596
+  _globals['_CANCELJOBRESPONSE']._serialized_end=655
+  _globals['_STREAMMETRICSREQUEST']._serialized_start=657
+  _globals['_STREAMMETRICSREQUEST']._serialized_end=723
+  _globals['_STREAMMETRICSRESPONSE']._serialized_start=725
+  _globals['_STREAMMETRICSRESPONSE']._serialized_end=765
+  _globals['_EXPORTADAPTERREQUEST']._serialized_start=767
+  _globals['_EXPORTADAPTERREQUEST']._serialized_end=818
+  _globals['_EXPORTADAPTERRESPONSE']._serialized_start=820
+  _globals['_EXPORTADAPTERRESPONSE']._serialized_end=901
+  _globals['_HEALTHREQUEST']._serialized_start=903
+  _globals['_HEALTHREQUEST']._serialized_end=918
+  _globals['_HEALTHRESPONSE']._serialized_start=920
+  _globals['_HEALTHRESPONSE']._serialized_end=983
+  _globals['_LISTWORKERSREQUEST']._serialized_start=985
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1005
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1007
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1045
+  _globals['_CONTROL']._serialized_start=1048
+  _globals['_CONTROL']._serialized_end=1678
 # @@protoc_insertion_point(module_scope)

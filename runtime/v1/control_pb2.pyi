@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("spec", "data", "steps")
+    __slots__ = ("spec", "data", "steps", "init")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
     spec: bytes
     data: bytes
     steps: int
-    def __init__(self, spec: _Optional[bytes] = ..., data: _Optional[bytes] = ..., steps: _Optional[int] = ...) -> None: ...
+    init: bytes
+    def __init__(self, spec: _Optional[bytes] = ..., data: _Optional[bytes] = ..., steps: _Optional[int] = ..., init: _Optional[bytes] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -23,7 +25,7 @@ class SubmitJobResponse(_message.Message):
     def __init__(self, job: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job", "state", "step", "steps", "versions", "loss", "error", "max_staleness")
+    __slots__ = ("job", "state", "step", "steps", "versions", "loss", "error", "max_staleness", "workers")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +41,7 @@ class JobStatus(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     job: str
     state: str
     step: int
@@ -47,7 +50,8 @@ class JobStatus(_message.Message):
     loss: float
     error: str
     max_staleness: int
-    def __init__(self, job: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., versions: _Optional[_Mapping[str, int]] = ..., loss: _Optional[float] = ..., error: _Optional[str] = ..., max_staleness: _Optional[int] = ...) -> None: ...
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., versions: _Optional[_Mapping[str, int]] = ..., loss: _Optional[float] = ..., error: _Optional[str] = ..., max_staleness: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job",)
@@ -132,3 +136,13 @@ class HealthResponse(_message.Message):
     workers: int
     jobs: int
     def __init__(self, status: _Optional[str] = ..., workers: _Optional[int] = ..., jobs: _Optional[int] = ...) -> None: ...
+
+class ListWorkersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListWorkersResponse(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: bytes
+    def __init__(self, workers: _Optional[bytes] = ...) -> None: ...
