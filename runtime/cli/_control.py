@@ -27,7 +27,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def server(args: argparse.Namespace) -> str:
     """The server's HOST:PORT, refusing a missing port (never a silent default such as 443)."""
     value = args.server or os.environ.get("COLAFLOW_SERVER") or DEFAULT_SERVER
-    where = "--server" if args.server else "COLAFLOW_SERVER"
+    return checked_address(value, "--server" if args.server else "COLAFLOW_SERVER")
+
+
+def checked_address(value: str, where: str) -> str:
+    """`value` if it is HOST:PORT; gRPC would quietly dial port 443 for a bare host."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or host.endswith(":") and "[" not in host:
         raise UsageError(f"{where} {value!r} has no port: pass HOST:PORT (e.g. {value.split(':')[0] or 'HOST'}:7000)")
