@@ -93,7 +93,10 @@ def test_submit_follow_export_load_in_peft_and_continue(served):
 
     # continue from the native export: a new job starts from those weights
     cli("submit", job_file(tmp / "more.yaml", "cli-more", 2, init="native"), server=address)
-    assert cli("logs", "cli-more", "-f", server=address).stdout.splitlines()[-1] == "job cli-more ended: done"
+    more = cli("logs", "cli-more", "-f", "--json", server=address).stdout.splitlines()
+    assert json.loads(more[-1]) == {"ended": "done", "error": ""}
+    first_loss = float(steps[0].split()[3])  # the same batch 0, from the seeded start and from the export
+    assert json.loads(more[0])["loss"] < first_loss - 0.01, (more[0], steps[0])
 
     view = json.loads(cli("workers", "--json", token=ADMIN, server=address).stdout)
     assert [w["worker"] for w in view] == ["e1"] and view[0]["state"] == "connected"
