@@ -1,7 +1,7 @@
 """Two tenants fine-tuned in one process with ColA, then exported for stock PEFT.
 
 Each tenant teaches the model its own pattern — acme: token ids counting up (5 6 7 8 ...), globex:
-counting down — and the loss on its pattern falls as its adapters learn it (about 4.55 -> 4.3 in 40
+counting down — and the loss on its pattern falls as its adapters learn it (about 4.55 -> 4.35 in 40
 steps on the tiny random-initialised model: a small model learning a pattern, not language; run
 `colaflow demo` for SmolLM2 learning facts it then recalls). Both tenants share every forward.
 
