@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         out(json.dumps({"ended": info.state, "error": info.error}))
     else:
-        out(f"job {info.job} ended: {info.state}" + (f": {info.error}" if info.error else ""))
+        why = f": {info.error}" if info.error and info.error != info.state else ""  # not "cancelled: cancelled"
+        out(f"job {info.job} ended: {info.state}{why}")
     return 0 if info.state == "done" or not args.follow else 1
 
 
