@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -28,6 +27,8 @@ from colaflow.protocol import Hello, ToServer, ToWorker
 from colaflow.records import LIVE, StepPlan
 from colaflow.scheduler import Abandoned, Scheduler
 from colaflow.store import Store
+
+from .traffic import Traffic, forget_old, workers_view
 
 log = logging.getLogger("colaflow.server")
 
@@ -61,19 +62,6 @@ class Export:
     versions: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class _Traffic:
-    """What the server saw of one worker: for `workers_view` (the operator's picture), not for scheduling."""
-
-    last_seen: float = 0.0  # time.time() of its last message (heartbeats included)
-    fits: deque = field(default_factory=lambda: deque(maxlen=100_000))  # when its updates arrived
-    bytes_in: int = 0
-    bytes_out: int = 0
-
-
-FITS_WINDOW_S = 10.0
-
-
 class Closed(Exception):
     """The worker's connection is no longer the live one (or the server stops)."""
 
@@ -93,7 +81,7 @@ class Coordinator:
         self.fatal = ""  # set when the step loop gave up: the process should exit non-zero
         self._turn = 0
         self._stop = False
-        self._traffic: dict[str, _Traffic] = {}
+        self._traffic: dict[str, Traffic] = {}
         for job in self.scheduler.jobs.values():  # restored from the state dir
             if job.state in LIVE:
                 self._host_job(job.spec, job.data, skip=job.t, init=job.init)
@@ -162,31 +150,14 @@ class Coordinator:
                          sorted({r.owner for r in job.sites.values() if r.owner is not None}))
 
     def workers_view(self) -> list[dict]:
-        """Every worker the server knows, for operators (`colaflow workers`, the status page): worker,
-        state (connected, unhealthy: why, disconnected, quarantined: why), last_seen_s, sites
-        {job: [site, ...]} it owns, fits_per_s (updates over the last 10 s), bytes_in, bytes_out."""
-        now = time.time()
+        """Every worker the server knows, for operators (`colaflow workers`, the status page): see
+        `colaflow.server.traffic.workers_view` for the keys."""
         with self.lock:
-            out = []
-            for wid, w in sorted(self.scheduler.workers.items()):
-                sites: dict[str, list[str]] = {}
-                for job_id, job in self.scheduler.jobs.items():
-                    mine = [n for n, r in job.sites.items() if r.owner == wid]
-                    if mine and job.state in LIVE:
-                        sites[job_id] = mine
-                t = self._traffic.get(wid, _Traffic())
-                state = (f"quarantined: {w.quarantined}" if w.quarantined else
-                         "disconnected" if not w.connected else f"unhealthy: {w.status}" if w.status else "connected")
-                recent = sum(1 for at in t.fits if at > now - FITS_WINDOW_S)
-                out.append({"worker": wid, "state": state,
-                            "last_seen_s": round(now - t.last_seen, 1) if t.last_seen else None,
-                            "sites": sites, "fits_per_s": round(recent / FITS_WINDOW_S, 2),
-                            "bytes_in": t.bytes_in, "bytes_out": t.bytes_out})
-            return out
+            return workers_view(self.scheduler, self._traffic, time.time())
 
-    def _seen(self, worker_id: str) -> _Traffic:
+    def _seen(self, worker_id: str) -> Traffic:
         """The worker's traffic record, marked seen now (call under the lock)."""
-        t = self._traffic.setdefault(worker_id, _Traffic())
+        t = self._traffic.setdefault(worker_id, Traffic())
         t.last_seen = time.time()
         return t
 
@@ -231,7 +202,10 @@ class Coordinator:
 
     def register(self, worker_id: str, capabilities: dict, credential: str = "") -> str:
         with self.lock:
-            return self.scheduler.register(worker_id, capabilities, credential)
+            session = self.scheduler.register(worker_id, capabilities, credential)
+            if len(self._traffic) > 2 * len(self.scheduler.workers) + 64:  # forget the forgotten workers' counters
+                self._traffic = {w: t for w, t in self._traffic.items() if w in self.scheduler.workers}
+            return session
 
     def connect(self, worker_id: str, session: str, hello: Hello) -> int:
         with self.lock:
@@ -272,13 +246,14 @@ class Coordinator:
             t.bytes_in += nbytes
             if isinstance(msg, Update):
                 t.fits.append(t.last_seen)
+                forget_old(t.fits, t.last_seen)
             self._notify()
 
     def sent(self, job_id: str, nbytes: int, worker_id: str | None = None) -> None:
         with self.lock:
             self.scheduler.count_bytes(job_id, sent=nbytes)
             if worker_id is not None:
-                self._traffic.setdefault(worker_id, _Traffic()).bytes_out += nbytes
+                self._traffic.setdefault(worker_id, Traffic()).bytes_out += nbytes
 
     def next_message(self, worker_id: str, stream: int, timeout: float) -> ToWorker | None:
         """The next message for the worker's stream, or None after `timeout`; raises Closed."""

@@ -49,9 +49,11 @@ def served(tmp_path_factory):
 
 
 def job_file(path, job_id: str, steps: int, **extra) -> str:
+    """A job file; its data inline unless `extra` names a `data` file."""
+    data = [] if "data" in extra else ["data:", *(f"  - {json.dumps(r)}" for r in ROWS)]
     lines = [f"id: {job_id}", f"steps: {steps}", "batch_size: 4", "targets: [q_proj, v_proj]",
              "adapter: {kind: lowrank, r: 4, alpha: 8}", "optimizer: {kind: adamw, lr: 2.0e-2}",
-             *(f"{k}: {v}" for k, v in extra.items()), "data:", *(f"  - {json.dumps(r)}" for r in ROWS)]
+             *(f"{k}: {v}" for k, v in extra.items()), *data]
     path.write_text("\n".join(lines) + "\n")
     return str(path)
 
@@ -92,7 +94,8 @@ def test_submit_follow_export_load_in_peft_and_continue(served):
         assert not torch.allclose(peft_model(input_ids=ids).logits, before)
 
     # continue from the native export: a new job starts from those weights
-    cli("submit", job_file(tmp / "more.yaml", "cli-more", 2, init="native"), server=address)
+    (tmp / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))  # the same rows, from a file
+    cli("submit", job_file(tmp / "more.yaml", "cli-more", 2, init="native", data="rows.jsonl"), server=address)
     more = cli("logs", "cli-more", "-f", "--json", server=address).stdout.splitlines()
     assert json.loads(more[-1]) == {"ended": "done", "error": ""}
     first_loss = float(steps[0].split()[3])  # the same batch 0, from the seeded start and from the export

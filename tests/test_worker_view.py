@@ -33,13 +33,13 @@ def test_workers_view_and_an_idle_worker_says_nothing(caplog):
     client = Client(address)
     try:
         assert link.connected.wait(30)
-        time.sleep(1.5)  # idle: several report periods pass
+        time.sleep(1.2)  # idle: several report periods pass
         assert "fits/s" not in caplog.text
         (idle,) = coordinator.workers_view()
         assert idle["worker"] == "w1" and idle["state"] == "connected" and idle["sites"] == {}
         assert idle["fits_per_s"] == 0 and idle["last_seen_s"] < 3
 
-        client.submit(JobSpec("viewed", LowRank(r=2), AdamW(lr=1e-2)), examples(96, 8, seed=2), steps=40, batch_size=4)
+        client.submit(JobSpec("viewed", LowRank(r=2), AdamW(lr=1e-2)), examples(96, 8, seed=2), steps=24, batch_size=4)
         while client.get("viewed").step < 10:
             time.sleep(0.05)
         (busy,) = coordinator.workers_view()
