@@ -13,17 +13,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import grpc
 
-from . import serde
-from .data import to_map
+from . import maps  # pack/unpack without torch: the operator CLI loads fast
 from .errors import InvalidArgument, from_rpc
 from .files import atomic_dir
-from .job import JobSpec
 from .v1 import control_pb2, control_pb2_grpc
 from .wire import MAX_MESSAGE_BYTES
+
+if TYPE_CHECKING:
+    from .job import JobSpec
 
 
 @dataclass
@@ -76,13 +77,15 @@ class Client:
                init: str | Path | None = None) -> str:
         """Submit a job; `examples` are dicts of token-id lists (`input_ids`, optional `labels`); `init`: a
         native export whose weights the adapters start from (optimizer and schedule start fresh)."""
+        from .data import to_map
+
         return self.submit_map(spec, to_map(examples, batch_size, seed), steps, init)
 
     def submit_map(self, spec: JobSpec, data: dict, steps: int, init: str | Path | None = None) -> str:
         """Submit a job whose data is already a data map (see colaflow.data.to_map)."""
         from .export import init_blob
 
-        request = control_pb2.SubmitJobRequest(spec=serde.pack(spec.to_dict()), data=serde.pack(data), steps=steps,
+        request = control_pb2.SubmitJobRequest(spec=maps.pack(spec.to_dict()), data=maps.pack(data), steps=steps,
                                                init=init_blob(init) if init is not None else b"")
         return self._call(f"submit {spec.job_id}", self.stub.SubmitJob, request, timeout=120).job
 
@@ -98,7 +101,7 @@ class Client:
     def workers(self) -> list[dict]:
         """Every worker the server knows (admin token): {worker, state, last_seen_s, sites {job: [site]},
         fits_per_s, bytes_in, bytes_out}; a tenant finds its jobs' workers in `get(job).workers`."""
-        return serde.unpack(self._call("list workers", self.stub.ListWorkers, control_pb2.ListWorkersRequest()).workers,
+        return maps.unpack(self._call("list workers", self.stub.ListWorkers, control_pb2.ListWorkersRequest()).workers,
                             "workers")
 
     def metrics(self, job: str, since: int = 0) -> Iterator[dict]:
@@ -106,7 +109,7 @@ class Client:
         try:
             for m in self.stub.StreamMetrics(control_pb2.StreamMetricsRequest(job=job, since=since, follow=True),
                                              metadata=self.md):
-                yield serde.unpack(m.metrics, "metrics")
+                yield maps.unpack(m.metrics, "metrics")
         except grpc.RpcError as e:
             raise from_rpc(e, f"metrics of {job}") from None
 
@@ -114,7 +117,7 @@ class Client:
         """The metrics maps the job has so far (no waiting)."""
         request = control_pb2.StreamMetricsRequest(job=job, since=since, follow=False)
         try:
-            return [serde.unpack(m.metrics, "metrics")
+            return [maps.unpack(m.metrics, "metrics")
                     for m in self.stub.StreamMetrics(request, metadata=self.md, timeout=self.timeout)]
         except grpc.RpcError as e:
             raise from_rpc(e, f"metrics of {job}") from None

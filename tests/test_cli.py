@@ -124,3 +124,10 @@ def test_errors_are_one_line_with_an_exit_code(served):
                    "unknown key 'epochs'; known: ")
     debug = cli("jobs", "--debug", token=None, server=address, check=False)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "NoToken" in debug.stderr
+
+
+def test_operator_commands_load_without_torch():
+    """`colaflow jobs` answers in a fraction of a second: the control client and the CLI need no torch."""
+    code = "import sys, colaflow, colaflow.cli.main, colaflow.client; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
