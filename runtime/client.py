@@ -2,28 +2,59 @@
 
     c = Client("127.0.0.1:7000", token="...")
     c.submit(JobSpec("acme"), "train.jsonl", steps=100, batch_size=8)   # any source colaflow.datasets reads
+    c.get("acme")        # JobInfo(job='acme', state='running', step=12/100, loss=2.3141, workers=['edge1'])
     for m in c.metrics("acme"): print(m["step"], m["loss"])
     c.export("acme", "acme-adapter")             # native format; format="peft" for PEFT LoRA
+    c.workers()          # admin: [{worker, state, last_seen_s, sites, fits_per_s, bytes_in, bytes_out}]
 
 Every failure is one of colaflow's exceptions (`colaflow.errors`), never a raw grpc.RpcError.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import grpc
 
-from . import serde
-from .data import to_map
-from .datasets import rows
+from . import maps  # pack/unpack without torch: the operator CLI loads fast
 from .errors import InvalidArgument, from_rpc
 from .files import atomic_dir
-from .job import JobSpec
 from .framing import MAX_CHUNK_BYTES
-from .tokenizer import from_files
 from .v1 import control_pb2, control_pb2_grpc
 from .wire import MAX_MESSAGE_BYTES
+
+if TYPE_CHECKING:
+    from .job import JobSpec
+
+
+@dataclass
+class JobInfo:
+    """A job's status as plain Python: what `Client.get`, `list` and `cancel` return."""
+
+    job: str
+    state: str  # waiting, running, done, cancelled, failed
+    step: int  # steps run so far
+    steps: int
+    loss: float  # of the last step (0.0 before the first)
+    error: str = ""  # why it failed or was cancelled
+    max_staleness: int = 0
+    workers: list[str] = field(default_factory=list)  # who owns its sites now
+    versions: dict[str, int] = field(default_factory=dict, repr=False)  # newest version the server holds, per site
+
+    def __repr__(self) -> str:
+        error = f", error={self.error!r}" if self.error else ""
+        return (f"JobInfo(job={self.job!r}, state={self.state!r}, step={self.step}/{self.steps}, "
+                f"loss={self.loss:.4f}{error}, workers={self.workers!r})")
+
+    def as_dict(self) -> dict:
+        """{job, state, step, steps, loss, error, max_staleness, workers}: `Session`'s status dicts, `--json`."""
+        return {"job": self.job, "state": self.state, "step": self.step, "steps": self.steps, "loss": self.loss,
+                "error": self.error, "max_staleness": self.max_staleness, "workers": list(self.workers)}
+
+    @classmethod
+    def from_proto(cls, s: control_pb2.JobStatus) -> "JobInfo":
+        return cls(s.job, s.state, s.step, s.steps, s.loss, s.error, s.max_staleness, list(s.workers), dict(s.versions))
 
 
 class Client:
@@ -46,18 +77,25 @@ class Client:
             raise from_rpc(e, what) from None
 
     def submit(self, spec: JobSpec, examples: object, steps: int, batch_size: int = 8, seed: int = 0,
-               tokenizer=None) -> str:
+               tokenizer=None, init: str | Path | None = None) -> str:
         """Submit a job on any data `colaflow.datasets.rows` reads (a path, rows, a datasets.Dataset).
 
-        Text is tokenised here with `tokenizer`, by default the server's (fetched once).
+        Text is tokenised here with `tokenizer`, by default the server's (fetched once). `init`: a native
+        export whose weights the adapters start from (optimizer and schedule start fresh).
         """
-        data = to_map(rows(examples, self.tokenizer if tokenizer is None else tokenizer), batch_size, seed)
-        return self.submit_map(spec, data, steps)
+        from .data import to_map
+        from .datasets import rows
 
-    def submit_map(self, spec: JobSpec, data: dict, steps: int) -> str:
+        data = to_map(rows(examples, self.tokenizer if tokenizer is None else tokenizer), batch_size, seed)
+        return self.submit_map(spec, data, steps, init)
+
+    def submit_map(self, spec: JobSpec, data: dict, steps: int, init: str | Path | None = None) -> str:
         """Submit a job whose data is already a data map (see colaflow.data.to_map); a big one is uploaded first."""
-        packed = serde.pack(data)
-        request = control_pb2.SubmitJobRequest(spec=serde.pack(spec.to_dict()), steps=steps)
+        from .export import init_blob
+
+        packed = maps.pack(data)
+        request = control_pb2.SubmitJobRequest(spec=maps.pack(spec.to_dict()), steps=steps,
+                                               init=init_blob(init) if init is not None else b"")
         if len(packed) <= self.chunk_bytes:
             request.data = packed
         else:
@@ -76,25 +114,33 @@ class Client:
     def tokenizer(self):
         """The server model's tokenizer (fetched once, then kept), its model_max_length the model's context."""
         if self._tokenizer is None:
+            from .tokenizer import from_files
+
             r = self._call("tokenizer", self.stub.GetTokenizer, control_pb2.GetTokenizerRequest(), timeout=120)
             self._tokenizer = from_files(dict(r.files), r.max_length or None)
         return self._tokenizer
 
-    def get(self, job: str) -> control_pb2.JobStatus:
-        return self._call(f"job {job}", self.stub.GetJob, control_pb2.GetJobRequest(job=job)).status
+    def get(self, job: str) -> JobInfo:
+        return JobInfo.from_proto(self._call(f"job {job}", self.stub.GetJob, control_pb2.GetJobRequest(job=job)).status)
 
-    def list(self) -> list[control_pb2.JobStatus]:
-        return list(self._call("list jobs", self.stub.ListJobs, control_pb2.ListJobsRequest()).jobs)
+    def list(self) -> list[JobInfo]:
+        return [JobInfo.from_proto(s) for s in self._call("list jobs", self.stub.ListJobs, control_pb2.ListJobsRequest()).jobs]
 
-    def cancel(self, job: str) -> control_pb2.JobStatus:
-        return self._call(f"cancel {job}", self.stub.CancelJob, control_pb2.CancelJobRequest(job=job)).status
+    def cancel(self, job: str) -> JobInfo:
+        return JobInfo.from_proto(self._call(f"cancel {job}", self.stub.CancelJob, control_pb2.CancelJobRequest(job=job)).status)
+
+    def workers(self) -> list[dict]:
+        """Every worker the server knows (admin token): {worker, state, last_seen_s, sites {job: [site]},
+        fits_per_s, bytes_in, bytes_out}; a tenant finds its jobs' workers in `get(job).workers`."""
+        return maps.unpack(self._call("list workers", self.stub.ListWorkers, control_pb2.ListWorkersRequest()).workers,
+                            "workers")
 
     def metrics(self, job: str, since: int = 0) -> Iterator[dict]:
         """Yield each step's metrics map as it comes, until the job ends."""
         try:
             for m in self.stub.StreamMetrics(control_pb2.StreamMetricsRequest(job=job, since=since, follow=True),
                                              metadata=self.md):
-                yield serde.unpack(m.metrics, "metrics")
+                yield maps.unpack(m.metrics, "metrics")
         except grpc.RpcError as e:
             raise from_rpc(e, f"metrics of {job}") from None
 
@@ -102,7 +148,7 @@ class Client:
         """The metrics maps the job has so far (no waiting)."""
         request = control_pb2.StreamMetricsRequest(job=job, since=since, follow=False)
         try:
-            return [serde.unpack(m.metrics, "metrics")
+            return [maps.unpack(m.metrics, "metrics")
                     for m in self.stub.StreamMetrics(request, metadata=self.md, timeout=self.timeout)]
         except grpc.RpcError as e:
             raise from_rpc(e, f"metrics of {job}") from None

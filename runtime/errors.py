@@ -24,6 +24,14 @@ class Unauthenticated(ColaflowError, PermissionError):
     """No token, or one the server does not know."""
 
 
+class NoToken(Unauthenticated):
+    """The server requires a token and the call carried none."""
+
+
+class UnknownToken(Unauthenticated):
+    """The call carried a token the server does not know (mistyped, revoked, another server's)."""
+
+
 class PermissionDenied(ColaflowError, PermissionError):
     """A token the server knows, but of the wrong role (a worker's site that is not its own)."""
 
@@ -50,8 +58,10 @@ def from_rpc(e, what: str = "") -> ColaflowError:
 
     code, details = e.code(), e.details() or ""
     prefix = f"{what}: " if what else ""
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return Unauthenticated(f"{prefix}{details or 'no token'} (pass token=... or --token-file)")
+    if code == grpc.StatusCode.UNAUTHENTICATED:  # the server says "no token: ..." or "unknown token: ..."
+        if details.startswith("unknown token"):
+            return UnknownToken(f"{prefix}{details} (check the token you pass)")
+        return NoToken(f"{prefix}{details or 'no token'} (pass token=... or --token-file)")
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return PermissionDenied(f"{prefix}{details}")
     if code == grpc.StatusCode.NOT_FOUND:

@@ -11,8 +11,11 @@ import json
 import os
 from pathlib import Path
 
+import msgpack
 import torch
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_save
 
 from .adapters import Adapter, LowRank, build_adapter, load_params
 from .files import atomic_dir
@@ -98,11 +101,15 @@ def load(path: str | os.PathLike) -> tuple[JobSpec, dict[str, Adapter]]:
     meta_file = path / "adapter.json"
     if not meta_file.exists():
         raise FileNotFoundError(f"{path} is not a colaflow adapter export (no adapter.json)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_file}: unsupported format {meta.get('format')!r} v{meta.get('format_version')}")
+    return _read(json.loads(meta_file.read_text()), load_file(str(path / "adapter.safetensors")), str(meta_file))
+
+
+def _read(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> tuple[JobSpec, dict[str, Adapter]]:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{where}: unsupported format {got!r}; expected a native colaflow export ({FORMAT} "
+                         f"v{FORMAT_VERSION}; a PEFT directory cannot seed a job)")
     spec = JobSpec.from_dict(meta["job"])
-    tensors = load_file(str(path / "adapter.safetensors"))
     adapters = {}
     for sd in meta["sites"]:
         site = Site.from_dict(sd)
@@ -110,3 +117,49 @@ def load(path: str | os.PathLike) -> tuple[JobSpec, dict[str, Adapter]]:
         load_params(a, {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == site.name})
         adapters[site.name] = a
     return spec, adapters
+
+
+# Continuing a job from an export (`init=`): the export travels as one blob, the job's adapters start
+# from its parameters; the optimizer and LR schedule start fresh (an export carries no optimizer state).
+
+def init_blob(path: str | os.PathLike) -> bytes:
+    """A native export as the bytes `SubmitJobRequest.init` carries (checked by `init_params` on arrival)."""
+    path = Path(path)
+    if not (path / "adapter.json").exists() or not (path / "adapter.safetensors").exists():
+        raise ValueError(f"`init` {str(path)!r} is not a native colaflow export (adapter.json + "
+                         "adapter.safetensors); export one with format=\"native\"")
+    return msgpack.packb({"meta": (path / "adapter.json").read_text(),
+                          "tensors": (path / "adapter.safetensors").read_bytes()}, use_bin_type=True)
+
+
+def init_params(spec: JobSpec, blob: bytes) -> dict[str, dict[str, torch.Tensor]]:
+    """{site: parameters} a job starts from, if the export's adapter is the job's (kind and sizes; its
+    dropout may differ). Sites and shapes are checked against the job's sites by the scheduler."""
+    try:
+        d = msgpack.unpackb(blob, raw=False)
+        meta, tensors = json.loads(d["meta"]), safetensors_load(bytes(d["tensors"]))
+    except Exception as e:
+        raise ValueError(f"`init` is not a packed native export: {type(e).__name__}: {e}") from None
+    old, adapters = _read(meta, tensors, "`init`")
+    mine, theirs = _sans_dropout(spec.adapter.to_dict()), _sans_dropout(old.adapter.to_dict())
+    if mine != theirs:
+        raise ValueError(f"`init`: the export's adapter is {theirs}, the job's is {mine}; pass the export's "
+                         "adapter (or leave `adapter` out to take it)")
+    return {name: {p: v.detach().clone() for p, v in a.named_parameters()} for name, a in adapters.items()}
+
+
+def _sans_dropout(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k != "dropout"}
+
+
+def pack_params(params: dict[str, dict[str, torch.Tensor]]) -> bytes:
+    """{site: {name: tensor}} as safetensors bytes (a job's starting weights in the server's state dir)."""
+    return safetensors_save({f"{site}::{n}": v.contiguous().cpu() for site, ps in params.items() for n, v in ps.items()})
+
+
+def unpack_params(data: bytes) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in safetensors_load(data).items():
+        site, name = key.split("::", 1)
+        out.setdefault(site, {})[name] = v
+    return out

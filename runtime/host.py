@@ -81,15 +81,18 @@ class Host:
 
     # jobs and updates
 
-    def add_job(self, spec: JobSpec) -> list[Site]:
-        """Host a job: resolve its sites, build its adapter copies, hook its sites."""
+    def add_job(self, spec: JobSpec, init: dict[str, dict] | None = None) -> list[Site]:
+        """Host a job: resolve its sites, build its adapter copies (from `init` {site: params} if given;
+        the scheduler checks it), hook its sites."""
         if spec.job_id in self.jobs:
             raise ValueError(f"job {spec.job_id!r} is already hosted")
         sites = find_sites(self.model, spec.target_modules)
         adapters = {}
         for s in sites:
-            a = build_adapter(spec.adapter, s, seed=site_seed(spec, s)).to(self._device_of(s))
-            adapters[s.name] = a.requires_grad_(False)
+            a = build_adapter(spec.adapter, s, seed=site_seed(spec, s))
+            if init is not None and s.name in init:
+                load_params(a, init[s.name])
+            adapters[s.name] = a.to(self._device_of(s)).requires_grad_(False)
         self.jobs[spec.job_id] = HostedJob(spec, {s.name: s for s in sites}, adapters, {s.name: 0 for s in sites})
         for s in sites:
             if s.name not in self._hooks:

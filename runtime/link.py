@@ -38,6 +38,7 @@ class WorkerLink:
         self.stopping = threading.Event()
         self.connected = threading.Event()
         self.leaving = False  # said in Goodbye: the server moves this worker's sites at once
+        self.report_every = 10.0  # seconds between "N fits/s" log lines (none while idle)
 
     def _metadata(self) -> list[tuple[str, str]]:
         md = [("x-worker-id", self.worker.worker_id)]
@@ -143,7 +144,7 @@ class WorkerLink:
                     if frames:
                         outq.put(serde.credit(frames))
                 send(self.worker.retry())  # the server's heartbeats wake this loop at least once a second
-                if time.monotonic() - t0 > 10:
+                if time.monotonic() - t0 > self.report_every:
                     if self.worker.fits > fits0:  # an idle daemon says nothing
                         log.info("%.1f fits/s, %d learners", (self.worker.fits - fits0) / (time.monotonic() - t0),
                                  len(self.worker.learners))

@@ -53,6 +53,7 @@ class JobRecord:
     bytes_sent: int = 0  # packet bytes on the wire to workers (0 in process)
     bytes_received: int = 0  # update bytes on the wire from workers
     former: set[str] = field(default_factory=set)  # past owners: their late updates get a Revoke, not an error
+    init: dict[str, dict[str, torch.Tensor]] | None = None  # version 0 of every site (None: the kind's seeded init)
 
     @property
     def job_id(self) -> str:
@@ -117,6 +118,10 @@ def restored_job(stored: dict) -> JobRecord:
     sites = [Site.from_dict(s) for s in meta["sites"]]
     job = JobRecord(spec, meta["steps"], {s.name: SiteRecord(s, param_shapes(spec, s)) for s in sites}, meta.get("data"),
                     tenant=meta.get("tenant", "default"))
+    if meta.get("init"):
+        from .export import unpack_params
+
+        job.init = unpack_params(meta["init"])
     for name, s in stored.get("sites", {}).items():
         rec = job.sites[name]
         rec.received, rec.versions, rec.state = s["received"], dict(s["versions"]), s["state"]
@@ -134,6 +139,24 @@ def param_shapes(spec: JobSpec, site: Site) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         adapter = build_adapter(spec.adapter, site)
     return {n: tuple(p.shape) for n, p in adapter.named_parameters()}
+
+
+def check_init(recs: dict[str, SiteRecord], init: dict) -> None:
+    """Raise unless `init` has exactly the job's sites, each with its adapter's parameter names and shapes."""
+    if not isinstance(init, dict) or set(init) != set(recs):
+        have = set(init) if isinstance(init, dict) else set()
+        raise ValueError(f"`init`: the export's sites do not match the job's: missing {sorted(set(recs) - have)}, "
+                         f"extra {sorted(have - set(recs))} (same model and `targets` as the exported job?)")
+    for name, rec in recs.items():
+        params = init[name]
+        if set(params) != set(rec.shapes):
+            raise ValueError(f"`init` site `{name}`: parameters {sorted(params)}, the adapter has {sorted(rec.shapes)}")
+        for p, v in params.items():
+            if tuple(v.shape) != tuple(rec.shapes[p]):
+                raise ValueError(f"`init` site `{name}`: parameter `{p}` has shape {tuple(v.shape)}, the adapter "
+                                 f"expects {tuple(rec.shapes[p])}")
+            if not v.is_floating_point() or not torch.isfinite(v).all():
+                raise ValueError(f"`init` site `{name}`: parameter `{p}` holds non-finite values")
 
 
 def check_update(spec: JobSpec, rec: SiteRecord, u: Update) -> None:

@@ -31,8 +31,8 @@ from .adapters import Adapter, build_adapter, load_params
 from .gl import LearnerState, Packet, Update, site_seed
 from .job import JobSpec
 from .protocol import Ack, Assign, Hello, Packets, Refusal, Revoke, SiteStart, ToServer, ToWorker
-from .records import (LIVE, JobRecord, SiteRecord, StepPlan, WorkerRecord, check_update, out_of_bounds,
-                      param_shapes, restored_job)
+from .records import (LIVE, JobRecord, SiteRecord, StepPlan, WorkerRecord, check_init, check_update,
+                      out_of_bounds, param_shapes, restored_job)
 from .sites import Site
 from .errors import ResourceExhausted
 from .store import Store
@@ -63,8 +63,9 @@ class Scheduler:
     # jobs
 
     def add_job(self, spec: JobSpec, sites: list[Site], steps: int | None = None, data: dict | None = None,
-                tenant: str = "default") -> JobRecord:
-        """Schedule a job over `sites` for `steps` steps (None: until cancelled), owned by `tenant`."""
+                tenant: str = "default", init: dict[str, dict] | None = None) -> JobRecord:
+        """Schedule a job over `sites` for `steps` steps (None: until cancelled), owned by `tenant`;
+        `init` ({site: parameters}, e.g. an export's) is every site's version 0 instead of the seeded init."""
         if spec.job_id in self.jobs:
             raise ValueError(f"job {spec.job_id!r} already exists")
         if steps is not None and (not isinstance(steps, int) or steps < 1):
@@ -72,9 +73,16 @@ class Scheduler:
         if not sites:
             raise ValueError(f"job {spec.job_id!r} has no sites")
         recs = {s.name: SiteRecord(s, param_shapes(spec, s)) for s in sites}
-        self.store.save_job(spec.job_id, {"spec": spec.to_dict(), "sites": [s.to_dict() for s in sites],
-                                          "steps": steps, "data": data, "tenant": tenant})
-        job = self.jobs[spec.job_id] = JobRecord(spec, steps, recs, data, tenant=tenant)
+        if init is not None:
+            check_init(recs, init)
+        record = {"spec": spec.to_dict(), "sites": [s.to_dict() for s in sites], "steps": steps, "data": data,
+                  "tenant": tenant}
+        if init is not None:
+            from .export import pack_params
+
+            record["init"] = pack_params(init)
+        self.store.save_job(spec.job_id, record)
+        job = self.jobs[spec.job_id] = JobRecord(spec, steps, recs, data, tenant=tenant, init=init)
         self._max_update = None
         self._save_progress(job)
         self._assign()
@@ -108,14 +116,16 @@ class Scheduler:
         out = {}
         for name, rec in job.sites.items():
             adapter = build_adapter(job.spec.adapter, rec.site, seed=site_seed(job.spec, rec.site))
-            if rec.received > 0:
-                load_params(adapter, rec.versions[rec.received])
+            if rec.received > 0 or job.init is not None:
+                load_params(adapter, self._params(job, rec, rec.received))
             out[name] = adapter.requires_grad_(False)
         return out
 
     def _params(self, job: JobRecord, rec: SiteRecord, version: int) -> dict:
-        """A version's parameters; version 0 is the seeded initialisation, never stored."""
+        """A version's parameters; version 0 is the job's `init` or the seeded initialisation, never stored."""
         if version == 0:
+            if job.init is not None:
+                return job.init[rec.site.name]
             return {n: p.detach() for n, p in build_adapter(job.spec.adapter, rec.site,
                                                             seed=site_seed(job.spec, rec.site)).named_parameters()}
         return rec.versions[version]
@@ -417,10 +427,11 @@ class Scheduler:
 
     def _start(self, job: JobRecord, rec: SiteRecord) -> LearnerState | None:
         """Where a new owner of the site starts: the durable learner state (None: fresh)."""
+        initial = None if job.init is None else LearnerState(0, job.init[rec.site.name], None)
         if job.spec.state_every:
-            return rec.state
+            return rec.state if rec.state is not None else initial
         if rec.received == 0:
-            return None
+            return initial
         log.warning("job %s site %s moves with parameters only (state_every=0): a fresh optimizer",
                     job.job_id, rec.site.name)
         return LearnerState(rec.received, rec.versions[rec.received], None)

@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import msgpack
 import torch
 
 from . import codec
 from .framing import CHUNK_BYTES, MAX_FRAME_BYTES, Parts, Payload, Reassembler, frame_message, parse_message, to_chunks
 from .gl import LearnerState, OptimizerState, Packet, Update
 from .job import JobSpec
+from .maps import pack, unpack
 from .protocol import Ack, Assign, Hello, Packets, Progress, Refusal, Revoke, SiteStart, ToServer, ToWorker
 from .sites import Site
 from .v1 import tensor_pb2, worker_pb2
@@ -174,17 +174,7 @@ def assign_from_proto(m: worker_pb2.Assignment, payload=None) -> Assign:
     return Assign(m.job, spec, starts)
 
 
-# maps: msgpack, never pickle
-
-def pack(obj) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def unpack(data: bytes, field: str = "map"):
-    try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several types; all mean the same to the sender
-        raise ValueError(f"`{field}` is not valid msgpack: {e}") from None
+# maps: msgpack, never pickle (colaflow.maps, torch-free for the control client)
 
 
 # the Work stream: typed messages <-> framed bytes

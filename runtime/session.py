@@ -5,9 +5,11 @@
     session = colaflow.Session(model="smollm2-135m", ray=True)   # a server actor + worker actors on Ray
     job = session.submit(examples, adapter=colaflow.LowRank(r=8), optimizer=colaflow.AdamW(lr=3e-4),
                          targets=["q_proj", "v_proj"], batch_size=8, steps=100)
-    job.wait()                     # a progress bar in a terminal, quiet in logs; raises JobFailed
-    job.metrics()                  # per step: loss, tokens, staleness, time
+    job.wait()                     # a progress bar with ETA in a terminal, quiet in logs; raises JobFailed
+    job.metrics()                  # per step: loss, tokens, staleness, time; .ended / .error say how it ended
     job.export("out/", format="peft")
+    session.submit(**colaflow.load_job("job.yaml"))   # a YAML job file (see colaflow.jobfile)
+    session.submit(examples, steps=50, init="out/native")  # continue from a native export
 
 `examples` is data as people have it (see `colaflow.datasets.rows` and README "Data formats"): a
 JSONL/JSON/CSV/Parquet path, a list of {"text"}, {"prompt", "completion"} or chat {"messages"} rows,
@@ -36,6 +38,15 @@ ENDED = ("done", "cancelled", "failed")
 MAX_STEPS = 1 << 40
 
 
+class Metrics(list):
+    """A job's per-step metrics maps, oldest first; `ended` is None while it runs, else done, cancelled
+    or failed, and `error` the reason the server gave ("" when done)."""
+
+    def __init__(self, rows: Iterable[dict] = (), ended: str | None = None, error: str = ""):
+        super().__init__(rows)
+        self.ended, self.error = ended, error
+
+
 class Job:
     """A submitted job, wherever it runs."""
 
@@ -46,12 +57,15 @@ class Job:
         return f"Job({self.id!r})"
 
     def status(self) -> dict:
-        """{job, state, step, steps, loss, error, max_staleness}."""
+        """{job, state, step, steps, loss, error, max_staleness, workers} (`JobInfo.as_dict`)."""
         return self.session._backend.status(self.id)
 
-    def metrics(self) -> list[dict]:
-        """One map per step so far: step, loss, tokens, staleness, time."""
-        return self.session._backend.metrics(self.id)
+    def metrics(self) -> Metrics:
+        """One map per step so far (step, loss, tokens, staleness, time, ...); `.ended` says whether and how
+        the job ended (done, cancelled, failed) and `.error` why."""
+        status = self.status()  # first: a job that ends meanwhile still has all its rows below
+        ended = status["state"] if status["state"] in ENDED else None
+        return Metrics(self.session._backend.metrics(self.id), ended, status["error"])
 
     def wait(self, timeout: float | None = None, progress: bool | None = None) -> dict:
         """Until the job ends; its final status. Raises JobFailed, NoWorkers, TimeoutError."""
@@ -104,11 +118,21 @@ class Session:
     def submit(self, examples: Iterable[dict] | str | Path, *, steps: int, adapter: AdapterSpec | None = None,
                optimizer: OptimizerSpec | None = None, targets: list[str] | str | None = None,
                batch_size: int = 8, seed: int = 0, job_id: str | None = None, staleness: int = 0,
-               fit_interval: int = 1, codec_x: str = "raw", codec_g: str = "raw", state_every: int = 1) -> Job:
-        """Start fine-tuning on `examples` for `steps` steps; the defaults are the ColA paper's."""
+               fit_interval: int = 1, codec_x: str = "raw", codec_g: str = "raw", state_every: int = 1,
+               init: str | Path | None = None) -> Job:
+        """Start fine-tuning on `examples` for `steps` steps; the defaults are the ColA paper's.
+
+        `init`: a native export (`job.export(dir, format="native")`) whose weights the adapters start
+        from; `adapter` defaults to the export's. The optimizer and LR schedule start fresh (an export
+        carries no optimizer state): continuing N steps equals N more steps from those weights."""
         if self._closed:
             raise ColaflowError("this Session is closed")
         try:
+            if init is not None:
+                from .export import load
+
+                init_spec = load(_init_dir(init))[0]
+                adapter = adapter or init_spec.adapter
             spec = JobSpec(job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}",
                            adapter or LowRank(), optimizer or AdamW(), targets, fit_interval, staleness, seed=seed,
                            codec_x=codec_x, codec_g=codec_g, state_every=state_every)
@@ -117,7 +141,7 @@ class Session:
                 raise ValueError(f"`steps` must be an int in [1, {MAX_STEPS}], got {steps!r}")
         except ValueError as e:
             raise e if isinstance(e, ColaflowError) else InvalidArgument(str(e)) from None
-        self._backend.submit(spec, data, steps)
+        self._backend.submit(spec, data, steps, init)
         return Job(self, spec.job_id, steps)
 
     def _rows(self, source) -> list[dict]:
@@ -148,6 +172,14 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _init_dir(init) -> Path:
+    path = Path(init)
+    if not (path / "adapter.json").exists():
+        raise InvalidArgument(f"`init` {str(init)!r} is not a native colaflow export (no adapter.json); "
+                              "export one with format=\"native\"")
+    return path
 
 
 def _bar(show: bool, total: int, job: str):
@@ -181,14 +213,15 @@ class _Local:
     def max_length(self) -> int | None:
         return self.trainer.host.limits()[1]
 
-    def submit(self, spec: JobSpec, data: dict, steps: int) -> None:
+    def submit(self, spec: JobSpec, data: dict, steps: int, init: str | Path | None = None) -> None:
         from .data import from_map
+        from .export import init_blob, init_params
 
         if spec.job_id in self.trainer.specs:
             raise InvalidArgument(f"job {spec.job_id!r} already exists")
         try:
             batches = from_map(data)
-            self.trainer.add_job(spec, steps)
+            self.trainer.add_job(spec, steps, init_params(spec, init_blob(init)) if init is not None else None)
         except (ValueError, TypeError) as e:  # the same refusals a server answers with INVALID_ARGUMENT
             raise InvalidArgument(f"submit {spec.job_id}: {e}") from None
         self.data[spec.job_id] = batches
@@ -199,9 +232,11 @@ class _Local:
         return self.trainer.scheduler.job(job_id)
 
     def status(self, job_id: str) -> dict:
+        from .client import JobInfo
+
         job = self._job(job_id)
-        return {"job": job_id, "state": job.state, "step": job.t, "steps": job.steps or 0,
-                "loss": job.losses[-1] if job.losses else 0.0, "error": job.error, "max_staleness": job.max_staleness}
+        return JobInfo(job_id, job.state, job.t, job.steps or 0, job.losses[-1] if job.losses else 0.0, job.error,
+                       job.max_staleness, sorted({r.owner for r in job.sites.values() if r.owner})).as_dict()
 
     def statuses(self) -> list[dict]:
         return [self.status(j) for j in self.trainer.specs]
@@ -258,14 +293,14 @@ class _Remote:
     def max_length(self) -> int | None:
         return None  # the server's tokenizer carries the model's context as its model_max_length
 
-    def submit(self, spec: JobSpec, data: dict, steps: int) -> None:
-        self.client.submit_map(spec, data, steps)
+    def submit(self, spec: JobSpec, data: dict, steps: int, init: str | Path | None = None) -> None:
+        self.client.submit_map(spec, data, steps, init)
 
     def status(self, job_id: str) -> dict:
-        return _status(self.client.get(job_id))
+        return self.client.get(job_id).as_dict()
 
     def statuses(self) -> list[dict]:
-        return [_status(s) for s in self.client.list()]
+        return [s.as_dict() for s in self.client.list()]
 
     def metrics(self, job_id: str) -> list[dict]:
         return self.client.metrics_so_far(job_id)
@@ -303,7 +338,7 @@ class _Remote:
                 time.sleep(0.5)
 
     def cancel(self, job_id: str) -> dict:
-        return _status(self.client.cancel(job_id))
+        return self.client.cancel(job_id).as_dict()
 
     def export(self, job_id: str, path: Path, format: str) -> Path:
         return self.client.export(job_id, path, format=format)
@@ -311,7 +346,3 @@ class _Remote:
     def close(self) -> None:
         self.client.close()
 
-
-def _status(s) -> dict:
-    return {"job": s.job, "state": s.state, "step": s.step, "steps": s.steps, "loss": s.loss, "error": s.error,
-            "max_staleness": s.max_staleness}

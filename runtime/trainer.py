@@ -45,11 +45,11 @@ class Trainer:
         for spec in jobs:
             self.add_job(spec)
 
-    def add_job(self, spec: JobSpec, steps: int | None = None) -> None:
-        """Add a job (open-ended, or done after `steps` steps)."""
-        sites = self.host.add_job(spec)
+    def add_job(self, spec: JobSpec, steps: int | None = None, init: dict[str, dict] | None = None) -> None:
+        """Add a job (open-ended, or done after `steps` steps), its adapters from `init` ({site: params}) if given."""
+        sites = self.host.add_job(spec, init)
         try:
-            self.scheduler.add_job(spec, sites, steps)
+            self.scheduler.add_job(spec, sites, steps, init=init)
         except BaseException:
             self.host.remove_job(spec.job_id)  # nothing half-made stays behind
             raise

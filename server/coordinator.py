@@ -41,6 +41,7 @@ class JobStatus:
     loss: float
     error: str
     max_staleness: int
+    workers: list[str] = field(default_factory=list)  # owners of the job's sites now
 
 
 @dataclass
@@ -80,13 +81,13 @@ class Coordinator:
         self._stop = False
         for job in self.scheduler.jobs.values():  # restored from the state dir
             if job.state in LIVE:
-                self._host_job(job.spec, job.data, skip=job.t)
+                self._host_job(job.spec, job.data, skip=job.t, init=job.init)
 
-    def _host_job(self, spec: JobSpec, data: dict, skip: int = 0) -> None:
+    def _host_job(self, spec: JobSpec, data: dict, skip: int = 0, init: dict | None = None) -> None:
         batches = from_map(data)
         for _ in range(skip):  # the same map always yields the same batches
             next(batches)
-        self.host.add_job(spec)
+        self.host.add_job(spec, init)
         self.data[spec.job_id] = batches
 
     def _notify(self) -> None:
@@ -96,16 +97,18 @@ class Coordinator:
 
     # control
 
-    def submit(self, spec: JobSpec, data: dict, steps: int, tenant: str = "default") -> str:
-        """Host and schedule a job for `tenant`; `data` is a data map (see `colaflow.data.from_map`)."""
+    def submit(self, spec: JobSpec, data: dict, steps: int, tenant: str = "default",
+               init: dict[str, dict] | None = None) -> str:
+        """Host and schedule a job for `tenant`; `data` is a data map (see `colaflow.data.from_map`);
+        `init` ({site: params}, see `colaflow.export.init_params`): where its adapters start."""
         batches = from_map(data)  # refuse bad data before anything is allocated
         check_limits(data, *self.host.limits())
         with self.lock:
             if spec.job_id in self.scheduler.jobs:
                 raise ValueError(f"job {spec.job_id!r} already exists")
-            sites = self.host.add_job(spec)
+            sites = self.host.add_job(spec, init)
             try:
-                self.scheduler.add_job(spec, sites, steps, data, tenant)
+                self.scheduler.add_job(spec, sites, steps, data, tenant, init)
             except BaseException:
                 self.host.remove_job(spec.job_id)
                 raise
@@ -140,7 +143,8 @@ class Coordinator:
     def _status(self, job_id: str) -> JobStatus:
         job = self.scheduler.job(job_id)
         return JobStatus(job_id, job.state, job.t, job.steps or 0, {n: r.received for n, r in job.sites.items()},
-                         job.losses[-1] if job.losses else 0.0, job.error, job.max_staleness)
+                         job.losses[-1] if job.losses else 0.0, job.error, job.max_staleness,
+                         sorted({r.owner for r in job.sites.values() if r.owner is not None}))
 
     def metrics(self, job_id: str, since: int, timeout: float, tenant: str | None = None) -> tuple[list[dict], bool]:
         """Metrics after the first `since`, waiting up to `timeout` for some; and whether the job ended."""

@@ -18,7 +18,7 @@ import grpc
 
 from colaflow import serde
 from colaflow.errors import ColaflowError, ResourceExhausted
-from colaflow.export import peft_task_type, save, save_peft
+from colaflow.export import init_params, peft_task_type, save, save_peft
 from colaflow.job import JobSpec
 from colaflow.protocol import Assign, Packets
 from colaflow.tokenizer import to_files
@@ -59,9 +59,13 @@ def _message(e: Exception) -> str:
 async def _identity(context, tokens: Tokens, role: str) -> Identity:
     identity = tokens.identity(context.invocation_metadata())
     if identity is None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"this call needs a `{role}` token")
+        # the caller knows whether it sent a token: saying which case this is tells it nothing new
+        sent = dict(context.invocation_metadata() or ()).get("authorization", "").startswith("Bearer ")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            f"{'unknown token' if sent else 'no token'}: this call needs a `{role}` token")
     if identity.role not in (role, "admin"):
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this call needs a `{role}` token")
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            f"wrong role: this is a `{identity.role}` token; this call needs a `{role}` token")
     return identity
 
 
@@ -192,7 +196,7 @@ class WorkerService:
 
 def _status_pb(s: JobStatus) -> control_pb2.JobStatus:
     return control_pb2.JobStatus(job=s.job, state=s.state, step=s.step, steps=s.steps, versions=s.versions,
-                                 loss=s.loss, error=s.error, max_staleness=s.max_staleness)
+                                 loss=s.loss, error=s.error, max_staleness=s.max_staleness, workers=s.workers)
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
@@ -219,7 +223,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
             if request.upload and request.data:
                 raise ValueError("pass `data` or `upload`, not both")
             data = self.uploads.claim(request.upload, tenant or "default") if request.upload else request.data
-            job = self.c.submit(spec, serde.unpack(data, "data"), request.steps, tenant or "default")
+            init = init_params(spec, request.init) if request.init else None
+            job = self.c.submit(spec, serde.unpack(data, "data"), request.steps, tenant or "default", init)
             return control_pb2.SubmitJobResponse(job=job)
         return await self._call(context, submit, in_thread=True)
 
@@ -293,6 +298,15 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 piece = data[off:off + serde.CHUNK_BYTES]
                 yield control_pb2.ExportAdapterResponse(file=name, offset=off, data=piece,
                                                         last=off + len(piece) >= len(data))
+
+    async def ListWorkers(self, request, context):
+        """Admin only: a tenant sees the workers of its own jobs in their status, never the whole fleet."""
+        identity = await _identity(context, self.tokens, "control")
+        if identity.role != "admin":
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "wrong role: this is a `control` token; listing workers needs an `admin` token "
+                                "(a job's own workers are in its status)")
+        return control_pb2.ListWorkersResponse(workers=serde.pack(self.c.workers_view()))
 
     async def Health(self, request, context):
         """Anyone may ask whether the server serves; only a control or admin token learns the counts."""

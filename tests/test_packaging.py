@@ -29,3 +29,17 @@ def test_console_script_help():
     assert out.returncode == 0 and "demo" in out.stdout and "bench" in out.stdout
     bad = subprocess.run([str(Path(sys.executable).parent / "colaflow"), "bench", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_license_is_an_spdx_expression_setuptools_reads_without_warning():
+    """`project.license` as a table is deprecated (setuptools stops building it after 2027-02-18)."""
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
+    assert not [w for w in caught if "license" in str(w.message).lower()], [str(w.message) for w in caught]
+    assert dist.metadata.license_expression == "Apache-2.0"

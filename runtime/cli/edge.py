@@ -23,6 +23,12 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ._control import UsageError, checked_address
+
+    try:
+        checked_address(args.server, "--server")
+    except UsageError as e:
+        raise SystemExit(f"colaflow edge: error: {e}") from None
     import torch
 
     from colaflow.edge_client.daemon import Daemon, install_sigterm

@@ -1,16 +1,24 @@
-"""The `colaflow` console command; each subcommand lives in its own module."""
+"""The `colaflow` console command; each subcommand lives in its own module.
+
+Operator commands (submit, jobs, status, logs, cancel, workers, export) exit 0 on success, 1 on an
+error (one line `colaflow: error: ...`; --debug adds the traceback) and 2 on a usage error.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import bench, demo, edge, serve
+from . import bench, cancel, demo, edge, export, jobs, logs, serve, status, submit, workers
+from ._control import UsageError, err, explain
 
-COMMANDS = {"demo": demo, "bench": bench, "serve": serve, "edge": edge}
+COMMANDS = {"demo": demo, "bench": bench, "serve": serve, "edge": edge, "submit": submit, "jobs": jobs,
+            "status": status, "logs": logs, "cancel": cancel, "workers": workers, "export": export}
+OPERATOR = {"submit", "jobs", "status", "logs", "cancel", "workers", "export"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="colaflow", description=__doc__)
+    parser = argparse.ArgumentParser(prog="colaflow", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         module.add_parser(sub)
@@ -20,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("colaflow: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.command not in OPERATOR or args.debug:
+            raise
+        err(f"colaflow: error: {explain(e, args)}")
+        return 2 if isinstance(e, UsageError) else 1
 
 
 if __name__ == "__main__":

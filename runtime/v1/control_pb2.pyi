@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("spec", "data", "steps", "upload")
+    __slots__ = ("spec", "data", "steps", "upload", "init")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
     spec: bytes
     data: bytes
     steps: int
     upload: str
-    def __init__(self, spec: _Optional[bytes] = ..., data: _Optional[bytes] = ..., steps: _Optional[int] = ..., upload: _Optional[str] = ...) -> None: ...
+    init: bytes
+    def __init__(self, spec: _Optional[bytes] = ..., data: _Optional[bytes] = ..., steps: _Optional[int] = ..., upload: _Optional[str] = ..., init: _Optional[bytes] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -25,7 +27,7 @@ class SubmitJobResponse(_message.Message):
     def __init__(self, job: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job", "state", "step", "steps", "versions", "loss", "error", "max_staleness")
+    __slots__ = ("job", "state", "step", "steps", "versions", "loss", "error", "max_staleness", "workers")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +43,7 @@ class JobStatus(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     job: str
     state: str
     step: int
@@ -49,7 +52,8 @@ class JobStatus(_message.Message):
     loss: float
     error: str
     max_staleness: int
-    def __init__(self, job: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., versions: _Optional[_Mapping[str, int]] = ..., loss: _Optional[float] = ..., error: _Optional[str] = ..., max_staleness: _Optional[int] = ...) -> None: ...
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., versions: _Optional[_Mapping[str, int]] = ..., loss: _Optional[float] = ..., error: _Optional[str] = ..., max_staleness: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job",)
@@ -173,3 +177,13 @@ class UploadDataResponse(_message.Message):
     upload: str
     bytes: int
     def __init__(self, upload: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class ListWorkersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListWorkersResponse(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: bytes
+    def __init__(self, workers: _Optional[bytes] = ...) -> None: ...

@@ -79,6 +79,11 @@ class ControlStub:
                 request_serializer=colaflow_dot_v1_dot_control__pb2.UploadDataRequest.SerializeToString,
                 response_deserializer=colaflow_dot_v1_dot_control__pb2.UploadDataResponse.FromString,
                 _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/colaflow.v1.Control/ListWorkers',
+                request_serializer=colaflow_dot_v1_dot_control__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=colaflow_dot_v1_dot_control__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -140,6 +145,12 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +198,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.UploadData,
                     request_deserializer=colaflow_dot_v1_dot_control__pb2.UploadDataRequest.FromString,
                     response_serializer=colaflow_dot_v1_dot_control__pb2.UploadDataResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=colaflow_dot_v1_dot_control__pb2.ListWorkersRequest.FromString,
+                    response_serializer=colaflow_dot_v1_dot_control__pb2.ListWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -432,6 +448,33 @@ class Control:
             '/colaflow.v1.Control/UploadData',
             colaflow_dot_v1_dot_control__pb2.UploadDataRequest.SerializeToString,
             colaflow_dot_v1_dot_control__pb2.UploadDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colaflow.v1.Control/ListWorkers',
+            colaflow_dot_v1_dot_control__pb2.ListWorkersRequest.SerializeToString,
+            colaflow_dot_v1_dot_control__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,

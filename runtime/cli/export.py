@@ -1,0 +1,28 @@
+"""`colaflow export JOB DIR [--format peft|native]`: download a job's adapters.
+
+peft: a LoRA directory stock PEFT loads (`PeftModel.from_pretrained(base, DIR)`); native: any adapter
+kind, and what `init: DIR` continues a job from.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ._control import add_common, client, out
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="download a job's adapters (PEFT LoRA or native)")
+    p.add_argument("job")
+    p.add_argument("dir", help="written whole (replacing what is there) or left as it was on failure")
+    p.add_argument("--format", choices=["peft", "native"], default="peft")
+    add_common(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    c = client(args)
+    try:
+        path = c.export(args.job, args.dir, format=args.format)
+    finally:
+        c.close()
+    out(f"exported job {args.job} ({args.format}) to {path}")
+    return 0
