@@ -1,0 +1,169 @@
+"""Adapter kinds beyond LoRA: sequential attach, Houlsby, AdaLink — each equal to ordinary backprop of
+the same adapter (relative error <= 1e-5), each refusing bad specs and packets with a clear error."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from colaflow import AdaLink, AdamW, Houlsby, JobSpec, Linear, LowRank, Packet, Trainer
+from colaflow.adapters import AdapterSpec
+from colaflow.gl import check_packet
+from colaflow.loss import causal_lm
+from colaflow.models import tiny
+from colaflow.protocol import Packets
+from colaflow import serde
+from conftest import batch_stream, random_batch, rel_err
+
+TOL = 1e-5
+
+
+class BackpropReference:
+    """The same adapters trained by ordinary backprop: a copy of the model whose site modules carry
+    trainable copies of the job's initial adapters, h + f(x) (parallel) or h + f(h) (sequential)."""
+
+    def __init__(self, model, trainer: Trainer, job_id: str, lr: float):
+        self.model = copy.deepcopy(model)
+        self.adapters = {s: copy.deepcopy(a).requires_grad_(True) for s, a in trainer.adapters(job_id).items()}
+        for name, a in self.adapters.items():
+            self.model.get_submodule(name).register_forward_hook(self._hook(a))
+        params = [p for a in self.adapters.values() for p in a.parameters()]
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    @staticmethod
+    def _hook(a):
+        def hook(module, args, out):
+            x = out if a.spec.attach == "sequential" else args[0]
+            route = a.route(args[0])
+            return out + (a(x) if route is None else a(x, route))
+        return hook
+
+    def step(self, batches: list[dict]) -> None:
+        self.opt.zero_grad()
+        for b in batches:
+            rs, rc = causal_lm(self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]), b)
+            (rs.sum() / rc.sum()).backward()
+        self.opt.step()
+
+
+def _max_err(trainer: Trainer, job_id: str, ref: BackpropReference) -> float:
+    errs = []
+    for site, a in trainer.adapters(job_id).items():
+        want = dict(ref.adapters[site].named_parameters())
+        for n, p in a.named_parameters():
+            errs.append(rel_err(p.detach(), want[n].detach()))
+        assert any(float(want[n].detach().abs().max()) > 0 for n in want)
+    return max(errs)
+
+
+CASES = {
+    "lowrank-sequential": ("llama", LowRank(r=4, alpha=8, attach="sequential"), ["q_proj", "v_proj"]),
+    # no bias: the key part of c_attn's bias has an identically zero gradient (softmax ignores a shift),
+    # and AdamW turns the rounding noise of a zero into full-size steps on both sides alike
+    "linear-sequential-conv1d": ("gpt2", Linear(attach="sequential"), ["c_attn"]),
+    "houlsby-llama": ("llama", Houlsby(hidden=8), None),
+    "houlsby-gpt2-relu": ("gpt2", Houlsby(hidden=8, activation="relu"), None),
+    "houlsby-parallel": ("llama", Houlsby(hidden=8, attach="parallel"), ["v_proj"]),
+    "adalink": ("llama", AdaLink(r=4), None),
+    "adalink-token-types": ("llama", AdaLink(r=4, token_types=((48, 96),)), None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kind_equals_backprop_of_the_same_adapter(case):
+    family, spec, targets = CASES[case]
+    model = tiny(family)
+    trainer = Trainer(model, [JobSpec("j", spec, AdamW(lr=1e-2), target_modules=targets)])
+    ref = BackpropReference(model, trainer, "j", lr=1e-2)
+    for b in batch_stream(96, 3, 10, seed=2, steps=6):
+        trainer.step({"j": b})
+        ref.step([b])
+    trainer.flush()
+    err = _max_err(trainer, "j", ref)
+    assert err <= TOL, (case, err)
+    for site, a in trainer.adapters("j").items():  # the server's copy is the device's
+        for (n, p), q in zip(a.named_parameters(), trainer.host.jobs["j"].adapters[site].parameters()):
+            assert torch.equal(p.detach(), q), (site, n)
+
+
+def test_sequential_and_parallel_jobs_share_a_site_in_one_batch():
+    """A mixed batch: one job adapts q_proj's output, another its input; each equals its own backprop."""
+    model = tiny("llama")
+    jobs = [JobSpec("par", LowRank(r=4), AdamW(lr=1e-2), target_modules=["q_proj"]),
+            JobSpec("seq", Houlsby(hidden=8), AdamW(lr=1e-2), target_modules=["q_proj"], fit_interval=2)]
+    trainer = Trainer(model, jobs)
+    refs = {j.job_id: BackpropReference(model, trainer, j.job_id, lr=1e-2) for j in jobs}
+    data = {j: batch_stream(96, 2, 9, seed=s, steps=4) for s, j in enumerate(refs)}
+    for i in range(4):
+        trainer.step({j: data[j][i] for j in refs})
+        refs["par"].step([data["par"][i]])
+        if i % 2:
+            refs["seq"].step([data["seq"][i - 1], data["seq"][i]])  # I = 2: gradient accumulation
+    trainer.flush()
+    for j, ref in refs.items():
+        assert _max_err(trainer, j, ref) <= TOL, j
+
+
+def test_sequential_packet_carries_the_output_and_its_gradient():
+    """The packet of a sequential site holds h (the module's output, d_out wide), not x."""
+    model = tiny("llama")
+    trainer = Trainer(model, [JobSpec("j", Houlsby(hidden=4), target_modules=["k_proj"])])
+    site = trainer.host.jobs["j"].sites["model.layers.0.self_attn.k_proj"]
+    assert (site.kind, site.in_features, site.out_features) == ("linear", 16, 16)  # k_proj: 32 -> 16
+    seen = {}
+    hook = model.get_submodule(site.name).register_forward_hook(lambda m, a, out: seen.update(h=out.detach()))
+    batch = random_batch(96, 2, 6, seed=0, ragged=False)
+    result = trainer.host.step({**batch, "jobs": ["j", "j"]})
+    hook.remove()
+    p = next(p for p in result.packets if p.site == site.name)
+    # every token but the last of each row (whose key no labelled position reads) travels
+    assert torch.equal(p.x, seen["h"][:, :-1].flatten(0, 1))
+    assert p.g.shape == p.x.shape
+
+
+def test_bad_specs_are_refused_naming_the_field():
+    with pytest.raises(ValueError, match="`attach`"):
+        LowRank(attach="serial")
+    with pytest.raises(ValueError, match="`hidden`"):
+        Houlsby(hidden=0)
+    with pytest.raises(ValueError, match="`activation`"):
+        Houlsby(activation="swish")
+    with pytest.raises(ValueError, match="`attach` of an adalink"):
+        AdaLink(attach="parallel")
+    with pytest.raises(ValueError, match="overlap"):
+        AdaLink(token_types=((0, 10), (5, 20)))
+    with pytest.raises(ValueError, match="`token_types`"):
+        AdaLink(token_types=((10, 5),))
+    with pytest.raises(ValueError, match="must be an embedding"):
+        Trainer(tiny("llama"), [JobSpec("j", AdaLink(token_types=((1, 2),)), target_modules=["q_proj"])])
+    with pytest.raises(ValueError, match="parallel houlsby"):
+        Trainer(tiny("llama"), [JobSpec("j", Houlsby(attach="parallel"), target_modules=["embed_tokens"])])
+    # specs travel as maps: the wire form round-trips, ranges included
+    spec = AdaLink(r=2, token_types=[[3, 7], [9, 12]])
+    assert AdapterSpec.from_dict(spec.to_dict()) == spec == AdaLink(r=2, token_types=((3, 7), (9, 12)))
+    assert not LowRank(attach="sequential").mergeable and LowRank().mergeable
+
+
+def test_token_types_travel_as_one_byte_per_token_and_bad_routes_are_refused():
+    model = tiny("llama")
+    spec = AdaLink(r=4, token_types=((48, 96),))
+    trainer = Trainer(model, [JobSpec("j", spec)])
+    batch = batch_stream(96, 2, 8, seed=3, steps=1)[0]
+    result = trainer.host.step({**batch, "jobs": ["j", "j"]})
+    (p,) = result.packets
+    assert p.route is not None and p.route.dtype == torch.uint8 and p.route.shape == (p.x.shape[0],)
+    assert set(p.route.tolist()) == {0, 1}
+    back = serde.packets_from_proto(*serde.packets_to_proto(Packets("j", p.step, [p]), "bf16", "bf16")).packets[0]
+    assert torch.equal(back.route, p.route)  # routes travel raw whatever the codec
+    site = trainer.host.jobs["j"].sites[p.site]
+    check_packet(back, site, spec.routes)
+    bad = [(Packet(p.job, p.site, p.step, p.version, p.x, p.g, None), "has no `route`"),
+           (Packet(p.job, p.site, p.step, p.version, p.x, p.g, p.route.clone().fill_(2)), "token type 2"),
+           (Packet(p.job, p.site, p.step, p.version, p.x, p.g, p.route[1:]), "must be"),
+           (Packet(p.job, p.site, p.step, p.version, p.x, p.g, p.route.long()), "uint8")]
+    for packet, match in bad:
+        with pytest.raises(ValueError, match=match):
+            check_packet(packet, site, spec.routes)
+    with pytest.raises(ValueError, match="routes no token types"):
+        check_packet(p, site, 0)
