@@ -4,9 +4,12 @@
     PeftModel.from_pretrained(base, "out/acme-peft")      # loads in stock PEFT
     save(trainer.adapters("acme"), spec, "out/acme")       # adapter.safetensors + adapter.json
     spec, adapters = load("out/acme")
+    with attached(model, spec, adapters):                   # any kind (Houlsby, AdaLink, ...) for inference
+        model.generate(...)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapters import Adapter, LowRank, build_adapter, load_params
+from .adapters import Adapter, LowRank, build_adapter, load_params, params_of
 from .files import atomic_dir
 from .job import JobSpec
 from .sites import Site
@@ -110,3 +113,29 @@ def load(path: str | os.PathLike) -> tuple[JobSpec, dict[str, Adapter]]:
         load_params(a, {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == site.name})
         adapters[site.name] = a
     return spec, adapters
+
+
+@contextlib.contextmanager
+def attached(model, spec: JobSpec, adapters: dict[str, Adapter]):
+    """Run `model` with `adapters` (as `load` returns them) on its sites, the way training did: parallel
+    or sequential, token types included; e.g. `model.generate(...)` inside. Nothing stays behind."""
+    from .host import Host  # the same site hooks as the server's forward: one way to apply an adapter
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    host = Host(model)
+    try:
+        sites = {s.name: s for s in host.add_job(spec)}
+        for name, a in adapters.items():
+            if sites.get(name) != a.site:
+                raise ValueError(f"site `{name}` of the export does not fit this model: it resolves to "
+                                 f"{sites.get(name)}, the export was made for {a.site}")
+            load_params(host.jobs[spec.job_id].adapters[name], params_of(a))
+        if set(sites) != set(adapters):
+            raise ValueError(f"the export adapts {sorted(adapters)}, this model's sites for it are {sorted(sites)}")
+        with host.using(spec.job_id):
+            yield model
+    finally:
+        if spec.job_id in host.jobs:
+            host.remove_job(spec.job_id)  # removes its hooks
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])

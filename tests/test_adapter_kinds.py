@@ -167,3 +167,37 @@ def test_token_types_travel_as_one_byte_per_token_and_bad_routes_are_refused():
             check_packet(packet, site, spec.routes)
     with pytest.raises(ValueError, match="routes no token types"):
         check_packet(p, site, 0)
+
+
+@pytest.mark.parametrize("spec", [Houlsby(hidden=8), AdaLink(r=4, token_types=((48, 96),))], ids=["houlsby", "adalink"])
+def test_native_export_loads_back_for_generate(tmp_path, spec):
+    """export -> load -> attached(model): the same logits as the trained host, and `generate` runs with them."""
+    from colaflow.export import attached, load, save
+
+    model = tiny("llama")
+    job = JobSpec("a", spec, AdamW(lr=3e-2))
+    trainer = Trainer(model, [job])
+    for b in batch_stream(96, 2, 8, seed=4, steps=4):
+        trainer.step({"a": b})
+    trainer.flush()
+    save(trainer.adapters("a"), job, tmp_path / "native")
+    spec2, adapters = load(tmp_path / "native")
+    assert spec2 == job
+    ids = torch.tensor([[5, 50, 7, 60, 9, 3], [70, 2, 81, 4, 90, 11]])
+    fresh = copy.deepcopy(model)  # a model that never saw the host: as a user would load it
+    with torch.no_grad():
+        plain = fresh(input_ids=ids).logits
+        with trainer.host.using("a"):
+            want = model(input_ids=ids).logits
+            want_gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+        with attached(fresh, spec2, adapters):
+            got = fresh(input_ids=ids).logits
+            got_gen = fresh.generate(ids, max_new_tokens=5, do_sample=False)
+        after = fresh(input_ids=ids).logits
+    assert not torch.allclose(want, plain, atol=1e-4)  # the adapters do something
+    assert torch.equal(got, want)
+    assert torch.equal(got_gen, want_gen) and got_gen.shape == (2, 11)
+    assert torch.equal(after, plain)  # nothing stays behind
+    with pytest.raises(ValueError, match="does not fit this model"):
+        with attached(tiny("llama", hidden=64), spec2, adapters):
+            pass
