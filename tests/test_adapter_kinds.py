@@ -201,3 +201,30 @@ def test_native_export_loads_back_for_generate(tmp_path, spec):
     with pytest.raises(ValueError, match="does not fit this model"):
         with attached(tiny("llama", hidden=64), spec2, adapters):
             pass
+
+
+def test_kinds_train_over_grpc_as_in_process(tmp_path):
+    """A real server and edge daemon on loopback: Houlsby, AdaLink with token types (routes on the wire)
+    and a sequential low-rank adapter train bit for bit as in-process."""
+    from colaflow.client import Client
+    from procs import examples, start_edge, start_server, stop, wait_done, wait_workers
+    from test_transport import exported, max_err, reference
+
+    server, address = start_server(tmp_path)
+    edge = start_edge(tmp_path, address, "a")
+    client = Client(address)
+    try:
+        wait_workers(client, 1)
+        ex = examples(96, 16, seed=5)
+        specs = [JobSpec("houlsby", Houlsby(hidden=8), AdamW(lr=1e-2)),
+                 JobSpec("adalink", AdaLink(r=4, token_types=((48, 96),)), AdamW(lr=1e-2)),
+                 JobSpec("seq-lora", LowRank(r=4, attach="sequential"), AdamW(lr=1e-2), fit_interval=2)]
+        for spec in specs:
+            client.submit(spec, ex, steps=6, batch_size=4)
+        for spec in specs:
+            assert wait_done(client, spec.job_id).state == "done"
+            got, want = exported(client, spec.job_id, tmp_path), reference(spec, ex, 6)
+            assert set(got) == set(want) and max_err(got, want) == 0.0, spec.job_id
+    finally:
+        client.close()
+        stop(server, edge)
