@@ -1,6 +1,7 @@
 """colaflow: fine-tune a frozen model as a service; devices do the gradient learning (ColA)."""
 from .adapters import MLP, Adapter, AdapterSpec, Linear, LowRank, adapter_kinds, build_adapter, register_adapter
 from .bottleneck import AdaLink, Houlsby
+from .conditional import CoDA
 from .gl import Learner, LearnerState, OptimizerState, Packet, Update, fit
 from .errors import ColaflowError, JobFailed, NoWorkers
 from .host import Host
@@ -13,7 +14,7 @@ from .trainer import Trainer
 from .worker import Worker
 
 __version__ = "0.1.0"
-__all__ = ["AdaLink", "Adam", "AdamW", "Adapter", "AdapterSpec", "ColaflowError", "Host", "Houlsby", "Job", "JobFailed", "JobSpec",
+__all__ = ["AdaLink", "Adam", "AdamW", "Adapter", "CoDA", "AdapterSpec", "ColaflowError", "Host", "Houlsby", "Job", "JobFailed", "JobSpec",
            "Learner", "LearnerState", "Linear", "LowRank", "MLP", "NoWorkers", "OptimizerState", "Packet", "SGD",
            "Schedule", "Scheduler", "Session", "Site", "Trainer", "Update", "Worker", "adapter_kinds",
            "build_adapter", "find_sites", "fit", "optimizer_kinds", "register_adapter", "register_optimizer"]

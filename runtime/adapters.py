@@ -172,6 +172,11 @@ class Adapter(nn.Module):
         """Each token's type, from the site's own input (routing kinds only; see `AdapterSpec.routes`)."""
         return None
 
+    def select(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, T) bool: the tokens this adapter acts on, for conditional kinds (CoDA); None: every token.
+        `x` is the adapter's input, `mask` the batch's attention mask where it aligns with x."""
+        return None
+
     def delta_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(dW, db) in the site weight's own layout, for merging; only mergeable kinds."""
         raise NotImplementedError(f"{self.spec.kind} adapters cannot be merged")

@@ -63,6 +63,8 @@ class _Ctx:
     gate: Callable[[str], None] | None = None
     inputs: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> x
     routes: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> (B, T) token types
+    selected: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> (B, T) bool
+    mask: torch.Tensor | None = None  # the batch's attention mask (conditional kinds choose among real tokens)
     detached: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
 
@@ -160,7 +162,7 @@ class Host:
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         inputs = {k: v for k, v in batch.items() if k not in ("jobs", "labels")}
         ctx = self._context(jobs, capture=True)
-        ctx.gate = gate
+        ctx.gate, ctx.mask = gate, batch.get("attention_mask")
         collected: list[Packet] = []
         self._ctx = ctx
         try:
@@ -283,8 +285,8 @@ class Host:
     def _delta(self, name: str, x: torch.Tensor, output: torch.Tensor, jobs: list[str], ctx: _Ctx):
         if len(jobs) == 1 and ctx.rows[jobs[0]] is None:  # single-job batch
             job = self.jobs[jobs[0]]
-            xj, route = self._adapter_input(job, name, x, output, ctx)
-            return None if name in ctx.merged else _call(job.adapters[name], xj, route)
+            xj, route, sel = self._adapter_input(job, name, x, output, ctx)
+            return None if name in ctx.merged else _call(job.adapters[name], xj, route, sel)
         # a mixed batch: each run of one job's rows through that job's adapter, one call per run
         # (no per-row copies of A and B), and zeros for rows whose job does not adapt this site
         xs = {j: self._adapter_input(self.jobs[j], name, x, output, ctx) for j in jobs}
@@ -296,16 +298,17 @@ class Host:
         parts = []
         for (start, end, j), piece in zip(ctx.runs, pieces):
             if j in xs:
-                route = xs[j][1]
-                parts.append(_call(self.jobs[j].adapters[name], piece, None if route is None else route[start:end]))
+                route, sel = (None if t is None else t[start:end] for t in xs[j][1:])
+                parts.append(_call(self.jobs[j].adapters[name], piece, route, sel))
             else:
                 parts.append(output.new_zeros((end - start, *output.shape[1:])))
         return torch.cat(parts)
 
     def _adapter_input(self, job: HostedJob, name: str, x: torch.Tensor, output: torch.Tensor,
-                       ctx: _Ctx) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       ctx: _Ctx) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The input the adapter sees — the site's input x (parallel) or its output h (sequential),
-        after the adapter's dropout (the device fits that) — and each token's type (routing kinds)."""
+        after the adapter's dropout (the device fits that) —, each token's type (routing kinds) and
+        the tokens it acts on (conditional kinds)."""
         adapter = job.adapters[name]
         route = adapter.route(x) if adapter.spec.routes else None  # types come from the site's own input
         if adapter.spec.attach == "sequential":
@@ -313,13 +316,17 @@ class Host:
         p = adapter.spec.dropout
         if p > 0 and ctx.capture:
             x = F.dropout(x, p, training=True)
+        mask = ctx.mask if ctx.mask is not None and tuple(ctx.mask.shape) == tuple(x.shape[:2]) else None
+        sel = adapter.select(x, mask)
         if ctx.capture:  # one detached tensor per distinct input, so shared inputs stay shared;
             # keyed by memory, not id(): a freed input's id may be reused within the forward
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
             ctx.inputs[(job.spec.job_id, name)] = ctx.detached.setdefault(key, x.detach())
             if route is not None:
                 ctx.routes[(job.spec.job_id, name)] = route
-        return x, route
+            if sel is not None:
+                ctx.selected[(job.spec.job_id, name)] = sel
+        return x, route, sel
 
 
 class _Stream:
@@ -372,9 +379,14 @@ class _Stream:
         x = _rows(ctx.inputs[(job_id, group[0])], rows)
         gs = {n: _rows(self.grads[n], rows) for n in group}
         rs = {n: _rows(ctx.routes[(job_id, n)], rows) for n in group if (job_id, n) in ctx.routes}
+        # a conditional adapter's unselected tokens add nothing to J^T g: they stay on the server
+        sel = [_rows(ctx.selected[(job_id, n)], rows) for n in group if (job_id, n) in ctx.selected]
+        if sel:
+            gs = {n: g * sel[0].unsqueeze(-1).to(g.dtype) for n, g in gs.items()}  # the group is its one site
         for n in group:
             ctx.inputs.pop((job_id, n), None)
             ctx.routes.pop((job_id, n), None)
+            ctx.selected.pop((job_id, n), None)
             self.of_site[n] = [k for k in self.of_site[n] if k != key]
             if not self.of_site[n]:  # a g no other job's group still waits for is released now
                 self.grads.pop(n, None)
@@ -421,9 +433,11 @@ class _Stream:
         self.emit([Packet(job_id, n, self.host.steps, job.versions[n], xs, cut[n], routes.get(n)) for n in group])
 
 
-def _call(adapter: Adapter, x: torch.Tensor, route: torch.Tensor | None) -> torch.Tensor:
-    """The adapter's delta on x; routing kinds also get each token's type."""
-    return adapter(x) if route is None else adapter(x, route)
+def _call(adapter: Adapter, x: torch.Tensor, route: torch.Tensor | None, sel: torch.Tensor | None) -> torch.Tensor:
+    """The adapter's delta on x; routing kinds also get each token's type; conditional kinds act only
+    on their selected tokens (a 0/1 factor: the others get exactly zero, and no gradient through f)."""
+    delta = adapter(x) if route is None else adapter(x, route)
+    return delta if sel is None else delta * sel.unsqueeze(-1).to(delta.dtype)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from colaflow import AdaLink, AdamW, Houlsby, JobSpec, Linear, LowRank, Packet, Trainer
+from colaflow import AdaLink, AdamW, CoDA, Houlsby, JobSpec, Linear, LowRank, Packet, Trainer
 from colaflow.adapters import AdapterSpec
 from colaflow.gl import check_packet
 from colaflow.loss import causal_lm
@@ -25,23 +25,26 @@ class BackpropReference:
 
     def __init__(self, model, trainer: Trainer, job_id: str, lr: float):
         self.model = copy.deepcopy(model)
+        self.mask = None
         self.adapters = {s: copy.deepcopy(a).requires_grad_(True) for s, a in trainer.adapters(job_id).items()}
         for name, a in self.adapters.items():
             self.model.get_submodule(name).register_forward_hook(self._hook(a))
         params = [p for a in self.adapters.values() for p in a.parameters()]
         self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
-    @staticmethod
-    def _hook(a):
+    def _hook(self, a):
         def hook(module, args, out):
             x = out if a.spec.attach == "sequential" else args[0]
             route = a.route(args[0])
-            return out + (a(x) if route is None else a(x, route))
+            delta = a(x) if route is None else a(x, route)
+            sel = a.select(x, self.mask)  # CoDA: only the router's top tokens of each row
+            return out + (delta if sel is None else delta * sel.unsqueeze(-1))
         return hook
 
     def step(self, batches: list[dict]) -> None:
         self.opt.zero_grad()
         for b in batches:
+            self.mask = b["attention_mask"]
             rs, rc = causal_lm(self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]), b)
             (rs.sum() / rc.sum()).backward()
         self.opt.step()
@@ -67,6 +70,8 @@ CASES = {
     "houlsby-parallel": ("llama", Houlsby(hidden=8, attach="parallel"), ["v_proj"]),
     "adalink": ("llama", AdaLink(r=4), None),
     "adalink-token-types": ("llama", AdaLink(r=4, token_types=((48, 96),)), None),
+    "coda-r1": ("llama", CoDA(hidden=8, reduction=1), None),
+    "coda-r3-gpt2": ("gpt2", CoDA(hidden=8, reduction=3), None),
 }
 
 
@@ -120,6 +125,31 @@ def test_sequential_packet_carries_the_output_and_its_gradient():
     # every token but the last of each row (whose key no labelled position reads) travels
     assert torch.equal(p.x, seen["h"][:, :-1].flatten(0, 1))
     assert p.g.shape == p.x.shape
+
+
+def test_coda_packets_carry_only_the_selected_tokens():
+    """k = ceil(n / reduction) tokens per row (n: the row's real tokens), chosen by the router; only they travel."""
+    model = tiny("llama")
+    trainer = Trainer(model, [JobSpec("j", CoDA(hidden=4, reduction=4), target_modules=["o_proj"])])
+    name = "model.layers.1.self_attn.o_proj"
+    adapter = trainer.host.jobs["j"].adapters[name]
+    seen = {}
+    hook = model.get_submodule(name).register_forward_hook(lambda m, a, out: seen.update(h=out.detach()))
+    batch = random_batch(96, 3, 12, seed=7)  # ragged: 6..12 real tokens per row
+    result = trainer.host.step({**batch, "jobs": ["j"] * 3})
+    hook.remove()
+    sel = adapter.select(seen["h"], batch["attention_mask"])  # (B, T)
+    n = batch["attention_mask"].sum(1)
+    assert sel.sum(1).tolist() == [-(-int(v) // 4) for v in n]  # ceil(n / 4) per row
+    assert not sel[batch["attention_mask"] == 0].any()  # never padding
+    p = next(p for p in result.packets if p.site == name)
+    last = torch.nn.functional.one_hot(n - 1, 12).bool()  # a row's last real token: no label depends on it
+    assert torch.equal(p.x, seen["h"][sel & ~last])  # the selected tokens, nothing else
+    assert p.x.shape[0] < 0.4 * int(batch["attention_mask"].sum())
+    with pytest.raises(ValueError, match="`reduction`"):
+        CoDA(reduction=0)
+    with pytest.raises(ValueError, match="`attach` of a coda"):
+        CoDA(attach="parallel")
 
 
 def test_bad_specs_are_refused_naming_the_field():
