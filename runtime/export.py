@@ -68,6 +68,9 @@ def save_peft(adapters: dict[str, Adapter], path: str | os.PathLike, base_model:
     if len(specs) != 1 or not isinstance(next(iter(specs)), LowRank):
         raise ValueError(f"PEFT export needs lowrank adapters of one spec, got {sorted(map(str, specs))}")
     spec: LowRank = next(iter(specs))
+    if spec.attach != "parallel":
+        raise ValueError("PEFT LoRA adds B A x to a module's output; a sequential lowrank adapter (h + B A h) "
+                         "has no PEFT form: export it with `save` (colaflow's native format)")
     kinds = {a.site.kind for a in adapters.values()}
     tensors = {}
     for name, a in adapters.items():

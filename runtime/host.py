@@ -206,9 +206,14 @@ class Host:
         ctx = self._context([job_id], capture=False)
         ctx.merged = set()
         self._ctx = ctx
+
+        def mask(module, args, kwargs):  # conditional kinds choose among real tokens (see `_adapter_input`)
+            ctx.mask = kwargs.get("attention_mask")
+        hook = self.model.register_forward_pre_hook(mask, with_kwargs=True)
         try:
             yield self.model
         finally:
+            hook.remove()
             self._ctx = None
 
     def _context(self, jobs: list[str], capture: bool) -> _Ctx:

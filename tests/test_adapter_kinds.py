@@ -152,6 +152,15 @@ def test_coda_packets_carry_only_the_selected_tokens():
         CoDA(attach="parallel")
 
 
+def test_sequential_lowrank_has_no_peft_form(tmp_path):
+    from colaflow.export import save_peft
+
+    trainer = Trainer(tiny("llama"), [JobSpec("a", LowRank(r=2, attach="sequential"))])
+    with pytest.raises(ValueError, match="no PEFT form"):
+        save_peft(trainer.adapters("a"), tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+
 def test_bad_specs_are_refused_naming_the_field():
     with pytest.raises(ValueError, match="`attach`"):
         LowRank(attach="serial")
@@ -202,7 +211,7 @@ def test_token_types_travel_as_one_byte_per_token_and_bad_routes_are_refused():
 @pytest.mark.parametrize("spec", [Houlsby(hidden=8), AdaLink(r=4, token_types=((48, 96),))], ids=["houlsby", "adalink"])
 def test_native_export_loads_back_for_generate(tmp_path, spec):
     """export -> load -> attached(model): the same logits as the trained host, and `generate` runs with them."""
-    from colaflow.export import attached, load, save
+    from colaflow.export import attached, load, save, save_peft
 
     model = tiny("llama")
     job = JobSpec("a", spec, AdamW(lr=3e-2))
@@ -228,6 +237,8 @@ def test_native_export_loads_back_for_generate(tmp_path, spec):
     assert torch.equal(got, want)
     assert torch.equal(got_gen, want_gen) and got_gen.shape == (2, 11)
     assert torch.equal(after, plain)  # nothing stays behind
+    with pytest.raises(ValueError, match="PEFT export needs lowrank"):
+        save_peft(trainer.adapters("a"), tmp_path / "peft")
     with pytest.raises(ValueError, match="does not fit this model"):
         with attached(tiny("llama", hidden=64), spec2, adapters):
             pass
