@@ -298,7 +298,7 @@ class Host:
         sizes = [end - start for start, end, _ in ctx.runs]
         first = next(iter(xs.values()))[0]
         # one split, not a slice per run: a slice's backward fills a whole-batch gradient with zeros
-        pieces = first.split(sizes) if all(v is first for v, _ in xs.values()) else [
+        pieces = first.split(sizes) if all(v[0] is first for v in xs.values()) else [
             xs[j][0][start:end] if j in xs else None for start, end, j in ctx.runs]
         parts = []
         for (start, end, j), piece in zip(ctx.runs, pieces):
