@@ -245,8 +245,8 @@ def test_native_export_loads_back_for_generate(tmp_path, spec):
 
 
 def test_kinds_train_over_grpc_as_in_process(tmp_path):
-    """A real server and edge daemon on loopback: Houlsby, AdaLink with token types (routes on the wire)
-    and a sequential low-rank adapter train bit for bit as in-process."""
+    """A real server and edge daemon on loopback: Houlsby, AdaLink with token types (routes on the wire),
+    a sequential low-rank adapter and CoDA (selected tokens only) train bit for bit as in-process."""
     from colaflow.client import Client
     from procs import examples, start_edge, start_server, stop, wait_done, wait_workers
     from test_transport import exported, max_err, reference
@@ -259,7 +259,8 @@ def test_kinds_train_over_grpc_as_in_process(tmp_path):
         ex = examples(96, 16, seed=5)
         specs = [JobSpec("houlsby", Houlsby(hidden=8), AdamW(lr=1e-2)),
                  JobSpec("adalink", AdaLink(r=4, token_types=((48, 96),)), AdamW(lr=1e-2)),
-                 JobSpec("seq-lora", LowRank(r=4, attach="sequential"), AdamW(lr=1e-2), fit_interval=2)]
+                 JobSpec("seq-lora", LowRank(r=4, attach="sequential"), AdamW(lr=1e-2), fit_interval=2),
+                 JobSpec("coda", CoDA(hidden=8, reduction=2), AdamW(lr=1e-2), staleness=1)]
         for spec in specs:
             client.submit(spec, ex, steps=6, batch_size=4)
         for spec in specs:
