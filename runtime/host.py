@@ -385,9 +385,9 @@ class _Stream:
         gs = {n: _rows(self.grads[n], rows) for n in group}
         rs = {n: _rows(ctx.routes[(job_id, n)], rows) for n in group if (job_id, n) in ctx.routes}
         # a conditional adapter's unselected tokens add nothing to J^T g: they stay on the server
-        sel = [_rows(ctx.selected[(job_id, n)], rows) for n in group if (job_id, n) in ctx.selected]
-        if sel:
-            gs = {n: g * sel[0].unsqueeze(-1).to(g.dtype) for n, g in gs.items()}  # the group is its one site
+        # (their g is zeroed for the packet only, so the token cut below drops them; the backward is untouched)
+        gs = {n: g * _rows(ctx.selected[(job_id, n)], rows).unsqueeze(-1).to(g.dtype)
+              if (job_id, n) in ctx.selected else g for n, g in gs.items()}
         for n in group:
             ctx.inputs.pop((job_id, n), None)
             ctx.routes.pop((job_id, n), None)
