@@ -93,16 +93,20 @@ def test_kind_equals_backprop_of_the_same_adapter(case):
 
 
 def test_sequential_and_parallel_jobs_share_a_site_in_one_batch():
-    """A mixed batch: one job adapts q_proj's output, another its input; each equals its own backprop."""
+    """A mixed batch: jobs adapt q_proj's input, its output, its router-selected tokens, and the embedding
+    output by token type; each equals its own backprop."""
     model = tiny("llama")
     jobs = [JobSpec("par", LowRank(r=4), AdamW(lr=1e-2), target_modules=["q_proj"]),
-            JobSpec("seq", Houlsby(hidden=8), AdamW(lr=1e-2), target_modules=["q_proj"], fit_interval=2)]
+            JobSpec("seq", Houlsby(hidden=8), AdamW(lr=1e-2), target_modules=["q_proj"], fit_interval=2),
+            JobSpec("coda", CoDA(hidden=8, reduction=2), AdamW(lr=1e-2), target_modules=["q_proj"]),
+            JobSpec("ada", AdaLink(r=4, token_types=((48, 96),)), AdamW(lr=1e-2))]
     trainer = Trainer(model, jobs)
     refs = {j.job_id: BackpropReference(model, trainer, j.job_id, lr=1e-2) for j in jobs}
     data = {j: batch_stream(96, 2, 9, seed=s, steps=4) for s, j in enumerate(refs)}
     for i in range(4):
         trainer.step({j: data[j][i] for j in refs})
-        refs["par"].step([data["par"][i]])
+        for j in ("par", "coda", "ada"):
+            refs[j].step([data[j][i]])
         if i % 2:
             refs["seq"].step([data["seq"][i - 1], data["seq"][i]])  # I = 2: gradient accumulation
     trainer.flush()
