@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -119,7 +120,7 @@ def load(path: str | os.PathLike) -> tuple[JobSpec, dict[str, Adapter]]:
 
 
 @contextlib.contextmanager
-def attached(model, spec: JobSpec, adapters: dict[str, Adapter]):
+def attached(model: torch.nn.Module, spec: JobSpec, adapters: dict[str, Adapter]) -> Iterator[torch.nn.Module]:
     """Run `model` with `adapters` (as `load` returns them) on its sites, the way training did: parallel
     or sequential, token types included; e.g. `model.generate(...)` inside. Nothing stays behind."""
     from .host import Host  # the same site hooks as the server's forward: one way to apply an adapter
