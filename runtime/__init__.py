@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
+    "bottleneck": ["AdaLink", "Houlsby"],
+    "conditional": ["CoDA"],
     "adapters": ["MLP", "Adapter", "AdapterSpec", "Linear", "LowRank", "adapter_kinds", "build_adapter",
                  "register_adapter"],
     "gl": ["Learner", "LearnerState", "OptimizerState", "Packet", "Update", "fit"],

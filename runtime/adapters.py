@@ -7,7 +7,7 @@ from the spec and the site. Every adapter starts as the identity of the adapted 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 import torch
@@ -31,11 +31,25 @@ def adapter_kinds() -> list[str]:
     return sorted(_REGISTRY)
 
 
+ATTACH = ("parallel", "sequential")
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
-    """Base of every adapter spec; `kind` names it in the registry and on the wire."""
+    """Base of every adapter spec; `kind` names it in the registry and on the wire.
+
+    `attach` says what the adapter reads. "parallel": the site's input x, and the model continues
+    with h + f(x) (LoRA). "sequential": the site's output h, and the model continues with h + f(h)
+    (Houlsby, AdaLink); the packet then carries h and g = dL/d(h + f(h)). Either way the device
+    fits f on (input, g) alike. Keyword-only, so positional specs (`LowRank(8, 16)`) keep meaning.
+    """
 
     kind: ClassVar[str] = ""
+    attach: str = field(default="parallel", kw_only=True)
+
+    def __post_init__(self):
+        if self.attach not in ATTACH:
+            raise ValueError(f"`attach` must be one of {ATTACH}, got {self.attach!r}")
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, **asdict(self)}
@@ -59,6 +73,25 @@ class AdapterSpec:
     def mergeable(self) -> bool:
         return False
 
+    @property
+    def routes(self) -> int:
+        """How many token types the adapter routes between (0: none; packets then carry no `route`)."""
+        return 0
+
+    def default_targets(self, model: nn.Module) -> list[str] | None:
+        """Where this kind attaches when a job names no `target_modules` (None: the family's defaults)."""
+        return None
+
+    def view(self, site: Site) -> Site:
+        """The site as this adapter sees it: the module's input side (parallel) or, sequential, its
+        output h as a linear site d -> d. Raises for a site this attach cannot adapt."""
+        if self.attach == "parallel":
+            return site
+        if site.kind == "conv2d":
+            raise ValueError(f"site `{site.name}`: sequential attach adapts token-shaped outputs "
+                             "(linear, conv1d, embedding sites), not conv2d feature maps")
+        return Site(site.name, "linear", site.out_features, site.out_features)
+
 
 def _check_dropout(p: float) -> None:
     if not 0.0 <= p < 1.0:
@@ -75,6 +108,7 @@ class LowRank(AdapterSpec):
     dropout: float = 0.0
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"`r` must be a positive int, got {self.r!r}")
         if not self.alpha > 0:
@@ -83,7 +117,7 @@ class LowRank(AdapterSpec):
 
     @property
     def mergeable(self) -> bool:
-        return self.dropout == 0.0
+        return self.dropout == 0.0 and self.attach == "parallel"
 
 
 @dataclass(frozen=True)
@@ -95,11 +129,12 @@ class Linear(AdapterSpec):
     dropout: float = 0.0
 
     def __post_init__(self):
+        super().__post_init__()
         _check_dropout(self.dropout)
 
     @property
     def mergeable(self) -> bool:
-        return self.dropout == 0.0
+        return self.dropout == 0.0 and self.attach == "parallel"
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -116,6 +151,7 @@ class MLP(AdapterSpec):
     dropout: float = 0.0
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.hidden, int) or self.hidden < 1:
             raise ValueError(f"`hidden` must be a positive int, got {self.hidden!r}")
         if not isinstance(self.layers, int) or self.layers < 2:
@@ -131,6 +167,15 @@ class Adapter(nn.Module):
     def __init__(self, spec: AdapterSpec, site: Site):
         super().__init__()
         self.spec, self.site = spec, site
+
+    def route(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each token's type, from the site's own input (routing kinds only; see `AdapterSpec.routes`)."""
+        return None
+
+    def select(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, T) bool: the tokens this adapter acts on, for conditional kinds (CoDA); None: every token.
+        `x` is the adapter's input, `mask` the batch's attention mask where it aligns with x."""
+        return None
 
     def delta_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(dW, db) in the site weight's own layout, for merging; only mergeable kinds."""

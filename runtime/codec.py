@@ -26,7 +26,8 @@ import torch
 
 CODECS = ("raw", "bf16", "fp16", "int8", "int4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64, "int64": torch.int64, "int32": torch.int32}
+          "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
+          "uint8": torch.uint8}  # uint8: token types (a packet's `route`)
 INT8_BLOCK = 64  # 1 + 4/64 = 1.0625 bytes per element
 INT4_BLOCK = 64  # 0.5 + 4/64 = 0.5625 bytes per element
 _BLOCKED = {"int8": (INT8_BLOCK, 127), "int4": (INT4_BLOCK, 7)}

@@ -4,12 +4,16 @@
     PeftModel.from_pretrained(base, "out/acme-peft")      # loads in stock PEFT
     save(trainer.adapters("acme"), spec, "out/acme")       # adapter.safetensors + adapter.json
     spec, adapters = load("out/acme")
+    with attached(model, spec, adapters):                   # any kind (Houlsby, AdaLink, ...) for inference
+        model.generate(...)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import msgpack
 import torch
@@ -17,7 +21,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_save
 
-from .adapters import Adapter, LowRank, build_adapter, load_params
+from .adapters import Adapter, LowRank, build_adapter, load_params, params_of
 from .files import atomic_dir
 from .job import JobSpec
 from .sites import Site
@@ -68,6 +72,9 @@ def save_peft(adapters: dict[str, Adapter], path: str | os.PathLike, base_model:
     if len(specs) != 1 or not isinstance(next(iter(specs)), LowRank):
         raise ValueError(f"PEFT export needs lowrank adapters of one spec, got {sorted(map(str, specs))}")
     spec: LowRank = next(iter(specs))
+    if spec.attach != "parallel":
+        raise ValueError("PEFT LoRA adds B A x to a module's output; a sequential lowrank adapter (h + B A h) "
+                         "has no PEFT form: export it with `save` (colaflow's native format)")
     kinds = {a.site.kind for a in adapters.values()}
     tensors = {}
     for name, a in adapters.items():
@@ -163,3 +170,29 @@ def unpack_params(data: bytes) -> dict[str, dict[str, torch.Tensor]]:
         site, name = key.split("::", 1)
         out.setdefault(site, {})[name] = v
     return out
+
+
+@contextlib.contextmanager
+def attached(model: torch.nn.Module, spec: JobSpec, adapters: dict[str, Adapter]) -> Iterator[torch.nn.Module]:
+    """Run `model` with `adapters` (as `load` returns them) on its sites, the way training did: parallel
+    or sequential, token types included; e.g. `model.generate(...)` inside. Nothing stays behind."""
+    from .host import Host  # the same site hooks as the server's forward: one way to apply an adapter
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    host = Host(model)
+    try:
+        sites = {s.name: s for s in host.add_job(spec)}
+        for name, a in adapters.items():
+            if sites.get(name) != a.site:
+                raise ValueError(f"site `{name}` of the export does not fit this model: it resolves to "
+                                 f"{sites.get(name)}, the export was made for {a.site}")
+            load_params(host.jobs[spec.job_id].adapters[name], params_of(a))
+        if set(sites) != set(adapters):
+            raise ValueError(f"the export adapts {sorted(adapters)}, this model's sites for it are {sorted(sites)}")
+        with host.using(spec.job_id):
+            yield model
+    finally:
+        if spec.job_id in host.jobs:
+            host.remove_job(spec.job_id)  # removes its hooks
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])

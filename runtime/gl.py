@@ -29,6 +29,7 @@ class Packet:
     version: int  # adapter version the forward used
     x: torch.Tensor  # the adapter's input: (N, in), (N,) token ids, or (B, C, H, W)
     g: torch.Tensor  # dL/dh of the site output: (N, out) or (B, out, H', W')
+    route: torch.Tensor | None = None  # (N,) uint8 token types, for routing kinds only (AdaLink's token_types)
 
 
 @dataclass
@@ -65,8 +66,9 @@ class Update:
     optimizer: OptimizerState | None = None  # the learner's full state rides along every `state_every` fits
 
 
-def check_packet(packet: Packet, site: Site) -> None:
-    """Refuse a packet whose tensors do not fit `site` or hold non-finite values."""
+def check_packet(packet: Packet, site: Site, routes: int = 0) -> None:
+    """Refuse a packet whose tensors do not fit `site` (and an adapter routing between `routes`
+    token types) or hold non-finite values."""
     check_shape(site, "x", packet.x, "x")
     check_shape(site, "g", packet.g, "g")
     if packet.x.shape[0] != packet.g.shape[0]:
@@ -77,17 +79,29 @@ def check_packet(packet: Packet, site: Site) -> None:
     if packet.x.is_floating_point() and not torch.isfinite(packet.x).all():
         raise ValueError(f"site `{site.name}`: input `x` of job {packet.job!r} step {packet.step} "
                          "holds NaN or Inf values")
+    r = packet.route
+    if not routes:
+        if r is not None:
+            raise ValueError(f"site `{site.name}`: packet carries a `route` but the adapter routes no token types")
+        return
+    if r is None:
+        raise ValueError(f"site `{site.name}`: packet has no `route`; the adapter routes {routes} token types")
+    if r.dtype != torch.uint8 or tuple(r.shape) != (packet.x.shape[0],):
+        raise ValueError(f"site `{site.name}`: `route` must be ({packet.x.shape[0]},) uint8, got "
+                         f"{tuple(r.shape)} {r.dtype}")
+    if r.numel() and int(r.max()) >= routes:
+        raise ValueError(f"site `{site.name}`: `route` names token type {int(r.max())}; the adapter has {routes}")
 
 
-def fit(adapter: Adapter, optimizer: torch.optim.Optimizer, scheduler, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+def fit(adapter: Adapter, optimizer: torch.optim.Optimizer, scheduler, pairs: list[tuple],
         clip_norm: float | None = None) -> float:
-    """One optimizer step on the summed GL loss of `pairs` [(x, g), ...]; returns the loss."""
+    """One optimizer step on the summed GL loss of `pairs` [(x, g) or (x, g, route), ...]; returns the loss."""
     optimizer.zero_grad(set_to_none=True)
     loss = 0.0
     dtype = next(adapter.parameters()).dtype
-    for x, g in pairs:
+    for x, g, *route in pairs:
         x = x.to(dtype) if x.is_floating_point() else x
-        delta = adapter(x)  # (N, out): f(x)
+        delta = adapter(x) if not route or route[0] is None else adapter(x, route[0])  # (N, out): f(x)
         delta.backward(g.to(delta.dtype))  # grad of 0.5||f - sg(f - g)||^2 is J^T g
         loss += 0.5 * float(g.double().pow(2).sum())
     if clip_norm is not None:
@@ -114,7 +128,7 @@ class Learner:
 
     def consume(self, packet: Packet) -> Update | None:
         """Take one packet; after `I` of them, fit once and return the update."""
-        check_packet(packet, self.site)
+        check_packet(packet, self.site, self.spec.adapter.routes)
         if packet.job != self.spec.job_id or packet.site != self.site.name:
             raise ValueError(f"packet for ({packet.job!r}, `{packet.site}`) sent to the learner of "
                              f"({self.spec.job_id!r}, `{self.site.name}`)")
@@ -126,7 +140,8 @@ class Learner:
         if len(self.buffer) < self.spec.fit_interval:
             return None
         device = next(self.adapter.parameters()).device
-        pairs = [(p.x.to(device), p.g.to(device)) for p in self.buffer]
+        pairs = [(p.x.to(device), p.g.to(device), None if p.route is None else p.route.to(device))
+                 for p in self.buffer]
         loss = fit(self.adapter, self.optimizer, self.scheduler, pairs, self.spec.optimizer.clip_norm)
         self.buffer.clear()
         self.version += 1

@@ -62,6 +62,9 @@ class _Ctx:
     stream: "_Stream | None" = None
     gate: Callable[[str], None] | None = None
     inputs: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> x
+    routes: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> (B, T) token types
+    selected: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> (B, T) bool
+    mask: torch.Tensor | None = None  # the batch's attention mask (conditional kinds choose among real tokens)
     detached: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
 
@@ -86,7 +89,9 @@ class Host:
         the scheduler checks it), hook its sites."""
         if spec.job_id in self.jobs:
             raise ValueError(f"job {spec.job_id!r} is already hosted")
-        sites = find_sites(self.model, spec.target_modules)
+        targets = spec.target_modules if spec.target_modules is not None else spec.adapter.default_targets(self.model)
+        # the sites as the adapters see them: a sequential adapter's site reads the module's output
+        sites = [spec.adapter.view(s) for s in find_sites(self.model, targets)]
         adapters = {}
         for s in sites:
             a = build_adapter(spec.adapter, s, seed=site_seed(spec, s))
@@ -160,7 +165,7 @@ class Host:
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         inputs = {k: v for k, v in batch.items() if k not in ("jobs", "labels")}
         ctx = self._context(jobs, capture=True)
-        ctx.gate = gate
+        ctx.gate, ctx.mask = gate, batch.get("attention_mask")
         collected: list[Packet] = []
         self._ctx = ctx
         try:
@@ -204,9 +209,14 @@ class Host:
         ctx = self._context([job_id], capture=False)
         ctx.merged = set()
         self._ctx = ctx
+
+        def mask(module, args, kwargs):  # conditional kinds choose among real tokens (see `_adapter_input`)
+            ctx.mask = kwargs.get("attention_mask")
+        hook = self.model.register_forward_pre_hook(mask, with_kwargs=True)
         try:
             yield self.model
         finally:
+            hook.remove()
             self._ctx = None
 
     def _context(self, jobs: list[str], capture: bool) -> _Ctx:
@@ -263,7 +273,7 @@ class Host:
             jobs = [j for j in ctx.order if name in self.jobs[j].adapters]
             if not jobs:
                 return None
-            if name in ctx.shapes:
+            if ctx.capture and name in ctx.shapes:
                 raise RuntimeError(f"site `{name}` was called twice in one forward; colaflow adapts "
                                    "modules that run once per forward")
             x = args[0]
@@ -283,33 +293,48 @@ class Host:
     def _delta(self, name: str, x: torch.Tensor, output: torch.Tensor, jobs: list[str], ctx: _Ctx):
         if len(jobs) == 1 and ctx.rows[jobs[0]] is None:  # single-job batch
             job = self.jobs[jobs[0]]
-            xj = self._adapter_input(job, name, x, ctx)
-            return None if name in ctx.merged else job.adapters[name](xj)
+            xj, route, sel = self._adapter_input(job, name, x, output, ctx)
+            return None if name in ctx.merged else _call(job.adapters[name], xj, route, sel)
         # a mixed batch: each run of one job's rows through that job's adapter, one call per run
         # (no per-row copies of A and B), and zeros for rows whose job does not adapt this site
-        xs = {j: self._adapter_input(self.jobs[j], name, x, ctx) for j in jobs}
+        xs = {j: self._adapter_input(self.jobs[j], name, x, output, ctx) for j in jobs}
         sizes = [end - start for start, end, _ in ctx.runs]
+        first = next(iter(xs.values()))[0]
         # one split, not a slice per run: a slice's backward fills a whole-batch gradient with zeros
-        pieces = x.split(sizes) if all(v is x for v in xs.values()) else [
-            xs[j][start:end] if j in xs else None for start, end, j in ctx.runs]
+        pieces = first.split(sizes) if all(v[0] is first for v in xs.values()) else [
+            xs[j][0][start:end] if j in xs else None for start, end, j in ctx.runs]
         parts = []
         for (start, end, j), piece in zip(ctx.runs, pieces):
             if j in xs:
-                parts.append(self.jobs[j].adapters[name](piece))
+                route, sel = (None if t is None else t[start:end] for t in xs[j][1:])
+                parts.append(_call(self.jobs[j].adapters[name], piece, route, sel))
             else:
                 parts.append(output.new_zeros((end - start, *output.shape[1:])))
         return torch.cat(parts)
 
-    def _adapter_input(self, job: HostedJob, name: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
-        """The input the adapter sees: x, or x after the adapter's dropout (the device fits that)."""
-        p = job.adapters[name].spec.dropout
+    def _adapter_input(self, job: HostedJob, name: str, x: torch.Tensor, output: torch.Tensor,
+                       ctx: _Ctx) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The input the adapter sees — the site's input x (parallel) or its output h (sequential),
+        after the adapter's dropout (the device fits that) —, each token's type (routing kinds) and
+        the tokens it acts on (conditional kinds)."""
+        adapter = job.adapters[name]
+        route = adapter.route(x) if adapter.spec.routes else None  # types come from the site's own input
+        if adapter.spec.attach == "sequential":
+            x = output
+        p = adapter.spec.dropout
         if p > 0 and ctx.capture:
             x = F.dropout(x, p, training=True)
+        mask = ctx.mask if ctx.mask is not None and tuple(ctx.mask.shape) == tuple(x.shape[:2]) else None
+        sel = adapter.select(x, mask)
         if ctx.capture:  # one detached tensor per distinct input, so shared inputs stay shared;
             # keyed by memory, not id(): a freed input's id may be reused within the forward
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
             ctx.inputs[(job.spec.job_id, name)] = ctx.detached.setdefault(key, x.detach())
-        return x
+            if route is not None:
+                ctx.routes[(job.spec.job_id, name)] = route
+            if sel is not None:
+                ctx.selected[(job.spec.job_id, name)] = sel
+        return x, route, sel
 
 
 class _Stream:
@@ -361,19 +386,27 @@ class _Stream:
         rows, ctx = self.ctx.rows[job_id], self.ctx
         x = _rows(ctx.inputs[(job_id, group[0])], rows)
         gs = {n: _rows(self.grads[n], rows) for n in group}
+        rs = {n: _rows(ctx.routes[(job_id, n)], rows) for n in group if (job_id, n) in ctx.routes}
+        # a conditional adapter's unselected tokens add nothing to J^T g: they stay on the server
+        # (their g is zeroed for the packet only, so the token cut below drops them; the backward is untouched)
+        gs = {n: g * _rows(ctx.selected[(job_id, n)], rows).unsqueeze(-1).to(g.dtype)
+              if (job_id, n) in ctx.selected else g for n, g in gs.items()}
         for n in group:
             ctx.inputs.pop((job_id, n), None)
+            ctx.routes.pop((job_id, n), None)
+            ctx.selected.pop((job_id, n), None)
             self.of_site[n] = [k for k in self.of_site[n] if k != key]
             if not self.of_site[n]:  # a g no other job's group still waits for is released now
                 self.grads.pop(n, None)
         if x.is_cuda:  # copy out without waiting; a host thread checks, cuts and emits the copy, so
             # the backward's thread goes on launching kernels (no synchronisation per site)
             x, gs = _to_host(x), {n: _to_host(g) for n, g in gs.items()}
+            rs = {n: _to_host(r) for n, r in rs.items()}
             event = torch.cuda.Event()
             event.record()
-            self.copying.append(self.host._packer().submit(self._emit_copied, event, job_id, group, x, gs))
+            self.copying.append(self.host._packer().submit(self._emit_copied, event, job_id, group, x, gs, rs))
         else:
-            self._emit(job_id, group, x, gs)
+            self._emit(job_id, group, x, gs, rs)
 
     def abort(self) -> None:
         """The step failed: nothing more of it leaves; wait for the copies in flight."""
@@ -381,17 +414,17 @@ class _Stream:
         for copied in self.copying:
             copied.exception()
 
-    def _emit_copied(self, event, job_id: str, group: list[str], x: torch.Tensor, gs: dict) -> None:
+    def _emit_copied(self, event, job_id: str, group: list[str], x: torch.Tensor, gs: dict, rs: dict) -> None:
         event.synchronize()
         if not self.failed:  # after a bad group, nothing more of this step leaves
             try:
-                self._emit(job_id, group, x, gs, pinned=True)
+                self._emit(job_id, group, x, gs, rs, pinned=True)
             except BaseException:
                 self.failed = True
                 raise
 
     def _emit(self, job_id: str, group: list[str], x: torch.Tensor, gs: dict[str, torch.Tensor],
-              pinned: bool = False) -> None:
+              rs: dict[str, torch.Tensor], pinned: bool = False) -> None:
         job = self.host.jobs[job_id]
         for n, g in gs.items():
             if not torch.isfinite(g).all():
@@ -400,10 +433,19 @@ class _Stream:
         keep = _live_tokens(x, list(gs.values()), [job.sites[n].kind for n in group])
         cut = {n: _cut(g, keep) for n, g in gs.items()}
         xs = _cut(x, keep)
+        routes = {n: _cut(r, keep) for n, r in rs.items()}  # (N,): one type per kept token
         if pinned:  # packets may be kept for a while: they must not hold page-locked staging memory
             xs = xs.clone() if xs.data_ptr() == x.data_ptr() else xs
             cut = {n: c.clone() if c.data_ptr() == gs[n].data_ptr() else c for n, c in cut.items()}
-        self.emit([Packet(job_id, n, self.host.steps, job.versions[n], xs, cut[n]) for n in group])
+            routes = {n: c.clone() if c.data_ptr() == rs[n].data_ptr() else c for n, c in routes.items()}
+        self.emit([Packet(job_id, n, self.host.steps, job.versions[n], xs, cut[n], routes.get(n)) for n in group])
+
+
+def _call(adapter: Adapter, x: torch.Tensor, route: torch.Tensor | None, sel: torch.Tensor | None) -> torch.Tensor:
+    """The adapter's delta on x; routing kinds also get each token's type; conditional kinds act only
+    on their selected tokens (a 0/1 factor: the others get exactly zero, and no gradient through f)."""
+    delta = adapter(x) if route is None else adapter(x, route)
+    return delta if sel is None else delta * sel.unsqueeze(-1).to(delta.dtype)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -98,8 +98,11 @@ def packets_to_proto(msg: Packets, codec_x: str = "raw", codec_g: str = "raw") -
             index[id(p.x)] = len(frame.inputs)
             frame.inputs.append(tensor_to_proto(p.x, codec_x, parts, _salt(msg.job, msg.step, "x")))
     for p in msg.packets:
-        frame.sites.append(worker_pb2.SiteGrad(site=p.site, version=p.version, input=index[id(p.x)],
-                                               g=tensor_to_proto(p.g, codec_g, parts, _salt(msg.job, msg.step, p.site))))
+        s = worker_pb2.SiteGrad(site=p.site, version=p.version, input=index[id(p.x)],
+                                g=tensor_to_proto(p.g, codec_g, parts, _salt(msg.job, msg.step, p.site)))
+        if p.route is not None:  # after g in the payload, as packets_from_proto reads it
+            s.route.CopyFrom(tensor_to_proto(p.route, "raw", parts))
+        frame.sites.append(s)
     return frame, parts
 
 
@@ -115,7 +118,9 @@ def packets_from_proto(frame: worker_pb2.PacketFrame, payload=None) -> Packets:
     for s in frame.sites:
         if s.input >= len(inputs):
             raise ValueError(f"site `{s.site}`: `input` index {s.input} out of range ({len(inputs)} inputs)")
-        out.append(Packet(frame.job, s.site, frame.step, s.version, inputs[s.input], tensor_from_proto(s.g, buf)))
+        g = tensor_from_proto(s.g, buf)
+        route = tensor_from_proto(s.route, buf) if s.HasField("route") else None
+        out.append(Packet(frame.job, s.site, frame.step, s.version, inputs[s.input], g, route))
     buf.done()
     return Packets(frame.job, frame.step, out)
 

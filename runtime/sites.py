@@ -110,6 +110,19 @@ def _near(target: str, names: list[str]) -> list[str]:
     return close or leaves[:8]
 
 
+def input_embedding_name(model: nn.Module) -> str:
+    """The qualified name of the model's token-embedding module (`model.embed_tokens` for Llama)."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    for name, mod in model.named_modules():
+        if emb is not None and mod is emb:
+            return name
+    raise ValueError(f"{type(model).__name__} does not say which module embeds its tokens "
+                     "(no `get_input_embeddings`); pass `target_modules` explicitly")
+
+
 def site_module(model: nn.Module, site: Site | str) -> nn.Module:
     """The module of `model` at `site`."""
     name = site.name if isinstance(site, Site) else site
