@@ -28,7 +28,13 @@ def register_adapter(spec_cls: type, module_cls: type) -> None:
 
 
 def adapter_kinds() -> list[str]:
+    _builtin()
     return sorted(_REGISTRY)
+
+
+def _builtin() -> None:
+    """Register the kinds that live in their own modules (colaflow's names load lazily)."""
+    from . import bottleneck, conditional  # noqa: F401  (they register on import)
 
 
 ATTACH = ("parallel", "sequential")
@@ -58,6 +64,8 @@ class AdapterSpec:
     def from_dict(d: dict) -> "AdapterSpec":
         d = dict(d)
         kind = d.pop("kind", None)
+        if kind not in _REGISTRY:
+            _builtin()
         if kind not in _REGISTRY:
             raise ValueError(f"unknown adapter `kind` {kind!r}; known: {adapter_kinds()}")
         spec_cls = _REGISTRY[kind][0]
@@ -271,6 +279,8 @@ register_adapter(MLP, MLPAdapter)
 
 def build_adapter(spec: AdapterSpec, site: Site, seed: int | None = None) -> Adapter:
     """A fresh adapter of `spec`'s kind for `site` (seeded, so server and device agree)."""
+    if spec.kind not in _REGISTRY:
+        _builtin()
     if spec.kind not in _REGISTRY:
         raise ValueError(f"unknown adapter kind {spec.kind!r}; known: {adapter_kinds()}")
     module_cls = _REGISTRY[spec.kind][1]
