@@ -109,7 +109,7 @@ def parse(d: dict | None, vocab: int | None = None, context: int | None = None) 
         if not isinstance(given, list) or not given:
             raise ValueError(f"`{name}` must be a non-empty list of token rows")
         check_limits({"examples": given}, vocab, context, f"{name}")
-        rows[key] = tensor_rows(given, name)
+        rows[key] = rows["examples"] if key == "prompts" and given == d.get("examples") else tensor_rows(given, name)
     if not rows["examples"] and not rows["prompts"]:
         raise ValueError("`data.eval` needs `examples` (eval_data) or `prompts` (eval_prompts)")
     if rows["examples"] and not any(bool((r["labels"] != IGNORE).any()) for r in rows["examples"]):
@@ -160,21 +160,26 @@ def evaluate(host, job_id: str, ev: EvalSet) -> dict[str, float]:
     metric's keys, with the adapters `host` holds for `job_id` now; forward only."""
     out: dict[str, float] = {}
     device = next(host.model.parameters()).device
+    shared = ev.examples is ev.prompts  # the same rows (as in the demo): one forward gives both metrics
     with _forward_only(host.model):
+        total, count, hits = 0.0, 0, 0
+        for rows, loss, match in ((ev.examples, True, shared), (ev.prompts, False, True)):
+            if not rows or (shared and not loss):
+                continue
+            for batch in _batches(rows, device):
+                output = _forward(host, job_id, batch)
+                if loss:
+                    row_sum, row_count = host.loss_fn(output, batch)  # (B,), (B,)
+                    total, count = total + float(row_sum.double().sum()), count + int(row_count.sum())
+                if match:
+                    guess = output.logits.argmax(-1)[:, :-1]  # (B, T-1): the greedy next token
+                    want = batch["labels"][:, 1:]  # (B, T-1): the answer's tokens, IGNORE elsewhere
+                    hits += int(((guess == want) | (want == IGNORE)).all(1).sum())
         if ev.examples:
-            total, count = 0.0, 0
-            for batch in _batches(ev.examples, device):
-                row_sum, row_count = host.loss_fn(_forward(host, job_id, batch), batch)  # (B,), (B,)
-                total, count = total + float(row_sum.double().sum()), count + int(row_count.sum())
             if count == 0:
                 raise ValueError("`eval_data` has no labelled token the loss counts")
             out["eval_loss"] = total / count
         if ev.prompts:
-            hits = 0
-            for batch in _batches(ev.prompts, device):
-                guess = _forward(host, job_id, batch).logits.argmax(-1)[:, :-1]  # (B, T-1): greedy next token
-                want = batch["labels"][:, 1:]  # (B, T-1): the answer's tokens, IGNORE elsewhere
-                hits += int(((guess == want) | (want == IGNORE)).all(1).sum())
             out["eval_exact_match"] = hits / len(ev.prompts)
         if ev.metric is not None:
             refs = [r["input_ids"][answer_start(r):].tolist() for r in ev.prompts]

@@ -77,6 +77,8 @@ def test_eval_loss_every_n_steps_equals_an_independent_forward():
         want = float(row_sum.sum() / row_count.sum())
         assert abs(m["eval_loss"] - want) <= 1e-5 * abs(want), (m["step"], m["eval_loss"], want)
     assert metrics[-1]["eval_loss"] < metrics[0]["eval_loss"]  # the job learnt something the eval sees
+    both = evaluate(trainer.host, "j", parse(eval_map(eval_data=held, eval_prompts=held)))  # one shared forward
+    assert both["eval_loss"] == evaluate(trainer.host, "j", parse(eval_map(eval_data=held)))["eval_loss"]
 
 
 def test_eval_does_not_change_the_trajectory():
