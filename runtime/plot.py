@@ -53,7 +53,10 @@ def write_png(metrics: list[dict], path: str | os.PathLike, title: str | None = 
     ax.set_ylabel("loss")
     ax.legend()
     for ax, key in zip(axes[0][1:], others):
-        ax.plot(*_series(metrics, key), "o-", color="tab:green")
+        steps, values = _series(metrics, key)
+        ax.plot(steps, values, "o-", color="tab:green")
+        if values and all(0.0 <= v <= 1.0 for v in values):
+            ax.set_ylim(-0.05, 1.05)  # a fraction (exact match, accuracy): show it on its whole scale
         ax.set_xlabel("step")
         ax.set_title(key)
     if title:
