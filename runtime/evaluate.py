@@ -87,8 +87,9 @@ def eval_map(eval_data: Iterable[dict] | None = None, eval_prompts: Iterable[dic
     return out
 
 
-def parse(d: dict | None, vocab: int | None = None, context: int | None = None) -> EvalSet | None:
-    """The eval set of a data map's `eval` entry (None: none), checked against the model's limits."""
+def parse(d: dict | None, vocab: int | None = None, context: int | None = None, causal: bool = True) -> EvalSet | None:
+    """The eval set of a data map's `eval` entry (None: none), checked against the model's limits;
+    `causal`: the job's loss is next-token prediction (exact match on prompts needs it)."""
     if d is None:
         return None
     if not isinstance(d, dict):
@@ -110,6 +111,8 @@ def parse(d: dict | None, vocab: int | None = None, context: int | None = None) 
             raise ValueError(f"`{name}` must be a non-empty list of token rows")
         check_limits({"examples": given}, vocab, context, f"{name}")
         rows[key] = rows["examples"] if key == "prompts" and given == d.get("examples") else tensor_rows(given, name)
+    if rows["prompts"] and not causal:
+        raise ValueError("`eval_prompts` need a causal language model (greedy answers); use `eval_data` for this loss")
     if not rows["examples"] and not rows["prompts"]:
         raise ValueError("`data.eval` needs `examples` (eval_data) or `prompts` (eval_prompts)")
     if rows["examples"] and not any(bool((r["labels"] != IGNORE).any()) for r in rows["examples"]):

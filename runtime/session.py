@@ -183,12 +183,13 @@ class _Local:
     def submit(self, spec: JobSpec, data: dict, steps: int, metric: Metric | None = None) -> None:
         from .data import from_map
         from .evaluate import parse
+        from .loss import causal_lm
 
         if spec.job_id in self.trainer.specs:
             raise InvalidArgument(f"job {spec.job_id!r} already exists")
         try:
             batches = from_map(data)
-            evals = parse(data.get("eval"), *self.trainer.host.limits())
+            evals = parse(data.get("eval"), *self.trainer.host.limits(), causal=self.trainer.host.loss_fn is causal_lm)
             if evals is not None:
                 evals.metric = metric
             self.trainer.add_job(spec, steps, evals)

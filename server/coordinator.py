@@ -22,6 +22,7 @@ from colaflow.adapters import Adapter
 from colaflow import evaluate
 from colaflow.data import check_limits, collate, from_map
 from colaflow.host import Host
+from colaflow.loss import causal_lm
 from colaflow.job import JobSpec
 from colaflow.protocol import Hello, ToServer, ToWorker
 from colaflow.records import LIVE, StepPlan
@@ -107,7 +108,7 @@ class Coordinator:
         """Host and schedule a job for `tenant`; `data` is a data map (see `colaflow.data.from_map`)."""
         batches = from_map(data)  # refuse bad data before anything is allocated
         check_limits(data, *self.host.limits())
-        ev = evaluate.parse(data.get("eval"), *self.host.limits())
+        ev = evaluate.parse(data.get("eval"), *self.host.limits(), causal=self.host.loss_fn is causal_lm)
         with self.lock:
             if spec.job_id in self.scheduler.jobs:
                 raise ValueError(f"job {spec.job_id!r} already exists")

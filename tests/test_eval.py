@@ -228,6 +228,9 @@ def test_bad_eval_input_is_refused_with_a_clear_error():
         session.submit(train, steps=2, batch_size=4, eval_data=train, eval_every=0)
     with pytest.raises(ValueError, match=r"`eval_data\[0\]` holds token id 500"):
         parse({"examples": [{"input_ids": [1, 500], "labels": [1, 500]}]}, vocab=VOCAB)
+    with pytest.raises(InvalidArgument, match="`eval_prompts` need a causal language model"):
+        colaflow.Session(model=tiny("bert"), loss="seq_cls").submit(
+            [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 4, steps=2, batch_size=4, eval_prompts=train)
     job = session.submit(train, steps=2, batch_size=4)
     job.wait(progress=False)
     with pytest.raises(InvalidArgument, match="has no eval yet"):
