@@ -109,8 +109,9 @@ def parse(d: dict | None, vocab: int | None = None, context: int | None = None, 
             continue
         if not isinstance(given, list) or not given:
             raise ValueError(f"`{name}` must be a non-empty list of token rows")
-        check_limits({"examples": given}, vocab, context, f"{name}")
-        rows[key] = rows["examples"] if key == "prompts" and given == d.get("examples") else tensor_rows(given, name)
+        same = key == "prompts" and given == d.get("examples")  # the same rows: shared, checked once
+        rows[key] = rows["examples"] if same else tensor_rows(given, name)  # malformed rows refused here
+        check_limits({"examples": given}, vocab, context, name)
     if rows["prompts"] and not causal:
         raise ValueError("`eval_prompts` need a causal language model (greedy answers); use `eval_data` for this loss")
     if not rows["examples"] and not rows["prompts"]:
