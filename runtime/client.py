@@ -153,12 +153,13 @@ class Client:
         except grpc.RpcError as e:
             raise from_rpc(e, f"metrics of {job}") from None
 
-    def export(self, job: str, path: str | Path, format: str = "native") -> Path:
-        """Download the job's adapters into `path` (replaced whole, or left as it was on failure)."""
+    def export(self, job: str, path: str | Path, format: str = "native", which: str = "last") -> Path:
+        """Download the job's adapters into `path` (replaced whole, or left as it was on failure);
+        `which`: `last` (the newest version) or `best` (those of the job's best eval step)."""
         files: dict[str, bytearray] = {}
         try:
-            for r in self.stub.ExportAdapter(control_pb2.ExportAdapterRequest(job=job, format=format),
-                                             metadata=self.md, timeout=600):
+            request = control_pb2.ExportAdapterRequest(job=job, format=format, which=which)
+            for r in self.stub.ExportAdapter(request, metadata=self.md, timeout=600):
                 files.setdefault(r.file, bytearray()).extend(r.data)
         except grpc.RpcError as e:
             raise from_rpc(e, f"export {job}") from None

@@ -79,18 +79,18 @@ def token_ids(values, where: str, key: str) -> list[int]:
     return [int(t) for t in values]
 
 
-def check_limits(d: dict, vocab: int | None, context: int | None) -> None:
+def check_limits(d: dict, vocab: int | None, context: int | None, where: str = "data.examples") -> None:
     """Refuse token ids outside the model's vocabulary and rows longer than its context, naming the row."""
     for i, e in enumerate(d.get("examples") or []):
         ids, labels = e.get("input_ids", []), e.get("labels", [])
         if context is not None and len(ids) > context:
-            raise ValueError(f"`data.examples[{i}]` has {len(ids)} tokens; the model's context is {context}")
+            raise ValueError(f"`{where}[{i}]` has {len(ids)} tokens; the model's context is {context}")
         if vocab is not None:
             bad = next((t for t in ids if not 0 <= t < vocab), None)
             if bad is None:
                 bad = next((t for t in labels if t != IGNORE and not 0 <= t < vocab), None)
             if bad is not None:
-                raise ValueError(f"`data.examples[{i}]` holds token id {bad}; the model's vocabulary is 0..{vocab - 1}")
+                raise ValueError(f"`{where}[{i}]` holds token id {bad}; the model's vocabulary is 0..{vocab - 1}")
 
 
 def from_map(d: dict) -> Iterator[dict]:
@@ -100,19 +100,25 @@ def from_map(d: dict) -> Iterator[dict]:
     """
     if not isinstance(d, dict) or not isinstance(d.get("examples"), list) or not d["examples"]:
         raise ValueError("`data` must be a map with a non-empty `examples` list")
-    examples = []
-    for i, e in enumerate(d["examples"]):
-        if not isinstance(e, dict) or "input_ids" not in e:
-            raise ValueError(f"`data.examples[{i}]` must be a map with `input_ids`")
-        try:
-            ids = torch.tensor(e["input_ids"], dtype=torch.long)
-            labels = torch.tensor(e.get("labels", e["input_ids"]), dtype=torch.long)
-        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
-            raise ValueError(f"`data.examples[{i}]`: token ids must be lists of integers ({err})") from None
-        if ids.dim() != 1 or labels.shape != ids.shape or ids.numel() == 0:
-            raise ValueError(f"`data.examples[{i}]`: `input_ids` and `labels` must be equal-length lists")
-        examples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    examples = tensor_rows(d["examples"], "data.examples")
     size = d.get("batch_size", 8)
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"`data.batch_size` must be a positive int, got {size!r}")
     return batches(examples, size, seed=int(d.get("seed", 0)))
+
+
+def tensor_rows(rows: list, where: str) -> list[dict]:
+    """Rows of a data map as 1-D tensors (`input_ids`, `attention_mask`, `labels`); `where` names them in errors."""
+    examples = []
+    for i, e in enumerate(rows):
+        if not isinstance(e, dict) or "input_ids" not in e:
+            raise ValueError(f"`{where}[{i}]` must be a map with `input_ids`")
+        try:
+            ids = torch.tensor(e["input_ids"], dtype=torch.long)
+            labels = torch.tensor(e.get("labels", e["input_ids"]), dtype=torch.long)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            raise ValueError(f"`{where}[{i}]`: token ids must be lists of integers ({err})") from None
+        if ids.dim() != 1 or labels.shape != ids.shape or ids.numel() == 0:
+            raise ValueError(f"`{where}[{i}]`: `input_ids` and `labels` must be equal-length lists")
+        examples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return examples

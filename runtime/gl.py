@@ -64,6 +64,17 @@ class Update:
     loss: float  # 0.5 * ||g||^2 summed over the fitted packets: the GL objective at the fit
     fitted_through: int = -1  # the last step folded into this version: version * I - 1
     optimizer: OptimizerState | None = None  # the learner's full state rides along every `state_every` fits
+    grad_norm: float = 0.0  # L2 norm of the fit's parameter gradient (summed over its I steps, before clipping)
+    lr: float = 0.0  # the learning rate the fit's optimizer step used (0: not reported)
+
+
+@dataclass
+class FitStats:
+    """What one `fit` reports: the GL loss, the gradient norm before clipping, the learning rate used."""
+
+    loss: float
+    grad_norm: float
+    lr: float
 
 
 def check_packet(packet: Packet, site: Site, routes: int = 0) -> None:
@@ -94,8 +105,8 @@ def check_packet(packet: Packet, site: Site, routes: int = 0) -> None:
 
 
 def fit(adapter: Adapter, optimizer: torch.optim.Optimizer, scheduler, pairs: list[tuple],
-        clip_norm: float | None = None) -> float:
-    """One optimizer step on the summed GL loss of `pairs` [(x, g) or (x, g, route), ...]; returns the loss."""
+        clip_norm: float | None = None) -> FitStats:
+    """One optimizer step on the summed GL loss of `pairs` [(x, g) or (x, g, route), ...]; its loss, gradient norm and lr."""
     optimizer.zero_grad(set_to_none=True)
     loss = 0.0
     dtype = next(adapter.parameters()).dtype
@@ -104,11 +115,14 @@ def fit(adapter: Adapter, optimizer: torch.optim.Optimizer, scheduler, pairs: li
         delta = adapter(x) if not route or route[0] is None else adapter(x, route[0])  # (N, out): f(x)
         delta.backward(g.to(delta.dtype))  # grad of 0.5||f - sg(f - g)||^2 is J^T g
         loss += 0.5 * float(g.double().pow(2).sum())
+    grads = [p.grad.detach().double() for p in adapter.parameters() if p.grad is not None]
+    grad_norm = float(sum(g.pow(2).sum() for g in grads)) ** 0.5  # before clipping, as PEFT users log it
     if clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(adapter.parameters(), clip_norm)
+    lr = float(optimizer.param_groups[0]["lr"])  # the schedule's rate for this fit (scheduler.step moves it on)
     optimizer.step()
     scheduler.step()
-    return loss
+    return FitStats(loss, grad_norm, lr)
 
 
 class Learner:
@@ -142,13 +156,13 @@ class Learner:
         device = next(self.adapter.parameters()).device
         pairs = [(p.x.to(device), p.g.to(device), None if p.route is None else p.route.to(device))
                  for p in self.buffer]
-        loss = fit(self.adapter, self.optimizer, self.scheduler, pairs, self.spec.optimizer.clip_norm)
+        stats = fit(self.adapter, self.optimizer, self.scheduler, pairs, self.spec.optimizer.clip_norm)
         self.buffer.clear()
         self.version += 1
         every = self.spec.state_every
         state = self.optimizer_state() if every and self.version % every == 0 else None
-        return Update(self.spec.job_id, self.site.name, self.version, params_of(self.adapter), loss,
-                      self.fitted_through, state)
+        return Update(self.spec.job_id, self.site.name, self.version, params_of(self.adapter), stats.loss,
+                      self.fitted_through, state, stats.grad_norm, stats.lr)
 
     # state that outlives the device
 

@@ -54,6 +54,10 @@ class JobRecord:
     bytes_received: int = 0  # update bytes on the wire from workers
     former: set[str] = field(default_factory=set)  # past owners: their late updates get a Revoke, not an error
     init: dict[str, dict[str, torch.Tensor]] | None = None  # version 0 of every site (None: the kind's seeded init)
+    watch: "Watch | None" = None  # the eval metric that picks the best step and stops early (None: no eval)
+    best: "Best | None" = None  # the adapters of the best eval so far (in memory: a restart tracks afresh)
+    stale_evals: int = 0  # evals since the best one
+    fit_stats: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)  # version -> site -> (grad norm, lr)
 
     @property
     def job_id(self) -> str:
@@ -75,6 +79,29 @@ class JobRecord:
     def restart_step(self) -> int:
         """The first step whose packets are not covered by durable state (a restart recomputes from it)."""
         return min([self.t] + [self.durable(r) * self.spec.fit_interval for r in self.sites.values()])
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Which eval key ranks the steps (`higher`: larger is better) and after how many evals without
+    improvement the job stops (`patience`; None: never early)."""
+
+    key: str
+    higher: bool
+    patience: int | None = None
+
+    def better(self, score: float, best: float) -> bool:
+        return score > best if self.higher else score < best
+
+
+@dataclass
+class Best:
+    """The best eval step so far and the adapter parameters that step used (version need(step))."""
+
+    step: int
+    score: float
+    versions: dict[str, int]
+    params: dict[str, dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -171,6 +198,10 @@ def check_update(spec: JobSpec, rec: SiteRecord, u: Update) -> None:
                              f"the adapter expects {rec.shapes[name]}")
         if not value.is_floating_point() or not torch.isfinite(value).all():
             raise ValueError(f"site `{site}`: parameter `{name}` holds non-finite values")
+    for name in ("grad_norm", "lr"):  # metrics only, but a metric the operator reads must be a number
+        value = getattr(u, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"update of `{site}` v{u.version}: `{name}` must be a finite number >= 0, got {value!r}")
     every = spec.state_every
     if every and u.version % every == 0 and u.optimizer is None:
         raise ValueError(f"update of `{site}` v{u.version} lacks the learner state "

@@ -31,7 +31,7 @@ from .adapters import Adapter, build_adapter, load_params
 from .gl import LearnerState, Packet, Update, site_seed
 from .job import JobSpec
 from .protocol import Ack, Assign, Hello, Packets, Refusal, Revoke, SiteStart, ToServer, ToWorker
-from .records import (LIVE, JobRecord, SiteRecord, StepPlan, WorkerRecord, check_init, check_update,
+from .records import (LIVE, Best, JobRecord, SiteRecord, StepPlan, WorkerRecord, check_init, check_update,
                       out_of_bounds, param_shapes, restored_job)
 from .sites import Site
 from .errors import ResourceExhausted
@@ -110,16 +110,31 @@ class Scheduler:
         out, self._ended = self._ended, []
         return out
 
-    def adapters(self, job_id: str) -> dict[str, Adapter]:
-        """The job's adapters at the newest version the server holds, built fresh (for export)."""
+    def adapters(self, job_id: str, which: str = "last") -> dict[str, Adapter]:
+        """The job's adapters, built fresh (for export): `last`, the newest version the server holds;
+        `best`, those the best eval step used."""
         job = self.job(job_id)
+        if which not in ("last", "best"):
+            raise ValueError(f"`which` must be last or best, got {which!r}")
+        if which == "best" and job.best is None:
+            raise ValueError(f"job {job_id!r} has no eval yet: `which='best'` needs the job to have been "
+                             "submitted with `eval_data` or `eval_prompts` and to have run an eval")
         out = {}
         for name, rec in job.sites.items():
             adapter = build_adapter(job.spec.adapter, rec.site, seed=site_seed(job.spec, rec.site))
-            if rec.received > 0 or job.init is not None:
+            if which == "best":
+                load_params(adapter, job.best.params[name])
+            elif rec.received > 0 or job.init is not None:
                 load_params(adapter, self._params(job, rec, rec.received))
             out[name] = adapter.requires_grad_(False)
         return out
+
+    def versions(self, job_id: str, which: str = "last") -> dict[str, int]:
+        """The version of every site that `adapters(job_id, which)` holds."""
+        job = self.job(job_id)
+        if which == "best" and job.best is not None:
+            return dict(job.best.versions)
+        return {n: r.received for n, r in job.sites.items()}
 
     def _params(self, job: JobRecord, rec: SiteRecord, version: int) -> dict:
         """A version's parameters; version 0 is the job's `init` or the seeded initialisation, never stored."""
@@ -205,8 +220,10 @@ class Scheduler:
         packet.step = plan.step
         rec.retained[plan.step] = packet
 
-    def finish(self, plan: StepPlan, packets: list[Packet], loss: float, tokens: int, seconds: float = 0.0) -> None:
-        """Take a step's packets (those not published during it) and advance the job."""
+    def finish(self, plan: StepPlan, packets: list[Packet], loss: float, tokens: int, seconds: float = 0.0,
+               evals: dict[str, float] | None = None) -> None:
+        """Take a step's packets (those not published during it) and advance the job; `evals`: the
+        step's eval metrics (`eval_*`, from the adapters this step used), which may stop it early."""
         job = self.jobs.get(plan.job)
         if job is None or job.state != "running" or job.t != plan.step:
             return  # cancelled or failed while the step ran
@@ -214,13 +231,46 @@ class Scheduler:
             self.publish(plan, p)
         job.max_staleness = max(job.max_staleness, plan.staleness)
         job.losses.append(loss)
-        job.metrics.append({"step": plan.step, "loss": loss, "tokens": tokens, "staleness": plan.staleness,
-                            "seconds": seconds, "time": time.time(),  # seconds: the server's compute
-                            "fits": job.fits, "bytes_sent": job.bytes_sent, "bytes_received": job.bytes_received})
+        now = time.time()
+        # wall time since this job's previous step ended: waits for devices and evals count too
+        wall = now - job.metrics[-1]["time"] if job.metrics else seconds
+        m = {"step": plan.step, "loss": loss, "tokens": tokens, "staleness": plan.staleness,
+             "seconds": seconds, "time": now,  # seconds: the server's compute
+             "fits": job.fits, "bytes_sent": job.bytes_sent, "bytes_received": job.bytes_received,
+             "tokens_per_s": tokens / wall if wall > 0 else 0.0, **self._fit_metrics(job, plan.need)}
+        job.metrics.append({**m, **(evals or {})})
         if job.events:
             job.metrics[-1]["events"], job.events = job.events, []
         job.t += 1
+        if evals and job.watch is not None and job.watch.key in evals:
+            self._judge(job, plan, float(evals[job.watch.key]))
         self._save_progress(job)
+
+    def _fit_metrics(self, job: JobRecord, version: int) -> dict:
+        """`lr` and `grad_norm` of the fit that made `version` (the one this step used): the norm over
+        all of the job's sites, sqrt(sum of each site's squared norm). {} for version 0 or unreported."""
+        stats = job.fit_stats.get(version, {})
+        for v in [v for v in job.fit_stats if v < version]:
+            del job.fit_stats[v]  # no later step uses an older version
+        if version == 0 or set(stats) != set(job.sites):
+            return {}
+        return {"lr": max(lr for _, lr in stats.values()),
+                "grad_norm": sum(n * n for n, _ in stats.values()) ** 0.5}
+
+    def _judge(self, job: JobRecord, plan: StepPlan, score: float) -> None:
+        """Keep the best eval step's adapters; end the job after `patience` evals without improvement."""
+        watch = job.watch
+        if job.best is None or watch.better(score, job.best.score):
+            job.best = Best(plan.step, score, {n: plan.need for n in job.sites},
+                            {n: self._params(job, r, plan.need) for n, r in job.sites.items()})
+            job.stale_evals = 0
+            return
+        job.stale_evals += 1
+        if watch.patience is not None and job.stale_evals >= watch.patience:
+            why = (f"stopped early at step {plan.step}: no eval improvement in {watch.patience} evals "
+                   f"(best {watch.key} {job.best.score:.4g} at step {job.best.step})")
+            log.info("job %s %s", job.job_id, why)
+            self._end(job, "done", why)
 
     def _advance(self, job: JobRecord, layered: bool = False) -> bool:
         """Move a job through waiting -> running -> done; True if its next step may run now."""
@@ -404,6 +454,8 @@ class Scheduler:
                 self._store_failed(e)  # the worker resends it; health says why meanwhile
             raise
         self._prune(job)
+        if u.lr > 0:  # the fit's metrics, for the map of the step that uses this version
+            job.fit_stats.setdefault(u.version, {})[u.site] = (float(u.grad_norm), float(u.lr))
         job.fits += 1
         w.fits += 1
         w.fit_times.append(self.clock())

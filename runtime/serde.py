@@ -129,7 +129,8 @@ def packets_from_proto(frame: worker_pb2.PacketFrame, payload=None) -> Packets:
 
 def update_to_proto(u: Update) -> tuple[worker_pb2.UpdateFrame, Parts]:
     frame, parts = worker_pb2.UpdateFrame(job=u.job, site=u.site, version=u.version,
-                                          fitted_through=u.fitted_through, loss=u.loss), []
+                                          fitted_through=u.fitted_through, loss=u.loss, grad_norm=u.grad_norm,
+                                          lr=u.lr), []
     _tensors_to_proto(u.params, frame.params, parts)
     if u.optimizer is not None:
         _optimizer_to_proto(u.optimizer, frame.optimizer, parts)
@@ -142,7 +143,7 @@ def update_from_proto(m: worker_pb2.UpdateFrame, payload=None) -> Update:
     params = _tensors_from_proto(m.params, buf, what)
     optimizer = _optimizer_from_proto(m.optimizer, buf, what) if m.HasField("optimizer") else None
     buf.done()
-    return Update(m.job, m.site, m.version, params, m.loss, m.fitted_through, optimizer)
+    return Update(m.job, m.site, m.version, params, m.loss, m.fitted_through, optimizer, m.grad_norm, m.lr)
 
 
 # assignments: where each site starts (fresh, or a learner state the server holds)

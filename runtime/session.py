@@ -30,6 +30,7 @@ from typing import Iterable
 from .adapters import AdapterSpec, LowRank
 from .data import to_map
 from .datasets import rows
+from .evaluate import Metric, eval_map
 from .errors import ColaflowError, InvalidArgument, JobFailed, NoWorkers, NotFound, Unavailable
 from .job import JobSpec
 from .optim import AdamW, OptimizerSpec
@@ -61,8 +62,9 @@ class Job:
         return self.session._backend.status(self.id)
 
     def metrics(self) -> Metrics:
-        """One map per step so far (step, loss, tokens, staleness, time, ...); `.ended` says whether and how
-        the job ended (done, cancelled, failed) and `.error` why."""
+        """One map per step so far: step, loss, tokens, tokens_per_s, staleness, lr, grad_norm, bytes_sent,
+        bytes_received, time, and `eval_*` on eval steps (docs/evaluation.md); `.ended` says whether and
+        how the job ended (done, cancelled, failed) and `.error` why."""
         status = self.status()  # first: a job that ends meanwhile still has all its rows below
         ended = status["state"] if status["state"] in ENDED else None
         return Metrics(self.session._backend.metrics(self.id), ended, status["error"])
@@ -78,14 +80,17 @@ class Job:
     def cancel(self) -> dict:
         return self.session._backend.cancel(self.id)
 
-    def export(self, path: str | Path, format: str = "peft") -> Path:
+    def export(self, path: str | Path, format: str = "peft", which: str = "last") -> Path:
         """Write the adapters: `peft` (a LoRA directory stock PEFT loads) or `native` (any kind).
 
-        The newest version the server holds: a running job's export is a snapshot of its progress.
+        `which="last"`: the newest version the server holds (a running job's export is a snapshot of
+        its progress); `"best"`: the adapters of its best eval step (needs an eval set).
         """
         if format not in ("peft", "native"):
-            raise ValueError(f"`format` must be peft or native, got {format!r}")
-        return self.session._backend.export(self.id, Path(path), format)
+            raise InvalidArgument(f"`format` must be peft or native, got {format!r}")
+        if which not in ("last", "best"):
+            raise InvalidArgument(f"`which` must be last or best, got {which!r}")
+        return self.session._backend.export(self.id, Path(path), format, which)
 
 
 class Session:
@@ -119,12 +124,20 @@ class Session:
                optimizer: OptimizerSpec | None = None, targets: list[str] | str | None = None,
                batch_size: int = 8, seed: int = 0, job_id: str | None = None, staleness: int = 0,
                fit_interval: int = 1, codec_x: str = "raw", codec_g: str = "raw", state_every: int = 1,
-               init: str | Path | None = None) -> Job:
+               init: str | Path | None = None, eval_data: object = None, eval_prompts: object = None,
+               eval_every: int = 10, patience: int | None = None, metric: Metric | None = None) -> Job:
         """Start fine-tuning on `examples` for `steps` steps; the defaults are the ColA paper's.
 
         `init`: a native export (`job.export(dir, format="native")`) whose weights the adapters start
         from; `adapter` defaults to the export's. The optimizer and LR schedule start fresh (an export
-        carries no optimizer state): continuing N steps equals N more steps from those weights."""
+        carries no optimizer state): continuing N steps equals N more steps from those weights.
+
+        Eval while training (docs/evaluation.md): `eval_data` (any source `examples` takes) gives
+        `eval_loss`, `eval_prompts` (prompt/completion rows: exact match on the completion) gives
+        `eval_exact_match`, every `eval_every` steps and at the last; after `patience` evals without
+        improvement the job stops early, done. `metric(predictions, references) -> dict` (token-id
+        lists) runs in process only.
+        """
         if self._closed:
             raise ColaflowError("this Session is closed")
         try:
@@ -137,11 +150,17 @@ class Session:
                            adapter or LowRank(), optimizer or AdamW(), targets, fit_interval, staleness, seed=seed,
                            codec_x=codec_x, codec_g=codec_g, state_every=state_every)
             data = to_map(self._rows(examples), batch_size, seed)
+            evals = eval_map(None if eval_data is None else self._rows(eval_data),
+                             None if eval_prompts is None else self._rows(eval_prompts), eval_every, patience)
+            if evals is not None:
+                data["eval"] = evals
+            if metric is not None and (evals is None or "prompts" not in evals):
+                raise ValueError("`metric` needs `eval_prompts`: it scores greedy answers to them")
             if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
                 raise ValueError(f"`steps` must be an int in [1, {MAX_STEPS}], got {steps!r}")
         except ValueError as e:
             raise e if isinstance(e, ColaflowError) else InvalidArgument(str(e)) from None
-        self._backend.submit(spec, data, steps, init)
+        self._backend.submit(spec, data, steps, init, metric)
         return Job(self, spec.job_id, steps)
 
     def _rows(self, source) -> list[dict]:
@@ -213,15 +232,21 @@ class _Local:
     def max_length(self) -> int | None:
         return self.trainer.host.limits()[1]
 
-    def submit(self, spec: JobSpec, data: dict, steps: int, init: str | Path | None = None) -> None:
+    def submit(self, spec: JobSpec, data: dict, steps: int, init: str | Path | None = None,
+               metric: Metric | None = None) -> None:
         from .data import from_map
+        from .evaluate import parse
         from .export import init_blob, init_params
+        from .loss import causal_lm
 
         if spec.job_id in self.trainer.specs:
             raise InvalidArgument(f"job {spec.job_id!r} already exists")
         try:
             batches = from_map(data)
-            self.trainer.add_job(spec, steps, init_params(spec, init_blob(init)) if init is not None else None)
+            evals = parse(data.get("eval"), *self.trainer.host.limits(), causal=self.trainer.host.loss_fn is causal_lm)
+            if evals is not None:
+                evals.metric = metric
+            self.trainer.add_job(spec, steps, init_params(spec, init_blob(init)) if init is not None else None, evals)
         except (ValueError, TypeError) as e:  # the same refusals a server answers with INVALID_ARGUMENT
             raise InvalidArgument(f"submit {spec.job_id}: {e}") from None
         self.data[spec.job_id] = batches
@@ -266,14 +291,17 @@ class _Local:
         self.trainer.scheduler.cancel(self._job(job_id).job_id)
         return self.status(job_id)
 
-    def export(self, job_id: str, path: Path, format: str) -> Path:
+    def export(self, job_id: str, path: Path, format: str, which: str = "last") -> Path:
         from .export import save, save_peft
 
         job = self._job(job_id)
-        adapters = self.trainer.scheduler.adapters(job_id)
+        try:
+            adapters = self.trainer.scheduler.adapters(job_id, which)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
         if format == "peft":
             return save_peft(adapters, path, model=self.trainer.host.model)
-        return save(adapters, job.spec, path, {n: r.received for n, r in job.sites.items()})
+        return save(adapters, job.spec, path, self.trainer.scheduler.versions(job_id, which))
 
     def close(self) -> None:
         pass
@@ -293,7 +321,11 @@ class _Remote:
     def max_length(self) -> int | None:
         return None  # the server's tokenizer carries the model's context as its model_max_length
 
-    def submit(self, spec: JobSpec, data: dict, steps: int, init: str | Path | None = None) -> None:
+    def submit(self, spec: JobSpec, data: dict, steps: int, init: str | Path | None = None,
+               metric: Metric | None = None) -> None:
+        if metric is not None:
+            raise InvalidArgument("`metric` runs in process only: a server computes the built-in eval_loss and "
+                                  "eval_exact_match (drop `metric`, or use Session(model=...))")
         self.client.submit_map(spec, data, steps, init)
 
     def status(self, job_id: str) -> dict:
@@ -340,8 +372,8 @@ class _Remote:
     def cancel(self, job_id: str) -> dict:
         return self.client.cancel(job_id).as_dict()
 
-    def export(self, job_id: str, path: Path, format: str) -> Path:
-        return self.client.export(job_id, path, format=format)
+    def export(self, job_id: str, path: Path, format: str, which: str = "last") -> Path:
+        return self.client.export(job_id, path, format=format, which=which)
 
     def close(self) -> None:
         self.client.close()

@@ -20,11 +20,13 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .data import collate
+from .evaluate import EvalSet, evaluate
 from .host import Host
 from .job import JobSpec
 from .loss import LossFn, causal_lm
 from . import serde
 from .protocol import Packets
+from .records import LIVE
 from .scheduler import Scheduler
 from .worker import Worker
 
@@ -39,20 +41,26 @@ class Trainer:
         self.scheduler = Scheduler()
         self.worker = Worker(LOCAL)
         self.specs: dict[str, JobSpec] = {}
+        self.evals: dict[str, EvalSet] = {}
         self.history: dict[str, list[float]] = {}
         self._stream = self.scheduler.connect(LOCAL, self.scheduler.register(LOCAL), self.worker.hello())
         self.scheduler.grant(LOCAL, self._stream, 1 << 62)  # in-process: no flow control needed
         for spec in jobs:
             self.add_job(spec)
 
-    def add_job(self, spec: JobSpec, steps: int | None = None, init: dict[str, dict] | None = None) -> None:
-        """Add a job (open-ended, or done after `steps` steps), its adapters from `init` ({site: params}) if given."""
+    def add_job(self, spec: JobSpec, steps: int | None = None, init: dict[str, dict] | None = None,
+                evals: EvalSet | None = None) -> None:
+        """Add a job (open-ended, or done after `steps` steps), its adapters from `init` ({site: params}) if
+        given, evaluated on `evals` while it trains."""
         sites = self.host.add_job(spec, init)
         try:
             self.scheduler.add_job(spec, sites, steps, init=init)
         except BaseException:
             self.host.remove_job(spec.job_id)  # nothing half-made stays behind
             raise
+        if evals is not None:
+            self.evals[spec.job_id] = evals
+            self.scheduler.job(spec.job_id).watch = evals.watch
         self.specs[spec.job_id] = spec
         self.history[spec.job_id] = []
         self._deliver()
@@ -68,7 +76,9 @@ class Trainer:
         seconds = time.perf_counter() - t0
         for plan in plans:
             packets = [p for p in result.packets if p.job == plan.job]
-            self.scheduler.finish(plan, packets, result.losses[plan.job], result.tokens[plan.job], seconds)
+            ev, steps = self.evals.get(plan.job), self.scheduler.job(plan.job).steps
+            evals = evaluate(self.host, plan.job, ev) if ev is not None and ev.due(plan.step, steps) else None
+            self.scheduler.finish(plan, packets, result.losses[plan.job], result.tokens[plan.job], seconds, evals)
             self.history[plan.job].append(result.losses[plan.job])
         self._deliver()
         return result.losses
@@ -77,7 +87,10 @@ class Trainer:
         """`steps` steps, each taking the next batch of every job in `data`."""
         bar = tqdm(range(steps), desc="colaflow", disable=not progress, unit="step")
         for _ in bar:
-            losses = self.step({j: next(it) for j, it in data.items()})
+            live = {j: it for j, it in data.items() if self.scheduler.job(j).state in LIVE}
+            if not live:
+                break  # every job ended (e.g. stopped early on its eval)
+            losses = self.step({j: next(it) for j, it in live.items()})
             bar.set_postfix({j: f"{v:.3f}" for j, v in list(losses.items())[:4]})
         self.flush()
         return self.history

@@ -225,9 +225,10 @@ def state_from_dict(d: dict) -> LearnerState:
 
 def update_to_dict(u: Update) -> dict:
     return {"job": u.job, "site": u.site, "version": u.version, "params": u.params, "loss": u.loss,
-            "fitted_through": u.fitted_through, "optimizer": _opt_to_dict(u.optimizer)}
+            "fitted_through": u.fitted_through, "optimizer": _opt_to_dict(u.optimizer), "grad_norm": u.grad_norm,
+            "lr": u.lr}
 
 
 def update_from_dict(d: dict) -> Update:
     return Update(d["job"], d["site"], d["version"], d["params"], d["loss"], d["fitted_through"],
-                  _opt_from_dict(d["optimizer"]))
+                  _opt_from_dict(d["optimizer"]), d.get("grad_norm", 0.0), d.get("lr", 0.0))  # older checkpoints lack both

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from colaflow.adapters import Adapter
+from colaflow import evaluate
 from colaflow.data import check_limits, collate, from_map
 from colaflow.host import Host
+from colaflow.loss import causal_lm
 from colaflow.job import JobSpec
 from colaflow.protocol import Hello, ToServer, ToWorker
 from colaflow.records import LIVE, StepPlan
@@ -75,6 +77,7 @@ class Coordinator:
         self.listeners: list = []  # called (under the lock) whenever workers may have something new
         self.scheduler = Scheduler(store, reassign_after)
         self.data: dict[str, Iterator[dict]] = {}
+        self.evals: dict[str, evaluate.EvalSet] = {}  # job -> its eval set (from its data map's `eval`)
         self.loop_error = ""
         self.fatal = ""  # set when the step loop gave up: the process should exit non-zero
         self._turn = 0
@@ -82,6 +85,7 @@ class Coordinator:
         for job in self.scheduler.jobs.values():  # restored from the state dir
             if job.state in LIVE:
                 self._host_job(job.spec, job.data, skip=job.t, init=job.init)
+                self._watch(job.job_id, evaluate.parse(job.data.get("eval")))
 
     def _host_job(self, spec: JobSpec, data: dict, skip: int = 0, init: dict | None = None) -> None:
         batches = from_map(data)
@@ -89,6 +93,11 @@ class Coordinator:
             next(batches)
         self.host.add_job(spec, init)
         self.data[spec.job_id] = batches
+
+    def _watch(self, job_id: str, ev: "evaluate.EvalSet | None") -> None:
+        if ev is not None:
+            self.evals[job_id] = ev
+            self.scheduler.job(job_id).watch = ev.watch
 
     def _notify(self) -> None:
         self.cond.notify_all()
@@ -103,6 +112,7 @@ class Coordinator:
         `init` ({site: params}, see `colaflow.export.init_params`): where its adapters start."""
         batches = from_map(data)  # refuse bad data before anything is allocated
         check_limits(data, *self.host.limits())
+        ev = evaluate.parse(data.get("eval"), *self.host.limits(), causal=self.host.loss_fn is causal_lm)
         with self.lock:
             if spec.job_id in self.scheduler.jobs:
                 raise ValueError(f"job {spec.job_id!r} already exists")
@@ -113,6 +123,7 @@ class Coordinator:
                 self.host.remove_job(spec.job_id)
                 raise
             self.data[spec.job_id] = batches
+            self._watch(spec.job_id, ev)
             self._notify()
         log.info("job %s submitted: %d sites, %d steps", spec.job_id, len(sites), steps)
         return spec.job_id
@@ -155,10 +166,11 @@ class Coordinator:
                 self.cond.wait(max(0.0, deadline - time.monotonic()))
             return [dict(m) for m in job.metrics[since:]], job.state not in LIVE
 
-    def export(self, job_id: str, tenant: str | None = None) -> Export:
+    def export(self, job_id: str, tenant: str | None = None, which: str = "last") -> Export:
+        """The job's adapters: `last` (the newest version) or `best` (those of the best eval step)."""
         with self.lock:
             job = self._job(job_id, tenant)
-            return Export(job.spec, self.scheduler.adapters(job_id), {n: r.received for n, r in job.sites.items()})
+            return Export(job.spec, self.scheduler.adapters(job_id, which), self.scheduler.versions(job_id, which))
 
     def max_update_bytes(self) -> int:
         with self.lock:
@@ -338,6 +350,7 @@ class Coordinator:
         with self.lock:
             for job_id in self.scheduler.take_ended():
                 self.data.pop(job_id, None)
+                self.evals.pop(job_id, None)
                 self._unused.pop(job_id, None)
                 if job_id in self.host.jobs:
                     self.host.remove_job(job_id)  # a finished job's adapters live on in the scheduler
@@ -400,10 +413,26 @@ class Coordinator:
                 self.scheduler.fail(plan.job, f"step {plan.step} failed: {type(e).__name__}: {e}")
             return
         seconds = time.perf_counter() - t0
+        evals = {plan.job: self._evaluate(plan) for plan, _ in work}  # the packets are out: devices fit meanwhile
         with self.lock:
             for plan, _ in work:
                 packets = [p for p in result.packets if p.job == plan.job]
-                self.scheduler.finish(plan, packets, result.losses[plan.job], result.tokens[plan.job], seconds)
+                self.scheduler.finish(plan, packets, result.losses[plan.job], result.tokens[plan.job], seconds,
+                                      evals[plan.job])
+
+    def _evaluate(self, plan: StepPlan) -> dict[str, float] | None:
+        """The step's eval metrics if it is an eval step, with the versions the step used (they are still
+        loaded); a failing eval fails its job, not the loop."""
+        ev, job = self.evals.get(plan.job), self.scheduler.jobs.get(plan.job)
+        if ev is None or job is None or not ev.due(plan.step, job.steps):
+            return None
+        try:
+            return evaluate.evaluate(self.host, plan.job, ev)
+        except Exception as e:
+            log.exception("eval of job %s at step %d failed", plan.job, plan.step)
+            with self.lock:
+                self.scheduler.fail(plan.job, f"eval at step {plan.step} failed: {type(e).__name__}: {e}")
+            return None
 
     def _publish(self, plan: StepPlan, packets: list) -> None:
         with self.lock:  # one group at a time: sites that share an input leave in one frame

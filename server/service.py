@@ -283,7 +283,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
     async def ExportAdapter(self, request, context):
         def files(tenant):
-            e = self.c.export(request.job, tenant)
+            e = self.c.export(request.job, tenant, request.which or "last")
             with tempfile.TemporaryDirectory() as tmp:
                 if request.format in ("", "native"):
                     path = save(e.adapters, e.spec, Path(tmp) / "out", e.versions)

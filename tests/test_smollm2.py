@@ -64,3 +64,8 @@ def test_demo_runs_and_exports(tmp_path):
     assert after >= 50.0, text
     assert (tmp_path / "out/peft/adapter_model.safetensors").exists()
     assert (tmp_path / "out/native/adapter.json").exists()
+    # held-out exact match as an eval metric while it trains (steps 0, 25 and the last), and its curves
+    reported = [float(line.split("eval_exact_match")[1].split("%")[0]) for line in text.splitlines()
+                if "eval_exact_match" in line]
+    assert len(reported) == 3 and reported[0] == 0.0 and reported[-1] > 0.0, text
+    assert (tmp_path / "out/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--state-every", type=int, default=1,
                    help="send each learner's full state (optimizer moments) to the server every N fits, so a lost "
                         "device is replaced exactly; 0: parameters only")
+    p.add_argument("--eval-every", type=int, default=25,
+                   help="held-out exact match (and eval loss) every N steps while training, as eval metrics")
     p.add_argument("--in-process", action="store_true", help="server step and fits in this one process")
     p.add_argument("--out", default="colaflow-out/knowledge", help="where the adapter is saved")
     p.add_argument("--seed", type=int, default=0)
@@ -41,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     from colaflow.export import save_peft
     from colaflow.merge import merged
     from colaflow.models import load
-    from colaflow.tasks.knowledge import eval_pairs, exact_match, make_facts, train_examples
+    from colaflow.evaluate import eval_map
+    from colaflow.plot import write_png
+    from colaflow.tasks.knowledge import encode, eval_pairs, exact_match, make_facts, train_examples
 
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -59,38 +63,56 @@ def run(args: argparse.Namespace) -> int:
                    AdamW(lr=args.lr, schedule=Schedule("linear", warmup=args.steps // 10, total=args.steps)),
                    staleness=args.staleness, seed=args.seed, state_every=args.state_every)
     out = Path(args.out)
+    # the held-out paraphrases as eval prompts: the job reports eval_exact_match while it trains
+    held_rows = [encode(tokenizer, q, a) for q, a in held_out]
+    evals = eval_map(eval_data=held_rows, eval_prompts=held_rows, every=args.eval_every)
     if args.in_process:
-        adapters, losses = _in_process(model, spec, examples, args)
+        adapters, metrics = _in_process(model, spec, examples, evals, args)
     else:
-        adapters, losses = _over_grpc(args.model, spec, examples, args, out)
+        adapters, metrics = _over_grpc(args.model, spec, examples, evals, args, out)
+    losses = [m["loss"] for m in metrics]
     with merged(model, adapters):  # adapted inference at the base model's cost
         after = exact_match(model, tokenizer, held_out)
         seen = exact_match(model, tokenizer, eval_pairs(facts, held_out=False))
     save_peft(adapters, out / "peft", base_model=args.model, model=model)
+    curves = write_png(metrics, out / "curves.png", title=f"colaflow demo: {args.facts} invented facts on {args.model}")
     print(f"  loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps")
     print(f"  exact match after fine-tuning:  {after:.1%} on held-out paraphrases ({seen:.1%} on training phrasings)")
-    print(f"  adapter saved to {out / 'native'} (colaflow) and {out / 'peft'} (PEFT LoRA)")
+    print(f"  adapter saved to {out / 'native'} (colaflow) and {out / 'peft'} (PEFT LoRA); curves in {curves}")
     print(f"  done in {time.time() - t0:.0f} s")
     return 0
 
 
-def _in_process(model, spec, examples, args):
+def _report(m: dict) -> None:
+    """One line per eval step: held-out exact match as the job trains."""
+    if "eval_exact_match" in m:
+        print(f"  step {m['step']:>4}: eval_exact_match {m['eval_exact_match']:.1%}  eval_loss {m['eval_loss']:.3f}",
+              flush=True)
+
+
+def _in_process(model, spec, examples, evals, args):
     import copy
 
     from colaflow import Trainer
     from colaflow.data import batches
+    from colaflow.evaluate import parse
     from colaflow.export import save
 
-    trainer = Trainer(copy.deepcopy(model), [spec])
-    trainer.run({spec.job_id: batches(examples, args.batch_size, seed=args.seed)}, args.steps)
+    trainer = Trainer(copy.deepcopy(model), [])
+    trainer.add_job(spec, args.steps, parse(evals))
+    trainer.run({spec.job_id: batches(examples, args.batch_size, seed=args.seed)}, args.steps, progress=False)
     adapters = trainer.adapters(spec.job_id)
     save(adapters, spec, Path(args.out) / "native")
-    return adapters, trainer.history[spec.job_id]
+    metrics = trainer.scheduler.job(spec.job_id).metrics
+    for m in metrics:
+        _report(m)
+    return adapters, metrics
 
 
-def _over_grpc(model_name, spec, examples, args, out: Path):
+def _over_grpc(model_name, spec, examples, evals, args, out: Path):
     from tqdm.auto import tqdm
 
+    from colaflow.data import to_map
     from colaflow.export import load as load_native
     from colaflow.local import LocalCluster
 
@@ -98,14 +120,18 @@ def _over_grpc(model_name, spec, examples, args, out: Path):
     with LocalCluster(model_name, workers=args.workers, server_threads=2) as cluster:
         client = cluster.client
         print(f"  server {cluster.address}; logs in {cluster.workdir}", flush=True)
-        client.submit(spec, [{k: v.tolist() for k, v in e.items() if k != "attention_mask"} for e in examples],
-                      steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-        losses: list[float] = []
+        data = to_map([{k: v.tolist() for k, v in e.items() if k != "attention_mask"} for e in examples],
+                      args.batch_size, args.seed)
+        client.submit_map(spec, {**data, "eval": evals}, steps=args.steps)
+        metrics: list[dict] = []
         bar = tqdm(total=args.steps, desc="colaflow", unit="step")
 
         def follow():
             for m in client.metrics(spec.job_id):
-                losses.append(m["loss"])
+                metrics.append(m)
+                if "eval_exact_match" in m:
+                    bar.write(f"  step {m['step']:>4}: eval_exact_match {m['eval_exact_match']:.1%}  "
+                              f"eval_loss {m['eval_loss']:.3f}")
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.3f}", staleness=m["staleness"])
         watcher = threading.Thread(target=follow, daemon=True)
@@ -117,5 +143,6 @@ def _over_grpc(model_name, spec, examples, args, out: Path):
         if status.state != "done":
             raise SystemExit(f"colaflow demo: job ended {status.state}: {status.error}; logs in {cluster.workdir}")
         path = client.export(spec.job_id, out / "native")
+        metrics = client.metrics_so_far(spec.job_id)  # all of them, whatever the follower got to print
     _, adapters = load_native(path)
-    return adapters, losses
+    return adapters, metrics

@@ -106,12 +106,14 @@ class StreamMetricsResponse(_message.Message):
     def __init__(self, metrics: _Optional[bytes] = ...) -> None: ...
 
 class ExportAdapterRequest(_message.Message):
-    __slots__ = ("job", "format")
+    __slots__ = ("job", "format", "which")
     JOB_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    WHICH_FIELD_NUMBER: _ClassVar[int]
     job: str
     format: str
-    def __init__(self, job: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
+    which: str
+    def __init__(self, job: _Optional[str] = ..., format: _Optional[str] = ..., which: _Optional[str] = ...) -> None: ...
 
 class ExportAdapterResponse(_message.Message):
     __slots__ = ("file", "offset", "data", "last")

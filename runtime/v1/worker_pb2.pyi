@@ -108,7 +108,7 @@ class Goodbye(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., leaving: _Optional[bool] = ...) -> None: ...
 
 class UpdateFrame(_message.Message):
-    __slots__ = ("job", "site", "version", "fitted_through", "params", "loss", "optimizer")
+    __slots__ = ("job", "site", "version", "fitted_through", "params", "loss", "optimizer", "grad_norm", "lr")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,8 @@ class UpdateFrame(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
     job: str
     site: str
     version: int
@@ -130,7 +132,9 @@ class UpdateFrame(_message.Message):
     params: _containers.MessageMap[str, _tensor_pb2.Tensor]
     loss: float
     optimizer: OptimizerState
-    def __init__(self, job: _Optional[str] = ..., site: _Optional[str] = ..., version: _Optional[int] = ..., fitted_through: _Optional[int] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., loss: _Optional[float] = ..., optimizer: _Optional[_Union[OptimizerState, _Mapping]] = ...) -> None: ...
+    grad_norm: float
+    lr: float
+    def __init__(self, job: _Optional[str] = ..., site: _Optional[str] = ..., version: _Optional[int] = ..., fitted_through: _Optional[int] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., loss: _Optional[float] = ..., optimizer: _Optional[_Union[OptimizerState, _Mapping]] = ..., grad_norm: _Optional[float] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class OptimizerState(_message.Message):
     __slots__ = ("tensors", "meta")
