@@ -28,7 +28,7 @@ from .errors import InvalidArgument
 from .optim import OptimizerSpec
 
 ALIASES = {"data": "examples", "id": "job_id"}
-PATHS = ("examples", "init")  # relative to the job file
+PATHS = ("examples", "init", "eval_data", "eval_prompts")  # relative to the job file
 
 
 def known_keys() -> list[str]:

@@ -1,4 +1,4 @@
-"""`colaflow export JOB DIR [--format peft|native]`: download a job's adapters.
+"""`colaflow export JOB DIR [--format peft|native] [--which last|best]`: download a job's adapters.
 
 peft: a LoRA directory stock PEFT loads (`PeftModel.from_pretrained(base, DIR)`); native: any adapter
 kind, and what `init: DIR` continues a job from.
@@ -15,14 +15,16 @@ def add_parser(sub) -> None:
     p.add_argument("job")
     p.add_argument("dir", help="written whole (replacing what is there) or left as it was on failure")
     p.add_argument("--format", choices=["peft", "native"], default="peft")
+    p.add_argument("--which", choices=["last", "best"], default="last",
+                   help="the newest adapters, or those of the best eval step")
     add_common(p)
 
 
 def run(args: argparse.Namespace) -> int:
     c = client(args)
     try:
-        path = c.export(args.job, args.dir, format=args.format)
+        path = c.export(args.job, args.dir, format=args.format, which=args.which)
     finally:
         c.close()
-    out(f"exported job {args.job} ({args.format}) to {path}")
+    out(f"exported job {args.job} ({args.format}, {args.which}) to {path}")
     return 0

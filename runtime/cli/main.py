@@ -1,6 +1,6 @@
 """The `colaflow` console command; each subcommand lives in its own module.
 
-Operator commands (submit, jobs, status, logs, cancel, workers, export) exit 0 on success, 1 on an
+Operator commands (submit, jobs, status, logs, cancel, workers, export, plot) exit 0 on success, 1 on an
 error (one line `colaflow: error: ...`; --debug adds the traceback) and 2 on a usage error.
 """
 from __future__ import annotations
@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, cancel, demo, edge, export, jobs, logs, serve, status, submit, workers
+from . import bench, cancel, demo, edge, export, jobs, logs, plot, serve, status, submit, workers
 from ._control import UsageError, err, explain
 
 COMMANDS = {"demo": demo, "bench": bench, "serve": serve, "edge": edge, "submit": submit, "jobs": jobs,
-            "status": status, "logs": logs, "cancel": cancel, "workers": workers, "export": export}
-OPERATOR = {"submit", "jobs", "status", "logs", "cancel", "workers", "export"}
+            "status": status, "logs": logs, "cancel": cancel, "workers": workers, "export": export,
+            "plot": plot}
+OPERATOR = {"submit", "jobs", "status", "logs", "cancel", "workers", "export", "plot"}
 
 
 def main(argv: list[str] | None = None) -> int:
