@@ -246,7 +246,7 @@ class _Local:
             evals = parse(data.get("eval"), *self.trainer.host.limits(), causal=self.trainer.host.loss_fn is causal_lm)
             if evals is not None:
                 evals.metric = metric
-            self.trainer.add_job(spec, steps, init_params(spec, init_blob(init)) if init is not None else None, evals)
+            self.trainer.add_job(spec, steps, evals, init_params(spec, init_blob(init)) if init is not None else None)
         except (ValueError, TypeError) as e:  # the same refusals a server answers with INVALID_ARGUMENT
             raise InvalidArgument(f"submit {spec.job_id}: {e}") from None
         self.data[spec.job_id] = batches

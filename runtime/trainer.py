@@ -48,8 +48,8 @@ class Trainer:
         for spec in jobs:
             self.add_job(spec)
 
-    def add_job(self, spec: JobSpec, steps: int | None = None, init: dict[str, dict] | None = None,
-                evals: EvalSet | None = None) -> None:
+    def add_job(self, spec: JobSpec, steps: int | None = None, evals: EvalSet | None = None,
+                init: dict[str, dict] | None = None) -> None:
         """Add a job (open-ended, or done after `steps` steps), its adapters from `init` ({site: params}) if
         given, evaluated on `evals` while it trains."""
         sites = self.host.add_job(spec, init)
