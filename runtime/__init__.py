@@ -1,6 +1,7 @@
 """colaflow: fine-tune a frozen model as a service; devices do the gradient learning (ColA)."""
 from .adapters import MLP, Adapter, AdapterSpec, Linear, LowRank, adapter_kinds, build_adapter, register_adapter
 from .gl import Learner, LearnerState, OptimizerState, Packet, Update, fit
+from .classify import WithHead, classification_job, classifier  # registers the with_head kind
 from .errors import ColaflowError, JobFailed, NoWorkers
 from .host import Host
 from .job import JobSpec
@@ -16,3 +17,4 @@ __all__ = ["Adam", "AdamW", "Adapter", "AdapterSpec", "ColaflowError", "Host", "
            "Learner", "LearnerState", "Linear", "LowRank", "MLP", "NoWorkers", "OptimizerState", "Packet", "SGD",
            "Schedule", "Scheduler", "Session", "Site", "Trainer", "Update", "Worker", "adapter_kinds",
            "build_adapter", "find_sites", "fit", "optimizer_kinds", "register_adapter", "register_optimizer"]
+__all__ += ["WithHead", "classification_job", "classifier"]
