@@ -5,8 +5,10 @@ import argparse
 import sys
 
 from . import bench, demo, edge, serve
+from . import eval as eval_  # `colaflow eval --ood`
 
 COMMANDS = {"demo": demo, "bench": bench, "serve": serve, "edge": edge}
+COMMANDS["eval"] = eval_
 
 
 def main(argv: list[str] | None = None) -> int:
