@@ -63,12 +63,12 @@ def resolve_kinds(kinds: list[str], say: Callable[[str], None] = print) -> list[
 def _outputs(trainer: Trainer, job: str, rows: list[dict], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, C), features (N, H)) of `job`'s adapted model over `rows`."""
     logits, feats = [], []
-    with trainer.host.using(job) as model:
-        for i in range(0, len(rows), batch):
-            b = stack(rows[i:i + batch])
+    for i in range(0, len(rows), batch):
+        b = stack(rows[i:i + batch])
+        with trainer.host.using(job) as model:  # one forward per `using`
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-            logits.append(out.logits.float())
-            feats.append(out.features.float())
+        logits.append(out.logits.float())
+        feats.append(out.features.float())
     return torch.cat(logits), torch.cat(feats)
 
 
@@ -86,8 +86,8 @@ def score_table(train: tuple[torch.Tensor, torch.Tensor, torch.Tensor], test: tu
     return accuracy, aurocs, fprs
 
 
-def evaluate(model: str | SequenceClassifier = "minilm-l6", kinds: list[str] = ("lowrank",), steps: int = 150,
-             batch_size: int = 16, lr: float = 2e-3, probe_lr: float = 1e-2, seed: int = 0, tokenizer=None,
+def evaluate(model: str | SequenceClassifier = "minilm-l6", kinds: list[str] = ("lowrank",), steps: int = 120,
+             batch_size: int = 16, lr: float = 5e-3, probe_lr: float = 1e-2, seed: int = 0, tokenizer=None,
              say: Callable[[str], None] = print, progress: bool = False) -> list[Row]:
     """Train a linear probe and one classification job per adapter kind on the intent task; score them.
 

@@ -21,9 +21,9 @@ def add_parser(sub) -> None:
                                                         "or an HF directory")
     p.add_argument("--kinds", default="lowrank", help="comma-separated adapter kinds (kinds not registered here are "
                                                       "skipped with a message), e.g. lowrank,houlsby,adalink")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the adapted jobs (head included)")
+    p.add_argument("--lr", type=float, default=5e-3, help="learning rate of the adapted jobs (head included)")
     p.add_argument("--probe-lr", type=float, default=1e-2, help="learning rate of the base model's linear probe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
