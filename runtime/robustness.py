@@ -88,11 +88,13 @@ def score_table(train: tuple[torch.Tensor, torch.Tensor, torch.Tensor], test: tu
 
 def evaluate(model: str | SequenceClassifier = "minilm-l6", kinds: list[str] = ("lowrank",), steps: int = 120,
              batch_size: int = 16, lr: float = 5e-3, probe_lr: float = 1e-2, seed: int = 0, tokenizer=None,
+             targets: list[str] | None = None,
              say: Callable[[str], None] = print, progress: bool = False) -> list[Row]:
     """Train a linear probe and one classification job per adapter kind on the intent task; score them.
 
     `model`: a name for `colaflow.models.load` (wrapped with `classify.classifier`), or a ready
-    `SequenceClassifier` with `tokenizer`. Kinds not registered here are skipped with a message.
+    `SequenceClassifier` with `tokenizer`. Kinds not registered here are skipped with a message; each
+    kind adapts `targets` (default: the model family's sites) with its default spec.
     """
     data = make_intents(seed=seed)
     if isinstance(model, str):
@@ -113,7 +115,7 @@ def evaluate(model: str | SequenceClassifier = "minilm-l6", kinds: list[str] = (
         return Schedule("linear", warmup=max(1, steps // 10), total=steps)
 
     jobs = [classification_job(BASE, model, probe=True, optimizer=AdamW(lr=probe_lr, schedule=schedule()), seed=seed)]
-    jobs += [classification_job(k, model, AdapterSpec.from_dict({"kind": k}),
+    jobs += [classification_job(k, model, AdapterSpec.from_dict({"kind": k}), targets=targets,
                                 optimizer=AdamW(lr=lr, schedule=schedule()), seed=seed) for k in kinds]
     trainer = Trainer(model, jobs, loss_fn=seq_cls)
     t0 = time.perf_counter()
@@ -140,10 +142,12 @@ def evaluate(model: str | SequenceClassifier = "minilm-l6", kinds: list[str] = (
 
 
 def format_table(rows: list[Row]) -> str:
-    """A plain-text table: model x accuracy, AUROC and FPR@95 (in %) per score."""
-    head = f"{'model':<12} {'params':>9} {'ID acc':>7} | " + " | ".join(f"{s[:5]:>5} AUROC FPR95" for s in SCORES)
-    lines = [head, "-" * len(head)]
+    """A plain-text table: model x trainable parameters, ID accuracy, AUROC and FPR@95 (in %) per score."""
+    names = {"msp": "MSP", "energy": "Energy", "mahalanobis": "Mahalanobis"}
+    top = f"{'':<10} {'':>9} {'':>7} | " + " | ".join(f"{names[s]:^13}" for s in SCORES)
+    head = f"{'model':<10} {'params':>9} {'ID acc':>7} | " + " | ".join(f"{'AUROC':>6} {'FPR95':>6}" for _ in SCORES)
+    lines = [top.rstrip(), head, "-" * len(head)]
     for r in rows:
-        cells = " | ".join(f"{100 * r.auroc[s]:>11.1f} {100 * r.fpr95[s]:>5.1f}" for s in SCORES)
-        lines.append(f"{r.model:<12} {r.trainable:>9} {100 * r.accuracy:>7.1f} | {cells}")
+        cells = " | ".join(f"{100 * r.auroc[s]:>6.1f} {100 * r.fpr95[s]:>6.1f}" for s in SCORES)
+        lines.append(f"{r.model:<10} {r.trainable:>9} {100 * r.accuracy:>7.1f} | {cells}")
     return "\n".join(lines)

@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
                                                         "or an HF directory")
     p.add_argument("--kinds", default="lowrank", help="comma-separated adapter kinds (kinds not registered here are "
                                                       "skipped with a message), e.g. lowrank,houlsby,adalink")
+    p.add_argument("--targets", help="comma-separated body sites of the adapted jobs (default: the family's, "
+                                     "e.g. query,value for BERT)")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-3, help="learning rate of the adapted jobs (head included)")
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         model = classifier(body, len(make_intents(seed=args.seed).intents))
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731  (the table and JSON go to stdout)
     try:
-        rows = evaluate(model, kinds, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+        rows = evaluate(model, kinds, steps=args.steps, targets=targets, batch_size=args.batch_size, lr=args.lr,
                         probe_lr=args.probe_lr, seed=args.seed, tokenizer=tokenizer, say=say,
                         progress=sys.stderr.isatty())
     except (ValueError, RuntimeError) as e:
