@@ -154,3 +154,19 @@ def test_classification_job_over_grpc_equals_in_process(tmp_path):
     for site, adapter in want.items():
         for name, p in adapter.named_parameters():
             assert torch.equal(dict(got[site].named_parameters())[name], p.detach()), (site, name)
+
+
+def test_a_session_trains_a_classification_job_and_exports_its_head(tmp_path):
+    """The user-facing path in one process: `label` examples, `seq_cls`, a native export with the head."""
+    from colaflow import Session
+    from colaflow.export import load
+
+    model = classifier(tiny("bert"), CLASSES)
+    with Session(model, loss="seq_cls") as session:
+        job = session.submit(cls_examples(16, seed=5), steps=4, adapter=WithHead(LowRank(r=2)),
+                             targets=["query", "value", "score"], batch_size=4)
+        assert job.wait(progress=False)["state"] == "done"
+        spec, adapters = load(job.export(tmp_path / "export", format="native"))
+    assert isinstance(spec.adapter, WithHead) and len(adapters) == 5
+    head = adapters["score"]
+    assert isinstance(head.spec, Linear) and head.weight.shape == (CLASSES, 32) and head.bias.abs().max() > 0
