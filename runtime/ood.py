@@ -43,7 +43,7 @@ class Mahalanobis:
     precision: torch.Tensor  # (H, H)
 
     @classmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-6) -> "Mahalanobis":
+    def fit(cls, features: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-4) -> "Mahalanobis":
         """Fit on (N, H) features with (N,) class ids; `ridge` (relative to the mean variance) keeps
         the covariance invertible when N is small against H."""
         x = features.double()
