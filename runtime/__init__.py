@@ -10,6 +10,7 @@ import importlib
 _WHERE = {
     "bottleneck": ["AdaLink", "Houlsby"],
     "conditional": ["CoDA"],
+    "classify": ["WithHead", "classification_job", "classifier"],
     "adapters": ["MLP", "Adapter", "AdapterSpec", "Linear", "LowRank", "adapter_kinds", "build_adapter",
                  "register_adapter"],
     "gl": ["Learner", "LearnerState", "OptimizerState", "Packet", "Update", "fit"],

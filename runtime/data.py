@@ -59,7 +59,10 @@ def to_map(examples, batch_size: int = 8, seed: int = 0) -> dict:
         if not isinstance(e, dict) or "input_ids" not in e:
             raise ValueError(f"example {i} must be a dict with `input_ids` (and optional `labels`), got "
                              f"{type(e).__name__}")
-        rows.append({k: token_ids(e[k], f"example {i}", k) for k in ("input_ids", "labels") if k in e})
+        row = {k: token_ids(e[k], f"example {i}", k) for k in ("input_ids", "labels") if k in e}
+        if "label" in e:  # a classification example: one class id for the whole row
+            row["label"] = _class_id(e["label"], f"example {i}")
+        rows.append(row)
     if not rows:
         raise ValueError("no examples to train on")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -77,6 +80,14 @@ def token_ids(values, where: str, key: str) -> list[int]:
         if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not -(1 << 62) < t < 1 << 62:
             raise ValueError(f"{where}: `{key}` holds {t!r}; token ids are ints")
     return [int(t) for t in values]
+
+
+def _class_id(value, where: str) -> int:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 1 << 31:
+        raise ValueError(f"{where}: `label` must be a class id (an int >= 0), got {value!r}")
+    return int(value)
 
 
 def check_limits(d: dict, vocab: int | None, context: int | None, where: str = "data.examples") -> None:
@@ -108,17 +119,23 @@ def from_map(d: dict) -> Iterator[dict]:
 
 
 def tensor_rows(rows: list, where: str) -> list[dict]:
-    """Rows of a data map as 1-D tensors (`input_ids`, `attention_mask`, `labels`); `where` names them in errors."""
+    """Rows of a data map as 1-D tensors (`input_ids`, `attention_mask`, `labels`); `where` names them in errors.
+
+    A row with `label` (one class id: classification) gets it as its `labels`; all rows alike."""
     examples = []
     for i, e in enumerate(rows):
         if not isinstance(e, dict) or "input_ids" not in e:
             raise ValueError(f"`{where}[{i}]` must be a map with `input_ids`")
+        if ("label" in e) != ("label" in rows[0]) or ("label" in e and "labels" in e):
+            raise ValueError(f"`{where}[{i}]`: every example has either `label` (a class id: "
+                             "classification) or token `labels`, not both, and all alike")
         try:
             ids = torch.tensor(e["input_ids"], dtype=torch.long)
-            labels = torch.tensor(e.get("labels", e["input_ids"]), dtype=torch.long)
+            labels = torch.tensor(_class_id(e["label"], f"`{where}[{i}]`") if "label" in e
+                                  else e.get("labels", e["input_ids"]), dtype=torch.long)
         except (TypeError, ValueError, RuntimeError, OverflowError) as err:
             raise ValueError(f"`{where}[{i}]`: token ids must be lists of integers ({err})") from None
-        if ids.dim() != 1 or labels.shape != ids.shape or ids.numel() == 0:
+        if ids.dim() != 1 or ids.numel() == 0 or ("label" not in e and labels.shape != ids.shape):
             raise ValueError(f"`{where}[{i}]`: `input_ids` and `labels` must be equal-length lists")
         examples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return examples

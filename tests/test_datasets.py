@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from colaflow import LowRank, Session
+from colaflow.data import to_map
 from colaflow.datasets import rows
 from colaflow.errors import InvalidArgument, ResourceExhausted
 from colaflow.host import Host
@@ -347,3 +348,16 @@ def test_uploads_are_bounded_before_allocation_and_expire():
     assert u.reserved() == 0
     with pytest.raises(ValueError, match="expired"):
         u.add(a, b"x")
+
+
+def test_classification_rows_carry_one_class_id(tok):
+    """{"text", "label"} (HF's classification layout) and {"input_ids", "label"}: tokens and a class id."""
+    out = rows([{"text": "book a table for two", "label": 3}, {"text": "what's the weather", "label": 0}], tok)
+    assert out[0] == {"input_ids": tok("book a table for two")["input_ids"], "label": 3}
+    assert rows([{"input_ids": [5, 6, 7], "label": 1}]) == [{"input_ids": [5, 6, 7], "label": 1}]
+    m = to_map(out, batch_size=2)
+    assert [e["label"] for e in m["examples"]] == [3, 0]
+    with pytest.raises(InvalidArgument, match=r'row 1: "label" must be a class id \(an int >= 0\), got -1'):
+        rows([{"text": "a", "label": 2}, {"text": "b", "label": -1}], tok)
+    with pytest.raises(InvalidArgument, match=r"row 1: a text row in a classification dataset"):
+        rows([{"text": "a", "label": 2}, {"text": "b"}], tok)

@@ -9,11 +9,12 @@ import argparse
 import sys
 
 from . import bench, cancel, demo, edge, export, jobs, logs, plot, serve, status, submit, workers
+from . import eval as eval_  # `colaflow eval --ood`
 from ._control import UsageError, err, explain
 
 COMMANDS = {"demo": demo, "bench": bench, "serve": serve, "edge": edge, "submit": submit, "jobs": jobs,
             "status": status, "logs": logs, "cancel": cancel, "workers": workers, "export": export,
-            "plot": plot}
+            "plot": plot, "eval": eval_}
 OPERATOR = {"submit", "jobs", "status", "logs", "cancel", "workers", "export", "plot"}
 
 

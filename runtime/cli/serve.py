@@ -34,6 +34,10 @@ def add_parser(sub) -> None:
                    help="start a step only once every site's version is in (by default a step starts as soon "
                         "as nothing else can run, and its forward waits at each site still fitting)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
+    p.add_argument("--classes", type=int, default=0,
+                   help="serve sequence-classification jobs with N classes (colaflow.classifier: frozen body, "
+                        "pooling, a head every job trains on its devices); rows carry `label`")
+    p.add_argument("--pooling", choices=["last", "mean", "cls"], help="with --classes (default: by architecture)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--max-upload-mb", type=int, default=256,
                    help="the largest data map a client may upload for one job (MiB); all uploads held at once "
@@ -156,7 +160,14 @@ def run(args: argparse.Namespace) -> int:
     if args.max_upload_mb < 1:
         raise SystemExit(f"colaflow serve: --max-upload-mb must be >= 1, got {args.max_upload_mb}")
     model, tokenizer = load_model(args.model)
-    coordinator = Coordinator(Host(model.to(args.device)), reassign_after=args.reassign_after, store=store,
+    if args.classes:
+        from colaflow.classify import classifier
+        from colaflow.loss import seq_cls
+
+        host = Host(classifier(model, args.classes, args.pooling).to(args.device), seq_cls)
+    else:
+        host = Host(model.to(args.device))
+    coordinator = Coordinator(host, reassign_after=args.reassign_after, store=store,
                               mix=args.mix, layered=args.layered)
     mb = args.max_upload_mb << 20
     limits = UploadLimits(max_bytes=mb, max_total=4 * mb, max_per_tenant=2 * mb)

@@ -1,0 +1,158 @@
+"""Sequence-classification jobs: a frozen head over the pooled hidden state, trained as a site.
+
+In ColA the server holds no parameter gradient, so a classification head cannot be a trainable
+module of the server's model. Instead the server's model carries a *frozen* head `score`
+(a seeded random `nn.Linear(hidden, classes)`, as HF initialises one), and the job adapts it
+like any other site, with a `linear` adapter (bias included): the job's head is `W0 + dW`, and
+`dW` (with its bias) lives and trains on the device. Its gradient is the head's ordinary one, so
+the trajectory equals backprop through the same head and adapters (tests/test_classify.py).
+
+    model = classifier(tiny("llama"), classes=4)            # decoder: last non-pad token pooling
+    model = classifier(load("minilm-l6")[0], classes=12)    # encoder: mean pooling (CLS: pooling="cls")
+    spec = classification_job("acme", model, LowRank(r=8))  # body sites lowrank, head `score` linear
+    probe = classification_job("probe", model, probe=True)  # the head alone: a linear probe
+    trainer = Trainer(model, [spec, probe], loss_fn=seq_cls)
+
+A job has one adapter spec, so the head's own kind rides in `WithHead`: body sites get `body`,
+sites named in `head_sites` get `head` (by default a biased linear map). Any body kind works.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .adapters import AdapterSpec, Linear, LowRank, build_adapter, register_adapter
+from .job import JobSpec
+from .sites import DEFAULT_TARGETS, Site, family_of
+
+HEAD = "score"
+POOLINGS = ("last", "mean", "cls")
+ENCODERS = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "mpnet", "deberta", "deberta-v2"}
+
+
+@dataclass(frozen=True)
+class WithHead(AdapterSpec):
+    """Adapters for a classification job: `body` on the model's sites, `head` on the head site(s)."""
+
+    kind: ClassVar[str] = "with_head"
+    body: AdapterSpec = field(default_factory=LowRank)
+    head: AdapterSpec = field(default_factory=lambda: Linear(bias=True))
+    head_sites: tuple[str, ...] = (HEAD,)  # module-name suffixes that get `head`
+
+    def __post_init__(self):
+        for name in ("body", "head"):  # from a spec map (the wire, an export): nested maps
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, AdapterSpec.from_dict(value))
+            elif not isinstance(value, AdapterSpec):
+                raise ValueError(f"`{name}` must be an adapter spec, got {value!r}")
+            if isinstance(getattr(self, name), WithHead):
+                raise ValueError(f"`{name}` cannot itself be a with_head spec")
+        sites = (self.head_sites,) if isinstance(self.head_sites, str) else tuple(self.head_sites)
+        if not sites or not all(isinstance(s, str) and s for s in sites):
+            raise ValueError(f"`head_sites` must be non-empty module-name suffixes, got {self.head_sites!r}")
+        object.__setattr__(self, "head_sites", sites)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "body": self.body.to_dict(), "head": self.head.to_dict(),
+                "head_sites": list(self.head_sites)}
+
+    def for_site(self, name: str) -> AdapterSpec:
+        """The spec of the adapter at site `name`."""
+        is_head = any(name == h or name.endswith("." + h) for h in self.head_sites)
+        return self.head if is_head else self.body
+
+
+def _build_with_head(spec: WithHead, site: Site):
+    # the adapter built is the plain kind's own module (its `.spec` the plain spec), so merging,
+    # dropout and export see an ordinary lowrank/linear/... adapter
+    return build_adapter(spec.for_site(site.name), site)
+
+
+register_adapter(WithHead, _build_with_head)
+
+
+@dataclass
+class ClassifierOutput:
+    logits: torch.Tensor  # (B, C)
+    features: torch.Tensor  # (B, H): the pooled hidden state the head reads (penultimate features)
+
+
+class SequenceClassifier(nn.Module):
+    """A frozen transformer body, a pooling, and a frozen head `score`: what a server holds for
+    classification jobs. Every job trains its own head as an adapter on `score`."""
+
+    def __init__(self, body: nn.Module, classes: int, pooling: str, seed: int = 0):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}")
+        if not isinstance(classes, int) or classes < 2:
+            raise ValueError(f"`classes` must be an int >= 2, got {classes!r}")
+        self.body, self.pooling, self.classes = body, pooling, classes
+        hidden = body.config.hidden_size
+        self.score = nn.Linear(hidden, classes)
+        g = torch.Generator().manual_seed(seed)  # the same W0 wherever the server starts
+        std = getattr(body.config, "initializer_range", 0.02)
+        with torch.no_grad():
+            self.score.weight.copy_(torch.randn(classes, hidden, generator=g) * std)
+            self.score.bias.zero_()
+        self.score.to(next(body.parameters()).dtype)
+        self.requires_grad_(False)
+
+    @property
+    def config(self):  # the body's: family (default sites), vocabulary and context for the host
+        return self.body.config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.body.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> ClassifierOutput:
+        """Logits and pooled features for a (B, T) batch; padding on either side."""
+        h = self.body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # (B, T, H)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask  # (B, T)
+        if self.pooling == "cls":
+            pooled = h[:, 0]  # (B, H)
+        elif self.pooling == "mean":
+            m = mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1)  # (B, H)
+        else:  # last: the last real token, wherever the padding is (a decoder has seen everything there)
+            last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # (B,)
+            pooled = h[torch.arange(h.shape[0], device=h.device), last]  # (B, H)
+        return ClassifierOutput(self.score(pooled), pooled)
+
+
+def classifier(model: nn.Module, classes: int, pooling: str | None = None, seed: int = 0) -> SequenceClassifier:
+    """Wrap an HF model (causal LM, encoder, or *ForSequenceClassification) as a classifier body.
+
+    Pooling defaults by architecture: `last` (the last non-pad token) for decoders, `mean` for
+    encoders (what sentence encoders such as all-MiniLM-L6 were trained with).
+    """
+    body = getattr(model, "base_model", model)  # LlamaForCausalLM -> LlamaModel, Bert*ForX -> BertModel
+    if not hasattr(body, "config") or not hasattr(body.config, "hidden_size"):
+        raise TypeError(f"cannot find a transformer body with a `hidden_size` in {type(model).__name__}")
+    if pooling is None:
+        pooling = "mean" if family_of(body) in ENCODERS else "last"
+    return SequenceClassifier(body, classes, pooling, seed).eval()
+
+
+def classification_job(job_id: str, model: nn.Module, adapter: AdapterSpec | None = None,
+                       targets: list[str] | None = None, probe: bool = False, **job) -> JobSpec:
+    """A JobSpec that trains `adapter` on the body's sites (the family's defaults unless `targets`)
+    and a biased linear head on `score`; `probe=True`: the head alone (a linear probe)."""
+    if isinstance(adapter, WithHead):
+        spec = adapter
+    else:
+        spec = WithHead(body=adapter or LowRank())
+    if probe:
+        sites = list(spec.head_sites)
+    else:
+        if targets is None:
+            family = family_of(model)
+            if family not in DEFAULT_TARGETS:
+                raise ValueError(f"no default `targets` for model family {family!r}; pass them explicitly")
+            targets = DEFAULT_TARGETS[family]
+        sites = [*targets, *spec.head_sites]
+    return JobSpec(job_id, spec, target_modules=sites, **job)
