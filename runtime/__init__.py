@@ -3,6 +3,8 @@ from .adapters import MLP, Adapter, AdapterSpec, Linear, LowRank, adapter_kinds,
 from .gl import Learner, LearnerState, OptimizerState, Packet, Update, fit
 from .errors import ColaflowError, JobFailed, NoWorkers
 from .host import Host
+from .blackbox import BlackBoxHost
+from .smalllm import SmallLM
 from .job import JobSpec
 from .optim import SGD, Adam, AdamW, Schedule, optimizer_kinds, register_optimizer
 from .scheduler import Scheduler
@@ -12,7 +14,7 @@ from .trainer import Trainer
 from .worker import Worker
 
 __version__ = "0.1.0"
-__all__ = ["Adam", "AdamW", "Adapter", "AdapterSpec", "ColaflowError", "Host", "Job", "JobFailed", "JobSpec",
-           "Learner", "LearnerState", "Linear", "LowRank", "MLP", "NoWorkers", "OptimizerState", "Packet", "SGD",
-           "Schedule", "Scheduler", "Session", "Site", "Trainer", "Update", "Worker", "adapter_kinds",
+__all__ = ["Adam", "AdamW", "Adapter", "AdapterSpec", "BlackBoxHost", "ColaflowError", "Host", "Job", "JobFailed",
+           "JobSpec", "Learner", "LearnerState", "Linear", "LowRank", "MLP", "NoWorkers", "OptimizerState", "Packet", "SGD",
+           "Schedule", "SmallLM", "Scheduler", "Session", "Site", "Trainer", "Update", "Worker", "adapter_kinds",
            "build_adapter", "find_sites", "fit", "optimizer_kinds", "register_adapter", "register_optimizer"]
