@@ -55,7 +55,7 @@ def _sides(model, which: list[str], device: str = "cpu") -> tuple[dict, dict]:
     return steps, per_token
 
 
-def _quality(model, tokenizer, steps: int, log) -> dict:
+def _quality(model, tokenizer, steps: int, log, with_em: bool = True) -> dict:
     """Held-out loss and exact match of a SmallLM trained per representation (a short run)."""
     from colaflow import AdamW, JobSpec, SmallLM, Trainer
     from colaflow.blackbox import OUTPUT, model_logprobs
@@ -106,7 +106,7 @@ def _quality(model, tokenizer, steps: int, log) -> dict:
             out["base"] = heldout_loss(_fresh(spec, small), exact_eval=True)
             log(f"  quality base model alone     held-out loss {out['base']:.3f}")
         out[side] = {"heldout": heldout_loss(small, False), "heldout_exact_eval": heldout_loss(small, True),
-                     "em": exact_match(small)}
+                     "em": exact_match(small) if with_em else float("nan")}
         log(f"  quality {side:20s} held-out loss {out[side]['heldout']:.3f} (on the exact distribution "
             f"{out[side]['heldout_exact_eval']:.3f}), exact match {out[side]['em']:.2f}, {steps} steps")
     return out
