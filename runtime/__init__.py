@@ -10,6 +10,8 @@ import importlib
 _WHERE = {
     "bottleneck": ["AdaLink", "Houlsby"],
     "conditional": ["CoDA"],
+    "blackbox": ["BlackBoxHost"],
+    "smalllm": ["SmallLM"],
     "classify": ["WithHead", "classification_job", "classifier"],
     "adapters": ["MLP", "Adapter", "AdapterSpec", "Linear", "LowRank", "adapter_kinds", "build_adapter",
                  "register_adapter"],

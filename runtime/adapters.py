@@ -34,7 +34,7 @@ def adapter_kinds() -> list[str]:
 
 def _builtin() -> None:
     """Register the kinds that live in their own modules (colaflow's names load lazily)."""
-    from . import bottleneck, classify, conditional  # noqa: F401  (they register on import)
+    from . import bottleneck, classify, conditional, smalllm  # noqa: F401  (they register on import)
 
 
 ATTACH = ("parallel", "sequential")

@@ -61,7 +61,8 @@ class Update:
     site: str
     version: int
     params: dict[str, torch.Tensor]
-    loss: float  # 0.5 * ||g||^2 summed over the fitted packets: the GL objective at the fit
+    loss: float  # 0.5 * ||g||^2 summed over the fitted packets: the GL objective at the fit (black-box: the
+    # combined cross-entropy, summed over the fitted packets)
     fitted_through: int = -1  # the last step folded into this version: version * I - 1
     optimizer: OptimizerState | None = None  # the learner's full state rides along every `state_every` fits
     grad_norm: float = 0.0  # L2 norm of the fit's parameter gradient (summed over its I steps, before clipping)
@@ -111,6 +112,9 @@ def fit(adapter: Adapter, optimizer: torch.optim.Optimizer, scheduler, pairs: li
     loss = 0.0
     dtype = next(adapter.parameters()).dtype
     for x, g, *route in pairs:
+        if hasattr(adapter, "objective"):  # an output-site model (black-box mode) owns its loss
+            loss += adapter.objective(x, g)
+            continue
         x = x.to(dtype) if x.is_floating_point() else x
         delta = adapter(x) if not route or route[0] is None else adapter(x, route[0])  # (N, out): f(x)
         delta.backward(g.to(delta.dtype))  # grad of 0.5||f - sg(f - g)||^2 is J^T g

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import Adapter, build_adapter, load_params
+from .blackbox import BlackBoxHost, is_blackbox, model_logprobs
 from .gl import Packet, Update, site_seed
 from .job import JobSpec
 from .loss import LossFn, causal_lm, per_job
@@ -80,6 +81,7 @@ class Host:
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._ctx: _Ctx | None = None
         self._packing: ThreadPoolExecutor | None = None
+        self._blackbox: BlackBoxHost | None = None  # serves black-box jobs (forward only), made on first use
         self.steps = 0
 
     # jobs and updates
@@ -89,6 +91,12 @@ class Host:
         the scheduler checks it), hook its sites."""
         if spec.job_id in self.jobs:
             raise ValueError(f"job {spec.job_id!r} is already hosted")
+        if is_blackbox(spec):  # black-box output mode: one `<output>` site, forward only (colaflow.blackbox)
+            if init is not None:
+                raise ValueError("a black-box job cannot start from an export (`init`)")
+            if self._blackbox is None:
+                self._blackbox = BlackBoxHost(model_logprobs(self.model), *self.limits(), jobs=self.jobs)
+            return self._blackbox.add_job(spec)
         targets = spec.target_modules if spec.target_modules is not None else spec.adapter.default_targets(self.model)
         # the sites as the adapters see them: a sequential adapter's site reads the module's output
         sites = [spec.adapter.view(s) for s in find_sites(self.model, targets)]
@@ -125,6 +133,8 @@ class Host:
     def apply(self, update: Update) -> None:
         """Use an update's parameters (and version) from the next forward; the scheduler picks which."""
         job = self._job(update.job)
+        if is_blackbox(job.spec):
+            return self._blackbox.apply(update)
         if update.site not in job.adapters:
             raise ValueError(f"job {update.job!r} has no site `{update.site}`")
         if update.version == job.versions[update.site]:
@@ -161,6 +171,11 @@ class Host:
         (a step that starts while the devices still fit its lower layers).
         """
         jobs = list(batch["jobs"])
+        if self._blackbox is not None and any(is_blackbox(self._job(j).spec) for j in set(jobs)):
+            self._blackbox.steps = self.steps  # black-box jobs step alone (it refuses a batch with ColA jobs)
+            result = self._blackbox.step(batch, emit, gate)
+            self.steps += 1
+            return result
         device = next(self.model.parameters()).device
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         inputs = {k: v for k, v in batch.items() if k not in ("jobs", "labels")}

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter
+from .blackbox import BlackBoxHost
 from .data import collate
 from .evaluate import EvalSet, evaluate
 from .host import Host
@@ -36,8 +37,9 @@ LOCAL = "local"
 class Trainer:
     """Runs jobs in-process: the jobs of one `step` call share one forward (a mixed batch)."""
 
-    def __init__(self, model: nn.Module, jobs: list[JobSpec], loss_fn: LossFn = causal_lm):
-        self.host = Host(model, loss_fn)
+    def __init__(self, model: nn.Module | BlackBoxHost, jobs: list[JobSpec], loss_fn: LossFn = causal_lm):
+        # a BlackBoxHost: black-box jobs served from a `logprobs` callable alone (colaflow.blackbox)
+        self.host = model if isinstance(model, BlackBoxHost) else Host(model, loss_fn)
         self.scheduler = Scheduler()
         self.worker = Worker(LOCAL)
         self.specs: dict[str, JobSpec] = {}

@@ -7,7 +7,7 @@ import importlib
 BENCHES = {"server-step": "colaflow.bench.server_step", "tenants": "colaflow.bench.tenants",
            "wire": "colaflow.bench.wire", "state": "colaflow.bench.state", "e2e": "colaflow.bench.e2e",
            "load": "colaflow.bench.load", "chaos": "colaflow.bench.chaos", "link": "colaflow.bench.link",
-           "coda": "colaflow.bench.coda"}
+           "coda": "colaflow.bench.coda", "blackbox": "colaflow.bench.blackbox"}
 
 
 def add_parser(sub) -> None:
@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--codecs", type=lambda s: s.split(","), default=None,
                    help="link: codecs to compare, comma-separated (default: all)")
     p.add_argument("--server-threads", type=int, default=2, help="link: torch threads of the server")
-    p.add_argument("--steps", type=int, default=None, help="link, coda: steps of each full run (default 60)")
+    p.add_argument("--steps", type=int, default=None, help="link, coda: steps of each full run (default 60); "
+                   "blackbox: steps of each quality run (default 60)")
 
 
 def run(args: argparse.Namespace) -> int:
