@@ -137,10 +137,12 @@ class BlackBoxHost:
         self.jobs: dict = {} if jobs is None else jobs  # a `Host` shares its own: one namespace of jobs
         self.steps = 0
 
-    def add_job(self, spec: JobSpec) -> list[Site]:
+    def add_job(self, spec: JobSpec, init: dict | None = None) -> list[Site]:
         """Host a black-box job: its one site `<output>`; the server keeps no copy of the small model."""
         from .host import HostedJob
 
+        if init is not None:
+            raise ValueError("a black-box job cannot start from an export (`init`)")
         if not is_blackbox(spec):
             raise ValueError(f"job {spec.job_id!r}: a {spec.adapter.kind} adapter needs a torch model and a "
                              "backward (colaflow.Host); this host serves black-box kinds only")

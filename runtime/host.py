@@ -92,11 +92,9 @@ class Host:
         if spec.job_id in self.jobs:
             raise ValueError(f"job {spec.job_id!r} is already hosted")
         if is_blackbox(spec):  # black-box output mode: one `<output>` site, forward only (colaflow.blackbox)
-            if init is not None:
-                raise ValueError("a black-box job cannot start from an export (`init`)")
             if self._blackbox is None:
                 self._blackbox = BlackBoxHost(model_logprobs(self.model), *self.limits(), jobs=self.jobs)
-            return self._blackbox.add_job(spec)
+            return self._blackbox.add_job(spec, init)
         targets = spec.target_modules if spec.target_modules is not None else spec.adapter.default_targets(self.model)
         # the sites as the adapters see them: a sequential adapter's site reads the module's output
         sites = [spec.adapter.view(s) for s in find_sites(self.model, targets)]
