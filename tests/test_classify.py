@@ -3,7 +3,6 @@ and over gRPC; the server holds no parameter gradient."""
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
@@ -107,15 +106,11 @@ def test_bad_classification_labels_are_refused():
 
 
 def test_classification_job_over_grpc_equals_in_process(tmp_path):
-    """A loopback server holding the classifier and a real edge daemon process: the exported head and
-    body adapters equal the in-process run bit for bit."""
+    """`colaflow serve --classes` (a real server process holding the classifier) and a real edge daemon
+    process: the exported head and body adapters equal the in-process run bit for bit."""
     from colaflow.client import Client
     from colaflow.export import load
-    from colaflow.host import Host
-    from colaflow.local import start_edge, stop
-    from colaflow.server.auth import Tokens
-    from colaflow.server.coordinator import Coordinator
-    from colaflow.server.service import make_server
+    from colaflow.local import start_edge, start_server, stop
     from procs import wait_done, wait_workers
 
     steps, ex = 8, cls_examples(24, seed=3)
@@ -128,26 +123,20 @@ def test_classification_job_over_grpc_equals_in_process(tmp_path):
         for _ in range(steps):
             trainer.step({"cls": next(data)})
         trainer.flush()
-        coordinator = Coordinator(Host(classifier(tiny("llama"), CLASSES), seq_cls))
-        server, port = make_server(coordinator, Tokens(None))
-        server.start()
-        threading.Thread(target=coordinator.run, daemon=True).start()
-        address = f"127.0.0.1:{port}"
-        edge = start_edge(tmp_path, address, "a")
-        client = Client(address)
-        try:
-            wait_workers(client, 1)
-            client.submit(spec, ex, steps=steps, batch_size=4)
-            status = wait_done(client, "cls")
-            assert status.state == "done", status
-            got_spec, got = load(client.export("cls", tmp_path / "export"))
-        finally:
-            client.close()
-            stop(edge)
-            coordinator.stop()
-            server.stop(0)
     finally:
         torch.set_num_threads(threads)
+    server, address = start_server(tmp_path, "--classes", str(CLASSES), "--http-port", "off")
+    edge = start_edge(tmp_path, address, "a")
+    client = Client(address)
+    try:
+        wait_workers(client, 1)
+        client.submit(spec, ex, steps=steps, batch_size=4)
+        status = wait_done(client, "cls")
+        assert status.state == "done", status
+        got_spec, got = load(client.export("cls", tmp_path / "export"))
+    finally:
+        client.close()
+        stop(edge, server)
     assert got_spec == spec
     want = trainer.adapters("cls")
     assert set(got) == set(want) and "score" in got
