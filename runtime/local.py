@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +68,18 @@ class LocalCluster:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def __enter__(self) -> "LocalCluster":
+        # SIGTERM (a CI timeout, `kill`) ends this process through `__exit__`, which stops the daemons:
+        # the default action would leave them running with no parent
+        self._sigterm = None
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__(*sys.exc_info())  # what started before the failure stops with it
+            raise
+
+    def _start(self) -> "LocalCluster":
         from .client import Client
 
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +100,17 @@ class LocalCluster:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.client.close()
-        stop(*self.procs.values())
-        if self._tmp and exc[0] is None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            if getattr(self, "client", None) is not None:
+                self.client.close()
+            stop(*self.procs.values())
+            if self._tmp and exc[0] is None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+        finally:
+            if self._sigterm is not None:
+                signal.signal(signal.SIGTERM, self._sigterm)
+                self._sigterm = None
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
