@@ -29,6 +29,7 @@ from .gl import Packet, Update, site_seed
 from .job import JobSpec
 from .loss import LossFn, causal_lm, per_job
 from .merge import merged_weights
+from .mixed import micro_batches, stackable, stacked_delta, sub_batch
 from .sites import Site, find_sites, site_module
 
 
@@ -72,9 +73,12 @@ class _Ctx:
 class Host:
     """The server's side of ColA: frozen model + per-job adapter copies + the capture step."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn = causal_lm):
+    def __init__(self, model: nn.Module, loss_fn: LossFn = causal_lm, mix_rows: int = 4):
+        if not isinstance(mix_rows, int) or mix_rows < 1:
+            raise ValueError(f"`mix_rows` must be a positive int, got {mix_rows!r}")
         self.model = model
         self.loss_fn = loss_fn
+        self.mix_rows = mix_rows  # a mixed batch runs as micro-batches of whole jobs, this many rows each
         for p in model.parameters():
             p.requires_grad_(False)
         self.jobs: dict[str, HostedJob] = {}
@@ -174,6 +178,23 @@ class Host:
             result = self._blackbox.step(batch, emit, gate)
             self.steps += 1
             return result
+        parts = micro_batches(jobs, self.mix_rows)
+        if parts is None:
+            result = self._step(batch, emit, gate)
+        else:  # several jobs: micro-batches of whole jobs (colaflow.mixed), one step number
+            for j in dict.fromkeys(jobs):
+                self._job(j)
+            result = StepResult(self.steps, {}, [], {})
+            for rows in parts:
+                r = self._step(sub_batch(batch, rows), emit, gate)
+                result.losses |= r.losses
+                result.tokens |= r.tokens
+                result.packets += r.packets
+        self.steps += 1
+        return result
+
+    def _step(self, batch: dict, emit, gate) -> StepResult:
+        jobs = list(batch["jobs"])
         device = next(self.model.parameters()).device
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         inputs = {k: v for k, v in batch.items() if k not in ("jobs", "labels")}
@@ -211,9 +232,7 @@ class Host:
         for job_id, rows in ctx.rows.items():
             m = None if mask is None else (mask if rows is None else mask[rows])
             tokens[job_id] = int(m.sum()) if m is not None else len(jobs)
-        result = StepResult(self.steps, {j: float(v.detach()) for j, v in losses.items()}, collected, tokens)
-        self.steps += 1
-        return result
+        return StepResult(self.steps, {j: float(v.detach()) for j, v in losses.items()}, collected, tokens)
 
     @contextlib.contextmanager
     def using(self, job_id: str):
@@ -313,6 +332,10 @@ class Host:
         xs = {j: self._adapter_input(self.jobs[j], name, x, output, ctx) for j in jobs}
         sizes = [end - start for start, end, _ in ctx.runs]
         first = next(iter(xs.values()))[0]
+        if all(j in xs and xs[j][0] is first and xs[j][1] is None and xs[j][2] is None for *_, j in ctx.runs):
+            adapters = [self.jobs[j].adapters[name] for *_, j in ctx.runs]
+            if stackable(adapters, first, sizes):  # LoRA of one shape: two batched matmuls for all runs
+                return stacked_delta(adapters, first)
         # one split, not a slice per run: a slice's backward fills a whole-batch gradient with zeros
         pieces = first.split(sizes) if all(v[0] is first for v in xs.values()) else [
             xs[j][0][start:end] if j in xs else None for start, end, j in ctx.runs]

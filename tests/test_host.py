@@ -203,3 +203,46 @@ def test_packets_stream_out_of_the_backward_top_layer_first():
     for site in seen:
         old, new = collected[site], collected[("new", site)]
         assert torch.equal(old.x, new.x) and torch.equal(old.g, new.g) and old.version == new.version
+
+
+def test_micro_batches_keep_jobs_whole():
+    from colaflow.mixed import micro_batches
+
+    parts = micro_batches(["a", "b", "a", "c", "c", "d"], 3)
+    assert [p.tolist() for p in parts] == [[0, 1, 2], [3, 4, 5]]  # a+b, c+d: never a job split
+    assert [p.tolist() for p in micro_batches(["a", "a", "a", "b"], 2)] == [[0, 1, 2], [3]]  # too big: alone
+    assert micro_batches(["a"] * 9, 2) is None and micro_batches(["a", "b"], 4) is None
+    with pytest.raises(ValueError, match="mix_rows"):
+        Host(tiny("llama"), mix_rows=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_mixed_step_is_the_same_in_any_micro_batches_and_with_stacked_adapters(family, monkeypatch):
+    """Micro-batches of whole jobs and the stacked LoRA call change no job's loss or packets
+    (beyond float rounding) against each job stepping alone."""
+    import colaflow.host as host_module
+
+    specs = [JobSpec(f"j{k}", LowRank(r=4, alpha=4 * (k + 1)), seed=k) for k in range(4)]
+    batch = random_batch(96, 4, 10, 0, ragged=False) | {"jobs": [s.job_id for s in specs]}
+
+    def run(mix_rows: int, stack: bool = True):
+        host = Host(tiny(family), mix_rows=mix_rows)
+        for s in specs:
+            host.add_job(s)
+            g = torch.Generator().manual_seed(len(s.job_id) + int(s.job_id[1:]))
+            for a in host.jobs[s.job_id].adapters.values():
+                a.B.data.copy_(torch.randn(a.B.shape, generator=g) * 0.1)
+        if not stack:
+            monkeypatch.setattr(host_module, "stackable", lambda *a: False)
+        result = host.step(batch)
+        monkeypatch.undo()
+        return result.losses, {(p.job, p.site): p for p in result.packets}
+
+    alone_losses, alone = run(1)
+    for mix_rows, stack in [(2, True), (4, True), (4, False)]:
+        losses, packets = run(mix_rows, stack)
+        assert packets.keys() == alone.keys()
+        for j, v in alone_losses.items():
+            assert abs(losses[j] - v) <= 1e-5 * abs(v), (mix_rows, stack, j)
+        for key, p in packets.items():
+            assert rel_err(p.g, alone[key].g) <= 1e-4 and rel_err(p.x, alone[key].x) <= 1e-5, (mix_rows, stack, key)

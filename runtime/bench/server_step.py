@@ -56,6 +56,9 @@ def _sides(model, which: set[str], device: str = "cpu") -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    from colaflow.wire import tune_allocator
+
+    tune_allocator()  # every side times under the allocator `colaflow serve` runs with
     torch.manual_seed(0)
     model = load_model(args.model, args.device)
     print(f"server-step: {args.model} on {args.device}, batch {ROWS} x {TOKENS} tokens, lowrank r=8 on q_proj,v_proj, "

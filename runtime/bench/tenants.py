@@ -23,10 +23,12 @@ def _rows(vocab: int, device: str = "cpu") -> dict:
     return {k: v.to(device) for k, v in token_batch(vocab, K, TOKENS, seed=1).items()}
 
 
-def _colaflow(model, fits: bool = False, device: str = "cpu"):
+def _colaflow(model, fits: bool = False, device: str = "cpu", mix_rows: int | None = None):
     from colaflow import JobSpec, LowRank, Trainer
 
     trainer = Trainer(model, [JobSpec(f"t{k}", LowRank(r=8, alpha=8), seed=k) for k in range(K)])
+    if mix_rows is not None:
+        trainer.host.mix_rows = mix_rows
     for job in trainer.host.jobs.values():
         for a in job.adapters.values():
             a.B.data.normal_(0, 0.01)
@@ -77,6 +79,9 @@ def _peft(model, device: str = "cpu"):
 
 
 def main(args: argparse.Namespace) -> int:
+    from colaflow.wire import tune_allocator
+
+    tune_allocator()  # both sides time under the allocator `colaflow serve` runs with
     torch.manual_seed(0)
     model = load_model(args.model, args.device)
     cola, cola_held = _colaflow(copy.deepcopy(model), device=args.device)

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--mix", action="store_true",
                    help="run every ready job in one mixed forward (throughput) instead of one job per step "
                         "(bit-for-bit deterministic runs)")
+    p.add_argument("--mix-rows", type=int, default=4,
+                   help="with --mix: the rows of one micro-batch (whole jobs; a larger job runs alone). "
+                        "Bounds the step's activation memory; more rows, more batching")
     p.add_argument("--no-layered", dest="layered", action="store_false",
                    help="start a step only once every site's version is in (by default a step starts as soon "
                         "as nothing else can run, and its forward waits at each site still fitting)")
@@ -157,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
 
         tensorboard = TensorBoardLog.check(args.tensorboard)  # a missing package fails now, clearly
     store = DirStore(args.state_dir) if args.state_dir else None
+    if args.mix_rows < 1:
+        raise SystemExit(f"colaflow serve: --mix-rows must be >= 1, got {args.mix_rows}")
     if args.max_upload_mb < 1:
         raise SystemExit(f"colaflow serve: --max-upload-mb must be >= 1, got {args.max_upload_mb}")
     model, tokenizer = load_model(args.model)
@@ -164,9 +169,9 @@ def run(args: argparse.Namespace) -> int:
         from colaflow.classify import classifier
         from colaflow.loss import seq_cls
 
-        host = Host(classifier(model, args.classes, args.pooling).to(args.device), seq_cls)
+        host = Host(classifier(model, args.classes, args.pooling).to(args.device), seq_cls, mix_rows=args.mix_rows)
     else:
-        host = Host(model.to(args.device))
+        host = Host(model.to(args.device), mix_rows=args.mix_rows)
     coordinator = Coordinator(host, reassign_after=args.reassign_after, store=store,
                               mix=args.mix, layered=args.layered)
     mb = args.max_upload_mb << 20
