@@ -151,15 +151,17 @@ class WorkerService:
                         pass
                     continue
                 codecs = self.c.codecs(msg.job) if isinstance(msg, Packets) else ("raw", "raw")
-                if isinstance(msg, (Packets, Assign)):  # megabytes to frame: off the event loop
-                    chunks = await asyncio.to_thread(lambda: list(serde.to_worker(msg, seq, *codecs)))
+                sent = 0
+                if isinstance(msg, (Packets, Assign)):  # megabytes to frame: off the event loop, ahead
+                    async for raw in _ahead(serde.to_worker(msg, seq, *codecs)):
+                        yield raw
+                        sent += len(raw)
                 else:
-                    chunks = list(serde.to_worker(msg, seq))
-                for raw in chunks:
-                    yield raw
+                    for raw in serde.to_worker(msg, seq):
+                        yield raw
                 last_sent = time.monotonic()
                 if isinstance(msg, Packets):
-                    self.c.sent(msg.job, sum(len(raw) for raw in chunks), worker_id)
+                    self.c.sent(msg.job, sent, worker_id)
                 seq += 1
         finally:
             self.wakers.discard(wake)
@@ -192,6 +194,16 @@ class WorkerService:
             ended["error"] = e
         finally:
             wake.set()
+
+
+async def _ahead(chunks):
+    """The chunks of `chunks` (an iterator that encodes and frames), each made on a thread while
+    the previous one is written: framing (codec kernels, the copy into a message; both release
+    the GIL) overlaps the send instead of preceding it."""
+    pending = asyncio.ensure_future(asyncio.to_thread(next, chunks, None))
+    while (raw := await pending) is not None:
+        pending = asyncio.ensure_future(asyncio.to_thread(next, chunks, None))
+        yield raw
 
 
 def _status_pb(s: JobStatus) -> control_pb2.JobStatus:
