@@ -27,6 +27,7 @@ from .adapters import Adapter, build_adapter, load_params
 from .blackbox import BlackBoxHost, is_blackbox, model_logprobs
 from .gl import Packet, Update, site_seed
 from .job import JobSpec
+from .lmhead import fused, head_of
 from .loss import LossFn, causal_lm, per_job
 from .merge import merged_weights
 from .mixed import micro_batches, stackable, stacked_delta, sub_batch
@@ -86,6 +87,7 @@ class Host:
         self._ctx: _Ctx | None = None
         self._packing: ThreadPoolExecutor | None = None
         self._blackbox: BlackBoxHost | None = None  # serves black-box jobs (forward only), made on first use
+        self._head: nn.Module | None | bool = False  # the head the loss fuses with (colaflow.lmhead); False: not looked at yet
         self.steps = 0
 
     # jobs and updates
@@ -201,11 +203,19 @@ class Host:
         ctx = self._context(jobs, capture=True)
         ctx.gate, ctx.mask = gate, batch.get("attention_mask")
         collected: list[Packet] = []
+        head = self._fused_head()  # (looked up once per model, before the step's hooks are live)
         self._ctx = ctx
         try:
             with torch.enable_grad():
-                output = self._forward(inputs, ctx)
-                row_sum, row_count = self.loss_fn(output, batch)
+                if head is not None:  # the loss's gradient is made with the logits, a chunk at a time
+                    with fused(head, batch["labels"]) as f:
+                        output = self._forward(inputs, ctx)
+                    if f.rows is None:
+                        raise RuntimeError("the model's forward did not call its output embedding")
+                    row_sum, row_count = f.rows
+                else:
+                    output = self._forward(inputs, ctx)
+                    row_sum, row_count = self.loss_fn(output, batch)
                 del output  # the backward does not need the logits: keeping them costs a (B, T, V) tensor
                 losses = per_job(row_sum, row_count, {j: torch.arange(len(jobs)) if r is None else r
                                                       for j, r in ctx.rows.items()})
@@ -233,6 +243,17 @@ class Host:
             m = None if mask is None else (mask if rows is None else mask[rows])
             tokens[job_id] = int(m.sum()) if m is not None else len(jobs)
         return StepResult(self.steps, {j: float(v.detach()) for j, v in losses.items()}, collected, tokens)
+
+    def _fused_head(self) -> nn.Module | None:
+        """The output embedding the causal-LM loss fuses with, unless it is itself adapted."""
+        if self.loss_fn is not causal_lm:
+            return None
+        if self._head is False:
+            self._head = head_of(self.model)
+        head = self._head
+        if head is None or any(site_module(self.model, n) is head for n in self._hooks):
+            return None
+        return head
 
     @contextlib.contextmanager
     def using(self, job_id: str):

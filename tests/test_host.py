@@ -246,3 +246,65 @@ def test_mixed_step_is_the_same_in_any_micro_batches_and_with_stacked_adapters(f
             assert abs(losses[j] - v) <= 1e-5 * abs(v), (mix_rows, stack, j)
         for key, p in packets.items():
             assert rel_err(p.g, alone[key].g) <= 1e-4 and rel_err(p.x, alone[key].x) <= 1e-5, (mix_rows, stack, key)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fused_head_loss_equals_autograd_and_keeps_no_logits(family):
+    """The loss fused with the head (colaflow.lmhead) gives autograd's losses and packets, and the
+    step saves no (B, T, V) tensor for its backward (the unfused step does)."""
+    batch = random_batch(96, 3, 10, 0) | {"jobs": ["a", "a", "b"]}
+    vocab, biggest = 100, {}  # not a multiple of the hidden size: no weight has this last dim
+
+    def run(fuse: bool):
+        host = Host(tiny(family, vocab=vocab), mix_rows=8)
+        for j in ("a", "b"):
+            host.add_job(JobSpec(j, LowRank(r=4), seed=ord(j)))
+            for a in host.jobs[j].adapters.values():
+                a.B.data.normal_(0, 0.1)
+        if not fuse:
+            host._head = None
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.shape) or t, lambda t: t):
+            result = host.step(batch)
+        biggest[fuse] = max([s.numel() for s in sizes if s and s[-1] == vocab], default=0)  # logits-like
+        return result.losses, {(p.job, p.site): p for p in result.packets}
+
+    fused_losses, fused = run(True)
+    losses, plain = run(False)
+    assert fused.keys() == plain.keys()
+    for j, v in losses.items():
+        assert abs(fused_losses[j] - v) <= 1e-6 * abs(v)
+    for key, p in plain.items():
+        assert torch.equal(fused[key].x, p.x) and rel_err(fused[key].g, p.g) <= 1e-5, key
+    assert biggest[False] >= 3 * 10 * vocab > biggest[True]  # (B, T, V) kept only without fusing
+
+
+def test_a_model_that_changes_its_logits_after_the_head_is_not_fused():
+    """Soft-capping, scaling or anything after the head: the step falls back to autograd's loss."""
+    from colaflow.lmhead import head_of
+
+    class Scaled(torch.nn.Module):  # logits * 2 after the head
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny("llama")
+            self.config = self.inner.config
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, **kw):
+            out = self.inner(**kw)
+            out.logits = out.logits * 2
+            return out
+
+    assert head_of(tiny("llama")) is not None and head_of(Scaled()) is None
+    model = Scaled()
+    host = Host(model)
+    host.add_job(JobSpec("a", LowRank(r=4)))
+    batch = random_batch(96, 2, 8, 0)
+    loss = host.step(batch | {"jobs": ["a", "a"]}).losses["a"]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    expect = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    assert abs(loss - float(expect)) <= 1e-5 * float(expect)
