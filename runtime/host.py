@@ -74,7 +74,7 @@ class _Ctx:
 class Host:
     """The server's side of ColA: frozen model + per-job adapter copies + the capture step."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn = causal_lm, mix_rows: int = 4):
+    def __init__(self, model: nn.Module, loss_fn: LossFn = causal_lm, mix_rows: int = 6):
         if not isinstance(mix_rows, int) or mix_rows < 1:
             raise ValueError(f"`mix_rows` must be a positive int, got {mix_rows!r}")
         self.model = model

@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--mix", action="store_true",
                    help="run every ready job in one mixed forward (throughput) instead of one job per step "
                         "(bit-for-bit deterministic runs)")
-    p.add_argument("--mix-rows", type=int, default=4,
+    p.add_argument("--mix-rows", type=int, default=6,
                    help="with --mix: the rows of one micro-batch (whole jobs; a larger job runs alone). "
                         "Bounds the step's activation memory; more rows, more batching")
     p.add_argument("--no-layered", dest="layered", action="store_false",
