@@ -35,16 +35,15 @@ class HeadLoss(torch.autograd.Function):
         for s in range(0, B * T, CHUNK):
             yy = y[s:s + CHUNK]
             live = yy != IGNORE
-            if not bool(live.any()):
-                continue  # no loss here: zero loss, zero gradient
+            if not h.is_cuda and not bool(live.any()):
+                continue  # no label here (a prompt, padding): zero loss, zero gradient
             logits = F.linear(flat[s:s + CHUNK], weight, bias).float()  # (n, V)
             lse = torch.logsumexp(logits, -1)
-            picked = logits.gather(1, yy.clamp(min=0).unsqueeze(1)).squeeze(1)
-            sums[s:s + CHUNK] = torch.where(live, lse - picked, 0.0)
-            if grad is not None:
+            target = yy.clamp(min=0).unsqueeze(1)
+            sums[s:s + CHUNK] = torch.where(live, lse - logits.gather(1, target).squeeze(1), 0.0)
+            if grad is not None:  # no host sync on a GPU: masks, not indices
                 p = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' own memory
-                p[live.nonzero().squeeze(1), yy[live]] -= 1.0
-                p[~live] = 0.0
+                p.scatter_add_(1, target, torch.full_like(lse, -1.0).unsqueeze(1)).mul_(live.unsqueeze(1))
                 grad[s:s + CHUNK] = p.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         ctx.shape = (B, T, H)
