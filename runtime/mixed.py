@@ -60,7 +60,9 @@ def stacked_delta(adapters: list[Adapter], x: torch.Tensor) -> torch.Tensor:
     n = len(adapters)
     A = torch.stack([a.A for a in adapters])  # (n, r, in)
     B = torch.stack([a.B for a in adapters])  # (n, out, r)
-    scale = torch.tensor([a.scaling for a in adapters], dtype=x.dtype, device=x.device).view(n, 1, 1)
+    scales = [a.scaling for a in adapters]
+    # one rank, one alpha (the usual case): a Python float, no tensor to copy to the device per site
+    scale = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, dtype=x.dtype, device=x.device).view(n, 1, 1)
     xs = x.reshape(n, -1, x.shape[-1])  # (n, L*T, in)
     delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2)) * scale  # (n, L*T, out)
     return delta.view(*x.shape[:-1], B.shape[1])
