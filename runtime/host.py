@@ -206,19 +206,18 @@ class Host:
         head = self._fused_head()  # (looked up once per model, before the step's hooks are live)
         self._ctx = ctx
         try:
+            rows = {j: torch.arange(len(jobs)) if r is None else r for j, r in ctx.rows.items()}
             with torch.enable_grad():
                 if head is not None:  # the loss's gradient is made with the logits, a chunk at a time
-                    with fused(head, batch["labels"]) as f:
+                    with fused(head, batch["labels"], rows) as f:
                         output = self._forward(inputs, ctx)
-                    if f.rows is None:
+                    if f.losses is None:
                         raise RuntimeError("the model's forward did not call its output embedding")
-                    row_sum, row_count = f.rows
+                    losses = f.losses
                 else:
                     output = self._forward(inputs, ctx)
-                    row_sum, row_count = self.loss_fn(output, batch)
+                    losses = per_job(*self.loss_fn(output, batch), rows)
                 del output  # the backward does not need the logits: keeping them costs a (B, T, V) tensor
-                losses = per_job(row_sum, row_count, {j: torch.arange(len(jobs)) if r is None else r
-                                                      for j, r in ctx.rows.items()})
                 for job_id in ctx.rows:
                     missed = [n for n in self.jobs[job_id].sites if n not in ctx.shapes]
                     if missed:  # e.g. a tied embedding whose module is not the one the forward calls
@@ -353,6 +352,9 @@ class Host:
         xs = {j: self._adapter_input(self.jobs[j], name, x, output, ctx) for j in jobs}
         sizes = [end - start for start, end, _ in ctx.runs]
         first = next(iter(xs.values()))[0]
+        if first.dim() == 0 or first.shape[0] != sum(sizes):  # e.g. an MoE expert reading (B*T, H)
+            raise ValueError(f"site `{name}` reads an input of shape {tuple(first.shape)}, not one row per batch "
+                             f"row ({sum(sizes)}): a mixed batch cannot tell its jobs' rows apart; step its jobs alone")
         if all(j in xs and xs[j][0] is first and xs[j][1] is None and xs[j][2] is None for *_, j in ctx.runs):
             adapters = [self.jobs[j].adapters[name] for *_, j in ctx.runs]
             if stackable(adapters, first, sizes):  # LoRA of one shape: two batched matmuls for all runs

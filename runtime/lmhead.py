@@ -20,40 +20,44 @@ from torch import nn
 
 from .loss import IGNORE
 
-CHUNK = 256  # tokens per chunk: 256 x V floats of logits at a time (48 MiB at V = 49152)
+CHUNK = 256  # tokens per chunk: 256 x V floats at a time (48 MiB each at V = 49152)
 
 
 class HeadLoss(torch.autograd.Function):
-    """(h (B, T, H), weight (V, H), bias (V,) | None, labels (B, T)) -> per-row loss sums (B,)."""
+    """(h (B, T, H), weight (V, H), bias (V,) | None, labels (B, T), scale (B,)) -> scale * per-row
+    loss sums (B,). `scale` is each row's job's 1 / labelled tokens: applied to the gradient before
+    the head's matmul, as autograd would, so the gradient is autograd's to the last bit."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels):
+    def forward(ctx, h, weight, bias, labels, scale):
         B, T, H = h.shape
         flat, y = h.reshape(-1, H), labels.reshape(-1)
+        if not h.is_cuda and bool(((y < 0) & (y != IGNORE)).any()):  # (a GPU check would sync the host)
+            raise IndexError(f"labels hold a negative token id other than {IGNORE}")
+        s = scale.float().repeat_interleave(T)  # (B*T,) each token's row scale
         sums = torch.zeros(B * T, dtype=torch.float32, device=h.device)
         grad = torch.zeros_like(flat) if ctx.needs_input_grad[0] else None
-        for s in range(0, B * T, CHUNK):
-            yy = y[s:s + CHUNK]
+        for i in range(0, B * T, CHUNK):
+            yy, ss = y[i:i + CHUNK], s[i:i + CHUNK]
             live = yy != IGNORE
             if not h.is_cuda and not bool(live.any()):
                 continue  # no label here (a prompt, padding): zero loss, zero gradient
-            logits = F.linear(flat[s:s + CHUNK], weight, bias).float()  # (n, V)
-            lse = torch.logsumexp(logits, -1)
+            out = torch.log_softmax(F.linear(flat[i:i + CHUNK], weight, bias).float(), -1)  # (n, V)
             target = yy.clamp(min=0).unsqueeze(1)
-            sums[s:s + CHUNK] = torch.where(live, lse - logits.gather(1, target).squeeze(1), 0.0)
-            if grad is not None:  # no host sync on a GPU: masks, not indices
-                p = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' own memory
-                p.scatter_add_(1, target, torch.full_like(lse, -1.0).unsqueeze(1)).mul_(live.unsqueeze(1))
-                grad[s:s + CHUNK] = p.to(weight.dtype) @ weight
+            sums[i:i + CHUNK] = torch.where(live, -out.gather(1, target).squeeze(1), 0.0)
+            if grad is not None:  # s (softmax - onehot) through autograd's own kernels: its gradient to the bit
+                nll = torch.zeros_like(out).scatter_(1, target, (-ss * live).unsqueeze(1))  # nll_loss's backward
+                g = torch._log_softmax_backward_data(nll, out, 1, out.dtype)
+                grad[i:i + CHUNK] = g.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         ctx.shape = (B, T, H)
-        return sums.view(B, T).sum(1)
+        return (sums.view(B, T).sum(1) * scale.float())
 
     @staticmethod
     def backward(ctx, grad_rows):
         (grad,) = ctx.saved_tensors
         B, T, H = ctx.shape
-        return grad.view(B, T, H) * grad_rows.to(grad.dtype).view(B, 1, 1), None, None, None
+        return grad.view(B, T, H) * grad_rows.to(grad.dtype).view(B, 1, 1), None, None, None, None
 
 
 def head_of(model: nn.Module) -> nn.Linear | None:
@@ -65,7 +69,7 @@ def head_of(model: nn.Module) -> nn.Linear | None:
     if type(head) is not nn.Linear:
         return None
     seen = []
-    handle = head.register_forward_hook(lambda m, a, out: seen.append(out))
+    handle = head.register_forward_hook(lambda m, a, out: seen.extend([out, out.clone()]))
     try:
         ids = torch.zeros(1, 2, dtype=torch.long, device=head.weight.device)
         with torch.no_grad():
@@ -75,28 +79,41 @@ def head_of(model: nn.Module) -> nn.Linear | None:
     finally:
         handle.remove()
     logits = getattr(out, "logits", None)
-    return head if len(seen) == 1 and logits is seen[0] else None
+    # the very tensor the head made, and with the head's values (not changed in place after it)
+    return head if len(seen) == 2 and logits is seen[0] and torch.equal(logits, seen[1]) else None
 
 
 class fused:
-    """`with fused(head, labels) as f: model(**inputs)`: the head returns a stand-in (an expanded
-    zero, no memory) and `f.rows` holds (per-row loss sums, per-row token counts)."""
+    """`with fused(head, labels, rows) as f: model(**inputs)`: the head returns a stand-in (an
+    expanded zero, no memory) and `f.losses` holds each job's mean loss over its own tokens;
+    `rows` is {job: row indices}, as `colaflow.loss.per_job` takes it."""
 
-    def __init__(self, head: nn.Linear, labels: torch.Tensor):
-        self.head = head
+    def __init__(self, head: nn.Linear, labels: torch.Tensor, rows: dict[str, torch.Tensor]):
+        self.head, self.rows = head, rows
         self.labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # position t predicts t+1, as causal_lm
-        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        counts = (self.labels != IGNORE).sum(1)
+        self.scale = torch.zeros(len(counts), dtype=torch.float32, device=labels.device)
+        for job, idx in rows.items():
+            count = counts[idx.to(counts.device)].sum()
+            if int(count) == 0:
+                raise ValueError(f"job {job!r}: its rows in this batch carry no labelled token")
+            self.scale[idx] = 1.0 / count.float()  # what autograd's d(sum / count) would be
+        self.losses: dict[str, torch.Tensor] | None = None
 
     def __enter__(self):
         def forward(h):
             if h.dim() != 3 or tuple(h.shape[:2]) != tuple(self.labels.shape):
                 raise RuntimeError(f"the fused head got hidden states of shape {tuple(h.shape)} for labels "
                                    f"{tuple(self.labels.shape)}")
-            sums = HeadLoss.apply(h, self.head.weight, self.head.bias, self.labels)
-            self.rows = (sums, (self.labels != IGNORE).sum(1))
+            scaled = HeadLoss.apply(h, self.head.weight, self.head.bias, self.labels, self.scale)
+            self.losses = {job: scaled[idx.to(scaled.device)].sum() for job, idx in self.rows.items()}
             return h.new_zeros(()).expand(*h.shape[:-1], self.head.out_features)
+        self.own = self.head.__dict__.get("forward")  # a wrapper someone set on the instance (accelerate's hooks)
         self.head.forward = forward
         return self
 
     def __exit__(self, *exc):
-        del self.head.forward  # the class's own forward again
+        if self.own is None:
+            del self.head.forward  # the class's own forward again
+        else:
+            self.head.forward = self.own

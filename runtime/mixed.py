@@ -48,7 +48,7 @@ def stackable(adapters: list[Adapter], x: torch.Tensor, sizes: list[int]) -> boo
     a0 = adapters[0]
     if not isinstance(a0, LowRankAdapter) or a0.site.kind not in ("linear", "conv1d"):
         return False
-    if len(set(sizes)) != 1 or x.dtype != a0.A.dtype or x.dim() < 2:
+    if len(set(sizes)) != 1 or x.dtype != a0.A.dtype or x.dim() < 2 or x.shape[0] != sum(sizes):
         return False
     return all(type(a) is LowRankAdapter and a.site.kind == a0.site.kind and a.A.shape == a0.A.shape
                and a.B.shape == a0.B.shape and a.A.device == a0.A.device for a in adapters)
@@ -61,8 +61,10 @@ def stacked_delta(adapters: list[Adapter], x: torch.Tensor) -> torch.Tensor:
     A = torch.stack([a.A for a in adapters])  # (n, r, in)
     B = torch.stack([a.B for a in adapters])  # (n, out, r)
     scales = [a.scaling for a in adapters]
-    # one rank, one alpha (the usual case): a Python float, no tensor to copy to the device per site
-    scale = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, dtype=x.dtype, device=x.device).view(n, 1, 1)
     xs = x.reshape(n, -1, x.shape[-1])  # (n, L*T, in)
-    delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2)) * scale  # (n, L*T, out)
+    delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))  # (n, L*T, out)
+    if len(set(scales)) == 1:  # one alpha (the usual case): a Python float, no per-site device copy
+        delta = delta * scales[0]
+    else:  # float32 scales, as a Python float would be: 16/12 in bf16 is 0.2 % off
+        delta = (delta * torch.tensor(scales, device=x.device).view(n, 1, 1)).to(x.dtype)
     return delta.view(*x.shape[:-1], B.shape[1])

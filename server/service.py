@@ -201,9 +201,12 @@ async def _ahead(chunks):
     the previous one is written: framing (codec kernels, the copy into a message; both release
     the GIL) overlaps the send instead of preceding it."""
     pending = asyncio.ensure_future(asyncio.to_thread(next, chunks, None))
-    while (raw := await pending) is not None:
-        pending = asyncio.ensure_future(asyncio.to_thread(next, chunks, None))
-        yield raw
+    try:
+        while (raw := await pending) is not None:
+            pending = asyncio.ensure_future(asyncio.to_thread(next, chunks, None))
+            yield raw
+    finally:  # a stream closed mid-frame: the chunk being framed is dropped, and so is its error
+        pending.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def _status_pb(s: JobStatus) -> control_pb2.JobStatus:
