@@ -20,7 +20,7 @@ from torch import nn
 
 from .loss import IGNORE
 
-CHUNK = 256  # tokens per chunk: 256 x V floats at a time (48 MiB each at V = 49152)
+CHUNK = 128  # tokens per chunk: 128 x V floats at a time (24 MiB each at V = 49152)
 
 
 class HeadLoss(torch.autograd.Function):
