@@ -9,7 +9,7 @@ second one. The loss's gradient with respect to the logits is known in the forwa
     d row_sum[b]/d h[b,t] = (softmax(W h[b,t] + c) - onehot(y[b,t])) W
 
 Same FLOPs as autograd's forward and backward; memory is one chunk's logits. It serves models
-whose logits are their output embedding's output, unchanged (`fusable` checks that once per
+whose logits are their output embedding's output, unchanged (`head_of` checks that once per
 model: no soft-capping or scaling after the head), and the plain causal-LM loss.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loss import IGNORE
+from .loss import IGNORE, job_tokens, next_token_labels
 
 CHUNK = 128  # tokens per chunk: 128 x V floats at a time (24 MiB each at V = 49152)
 
@@ -34,7 +34,7 @@ class HeadLoss(torch.autograd.Function):
         flat, y = h.reshape(-1, H), labels.reshape(-1)
         if not h.is_cuda and bool(((y < 0) & (y != IGNORE)).any()):  # (a GPU check would sync the host)
             raise IndexError(f"labels hold a negative token id other than {IGNORE}")
-        s = scale.float().repeat_interleave(T)  # (B*T,) each token's row scale
+        s = scale.repeat_interleave(T)  # (B*T,) each token's row scale (float32)
         sums = torch.zeros(B * T, dtype=torch.float32, device=h.device)
         grad = torch.zeros_like(flat) if ctx.needs_input_grad[0] else None
         for i in range(0, B * T, CHUNK):
@@ -51,7 +51,7 @@ class HeadLoss(torch.autograd.Function):
                 grad[i:i + CHUNK] = g.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         ctx.shape = (B, T, H)
-        return (sums.view(B, T).sum(1) * scale.float())
+        return sums.view(B, T).sum(1) * scale
 
     @staticmethod
     def backward(ctx, grad_rows):
@@ -90,14 +90,10 @@ class fused:
 
     def __init__(self, head: nn.Linear, labels: torch.Tensor, rows: dict[str, torch.Tensor]):
         self.head, self.rows = head, rows
-        self.labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # position t predicts t+1, as causal_lm
-        counts = (self.labels != IGNORE).sum(1)
-        self.scale = torch.zeros(len(counts), dtype=torch.float32, device=labels.device)
-        for job, idx in rows.items():
-            count = counts[idx.to(counts.device)].sum()
-            if int(count) == 0:
-                raise ValueError(f"job {job!r}: its rows in this batch carry no labelled token")
-            self.scale[idx] = 1.0 / count.float()  # what autograd's d(sum / count) would be
+        self.labels = next_token_labels(labels)  # as causal_lm
+        self.scale = torch.zeros(len(labels), dtype=torch.float32, device=labels.device)
+        for job, count in job_tokens((self.labels != IGNORE).sum(1), rows).items():
+            self.scale[rows[job]] = 1.0 / count.float()  # what autograd's d(sum / count) would be
         self.losses: dict[str, torch.Tensor] | None = None
 
     def __enter__(self):

@@ -15,8 +15,7 @@ LossFn = Callable[[object, dict], tuple[torch.Tensor, torch.Tensor]]
 def causal_lm(output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy on `labels` (IGNORE where no loss), summed per row."""
     logits = output.logits  # (B, T, V)
-    # shift the labels, not the logits: slicing (B, T, V) would copy it, forward and backward
-    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # (B, T): position t predicts t+1
+    labels = next_token_labels(batch["labels"])
     ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                          reduction="none").view(labels.shape)  # (B, T)
     return ce.sum(1), (labels != IGNORE).sum(1)
@@ -43,12 +42,22 @@ def seq_cls(output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return ce, torch.ones_like(batch["labels"])
 
 
-def per_job(row_sum: torch.Tensor, row_count: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each job's mean loss over its own rows' tokens."""
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels where position t predicts token t+1 (IGNORE at the end). The labels shift,
+    not the logits: slicing (B, T, V) would copy it, forward and backward."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+def job_tokens(row_count: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each job's labelled tokens in the batch; refuses a job with none."""
     out = {}
     for job, idx in rows.items():
-        count = row_count[idx].sum()
-        if int(count) == 0:
+        out[job] = row_count[idx.to(row_count.device)].sum()
+        if int(out[job]) == 0:
             raise ValueError(f"job {job!r}: its rows in this batch carry no labelled token")
-        out[job] = row_sum[idx].sum() / count
     return out
+
+
+def per_job(row_sum: torch.Tensor, row_count: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each job's mean loss over its own rows' tokens."""
+    return {job: row_sum[rows[job]].sum() / count for job, count in job_tokens(row_count, rows).items()}
