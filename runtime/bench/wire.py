@@ -3,8 +3,11 @@
 One step's packets for one worker (q_proj and v_proj of 30 layers, 8 x 128 tokens, the shared
 input sent once) go out through `WorkerService.Work` exactly as in a run — serde, codec, 4 MiB
 chunks, credits — to a client that reassembles and decodes them as the edge daemon does. The
-same bytes also cross a raw TCP socket on loopback in the same run (the physical limit here).
-Last line: {"raw_vs_socket", "int8_bytes_per_elem", "int8_rel_err", ...}.
+same bytes also cross a raw TCP socket on loopback in the same run (the physical limit here),
+bare sync gRPC (one prebuilt message sent again and again), and, for raw, a bare `grpc.aio`
+server building each message anew (what colaflow's path could reach at most).
+Last line: {"raw_vs_socket", "int8_bytes_per_elem", "int8_rel_err", ..., "raw_vs_bare_grpc",
+"raw_vs_bare_aio_fresh"}.
 """
 from __future__ import annotations
 
@@ -158,6 +161,47 @@ def grpc_bytes_round(nbytes: int) -> float:
     return elapsed
 
 
+def grpc_aio_round(nbytes: int) -> float:
+    """The same for a bare `grpc.aio` server (the API `colaflow serve` runs) that builds each
+    4 MiB message anew with one copy, as any sender of new data must: the ceiling of colaflow's path."""
+    import asyncio
+
+    import numpy as np
+
+    from colaflow.wire import CHANNEL_OPTIONS
+
+    source = np.ones(4 << 20, np.uint8)
+    n = -(-nbytes // len(source))
+
+    async def stream(request, context):
+        for _ in range(n):
+            yield b"".join([source])
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start():
+        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Bytes", {
+            "S": grpc.unary_stream_rpc_method_handler(stream)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+    call = channel.unary_stream("/bench.Bytes/S")
+    t = time.perf_counter()
+    for _ in call(b""):
+        pass
+    elapsed = time.perf_counter() - t
+    channel.close()
+    asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+    return elapsed
+
+
 def step_bytes(codec: str, dedup: bool) -> int:
     """Encoded tensor bytes of one SmolLM2 step (q_proj, v_proj, 8 x 128 tokens)."""
     from colaflow.codec import encode
@@ -178,25 +222,30 @@ def main(args: argparse.Namespace) -> int:
     ref = step_packets(steps - 1)
     res = {}
     for codec in CODECS:
-        g_t, s_t, b_t = [], [], []
+        g_t, s_t, b_t, a_t = [], [], [], []
         grpc_round(codec, 1)  # warm-up: first-touch of buffers, codec kernels
         for _ in range(args.repeats):  # alternate the sides round by round
             t, wire, last = grpc_round(codec, steps)
             g_t.append(t)
             s_t.append(socket_round(wire))
             b_t.append(grpc_bytes_round(wire))
+            if codec == "raw":
+                a_t.append(grpc_aio_round(wire))
         num = sum(float((b.g - a.g).pow(2).sum()) for a, b in zip(ref, last))
         den = sum(float(a.g.pow(2).sum()) for a in ref)
         gt, st, bt = statistics.median(g_t), statistics.median(s_t), statistics.median(b_t)
         res[codec] = {"GBps": wire / gt / 1e9, "socket_GBps": wire / st / 1e9, "grpc_bytes_GBps": wire / bt / 1e9,
                       "frames_per_s": steps / gt,
                       "site_packets_per_s": steps * 2 * LAYERS / gt, "bytes_per_elem": wire / steps / elems,
-                      "rel_err": (num / den) ** 0.5}
+                      "rel_err": (num / den) ** 0.5,
+                      "aio_fresh_GBps": wire / statistics.median(a_t) / 1e9 if a_t else None}
         r = res[codec]
         print(f"  {codec:5s} {r['GBps']:6.2f} GB/s (socket {r['socket_GBps']:5.2f}, bare gRPC {r['grpc_bytes_GBps']:5.2f})  "
               f"{r['frames_per_s']:6.2f} steps/s  "
               f"{r['site_packets_per_s']:7.1f} site packets/s  {r['bytes_per_elem']:.4f} B/elem  "
               f"rel err {r['rel_err']:.2e}", flush=True)
+        if r["aio_fresh_GBps"]:
+            print(f"        bare grpc.aio, each message built anew: {r['aio_fresh_GBps']:5.2f} GB/s", flush=True)
     print("  bytes per training step (SmolLM2 q_proj+v_proj, 8 x 128 tokens):")
     for codec in CODECS:
         print(f"    {codec:5s} {step_bytes(codec, True) / 2**20:7.1f} MiB with shared-input dedup, "
@@ -206,5 +255,7 @@ def main(args: argparse.Namespace) -> int:
             "int8_rel_err": float(f"{res['int8']['rel_err']:.3g}"),
             "raw_GBps": round(res["raw"]["GBps"], 3), "socket_GBps": round(res["raw"]["socket_GBps"], 3),
             "bare_grpc_GBps": round(res["raw"]["grpc_bytes_GBps"], 3),
-            "raw_vs_bare_grpc": round(res["raw"]["GBps"] / res["raw"]["grpc_bytes_GBps"], 3)})
+            "raw_vs_bare_grpc": round(res["raw"]["GBps"] / res["raw"]["grpc_bytes_GBps"], 3),
+            "bare_aio_fresh_GBps": round(res["raw"]["aio_fresh_GBps"], 3),
+            "raw_vs_bare_aio_fresh": round(res["raw"]["GBps"] / res["raw"]["aio_fresh_GBps"], 3)})
     return 0
