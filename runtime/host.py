@@ -28,7 +28,7 @@ from .blackbox import BlackBoxHost, is_blackbox, model_logprobs
 from .gl import Packet, Update, site_seed
 from .job import JobSpec
 from .lmhead import fused, head_of
-from .loss import LossFn, causal_lm, per_job
+from .loss import IGNORE, LossFn, causal_lm, per_job
 from .merge import merged_weights
 from .mixed import micro_batches, stackable, stacked_delta, sub_batch
 from .sites import Site, find_sites, site_module
@@ -69,6 +69,7 @@ class _Ctx:
     routes: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> (B, T) token types
     selected: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> (B, T) bool
     mask: torch.Tensor | None = None  # the batch's attention mask (conditional kinds choose among real tokens)
+    grid: tuple[int, int] | None = None  # the batch's (rows, tokens): which way round a site's input is
     detached: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
 
@@ -89,6 +90,7 @@ class Host:
         self._packing: ThreadPoolExecutor | None = None
         self._blackbox: BlackBoxHost | None = None  # serves black-box jobs (forward only), made on first use
         self._head: nn.Module | None | bool = False  # the head the loss fuses with (colaflow.lmhead); False: not looked at yet
+        self._rows_first: dict[str, bool] = {}  # site -> its input is (rows, tokens, ...), seen at a step where they differ
         self.steps = 0
 
     # jobs and updates
@@ -201,8 +203,14 @@ class Host:
         device = next(self.model.parameters()).device
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         inputs = {k: v for k, v in batch.items() if k not in ("jobs", "labels")}
+        if self.loss_fn is causal_lm:
+            self._check_labels(batch)
         ctx = self._context(jobs, capture=True)
         ctx.gate, ctx.mask = gate, batch.get("attention_mask")
+        ctx.grid = next((tuple(v.shape[:2]) for k in ("input_ids", "attention_mask", "labels")
+                         if isinstance(v := batch.get(k), torch.Tensor) and v.dim() >= 2), None)
+        if len(ctx.order) > 1:
+            self._probe_layouts(inputs, ctx.grid)
         collected: list[Packet] = []
         head = self._fused_head()  # (looked up once per model, before the step's hooks are live)
         self._ctx = ctx
@@ -237,12 +245,24 @@ class Host:
                 stream.finish()  # sites no loss depends on: zero gradients
         finally:
             self._ctx = None
-        mask = batch.get("attention_mask")
+        mask, per_row = batch.get("attention_mask"), ctx.grid[1] if ctx.grid else 1
         tokens = {}
         for job_id, rows in ctx.rows.items():
             m = None if mask is None else (mask if rows is None else mask[rows])
-            tokens[job_id] = int(m.sum()) if m is not None else len(jobs)
+            tokens[job_id] = int(m.sum()) if m is not None else (len(jobs) if rows is None else len(rows)) * per_row
         return StepResult(self.steps, {j: float(v.detach()) for j, v in losses.items()}, collected, tokens)
+
+    def _check_labels(self, batch: dict) -> None:
+        """Token ids outside the vocabulary, named with their job (a GPU would index out of range)."""
+        labels, vocab = batch.get("labels"), self.limits()[0]
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or vocab is None:
+            return
+        bad = (labels != IGNORE) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            row = int(bad.any(-1).nonzero()[0]) if bad.dim() > 1 else int(bad.nonzero()[0])
+            value = int(labels[row][bad[row]].flatten()[0]) if bad.dim() > 1 else int(labels[row])
+            raise ValueError(f"job {batch['jobs'][row]!r}: label {value} is outside the vocabulary "
+                             f"(0..{vocab - 1}, or {IGNORE} for no loss)")
 
     def _fused_head(self) -> nn.Module | None:
         """The output embedding the causal-LM loss fuses with, unless it is itself adapted."""
@@ -336,7 +356,8 @@ class Host:
                 output = output.detach().requires_grad_(True)  # nothing below needs a gradient
                 ctx.leaves.append(output)
             delta = self._delta(name, x, output, jobs, ctx)
-            out = output if delta is None else output + delta
+            # fp32 adapters on a bf16 model: the sum in fp32, then the model's dtype (as PEFT's LoRA layer)
+            out = output if delta is None else (output + delta).to(output.dtype)
             ctx.shapes[name] = (out.shape, out.dtype, out.device)
             if ctx.capture:  # g leaves the backward here, not at its end
                 out.register_hook(lambda g: ctx.stream.grad(name, g))
@@ -347,13 +368,15 @@ class Host:
         if len(jobs) == 1 and ctx.rows[jobs[0]] is None:  # single-job batch
             job = self.jobs[jobs[0]]
             xj, route, sel = self._adapter_input(job, name, x, output, ctx)
+            self._learn_layout(name, xj, ctx)
             return None if name in ctx.merged else _call(job.adapters[name], xj, route, sel)
         # a mixed batch: each run of one job's rows through that job's adapter, one call per run
         # (no per-row copies of A and B), and zeros for rows whose job does not adapt this site
         xs = {j: self._adapter_input(self.jobs[j], name, x, output, ctx) for j in jobs}
         sizes = [end - start for start, end, _ in ctx.runs]
         first = next(iter(xs.values()))[0]
-        if first.dim() == 0 or first.shape[0] != sum(sizes):  # e.g. an MoE expert reading (B*T, H)
+        self._learn_layout(name, first, ctx)
+        if not self._one_row_per_row(name, first, sum(sizes), ctx):  # e.g. an MoE expert reading (B*T, H)
             raise ValueError(f"site `{name}` reads an input of shape {tuple(first.shape)}, not one row per batch "
                              f"row ({sum(sizes)}): a mixed batch cannot tell its jobs' rows apart; step its jobs alone")
         if all(j in xs and xs[j][0] is first and xs[j][1] is None and xs[j][2] is None for *_, j in ctx.runs):
@@ -371,6 +394,46 @@ class Host:
             else:
                 parts.append(output.new_zeros((end - start, *output.shape[1:])))
         return torch.cat(parts)
+
+    def _one_row_per_row(self, name: str, x: torch.Tensor, rows: int, ctx: _Ctx) -> bool:
+        """Whether the site's input runs along the batch's rows first, so rows can be told apart.
+
+        A sequence-first input (T, B, H) has B first too when T == B; the site's layout is learned
+        at any step whose rows and tokens differ, and until then such a batch is not split."""
+        if x.dim() == 0 or x.shape[0] != rows:
+            return False
+        if ctx.grid is not None and ctx.grid[0] == ctx.grid[1] and x.dim() >= 2 and x.shape[1] == rows:
+            return self._rows_first.get(name, False)
+        return True
+
+    def _learn_layout(self, name: str, x: torch.Tensor, ctx: _Ctx) -> None:
+        if ctx.grid is not None and ctx.grid[0] != ctx.grid[1] and x.dim() >= 2 and name not in self._rows_first:
+            self._rows_first[name] = tuple(x.shape[:2]) == ctx.grid
+
+    def _probe_layouts(self, inputs: dict, grid: tuple[int, int] | None) -> None:
+        """Before a square mixed batch (rows == tokens) splits a site not seen the right way round
+        yet: run one row of it, once, and see which way the site's input comes."""
+        unknown = [n for n in self._hooks if n not in self._rows_first]
+        if grid is None or grid[0] != grid[1] or grid[0] < 2 or not unknown:
+            return
+        one = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == grid[0] else v
+               for k, v in inputs.items()}
+        seen: dict[str, torch.Tensor] = {}
+
+        def record(name):
+            return lambda m, args, out: seen.setdefault(name, args[0] if args and isinstance(args[0], torch.Tensor) else out)
+        handles = [site_module(self.model, n).register_forward_hook(record(n)) for n in unknown]
+        try:
+            with torch.no_grad():
+                self.model(**one)
+        except Exception:  # a model this cannot run: such sites stay unsplit (a clear error in `_delta`)
+            return
+        finally:
+            for h in handles:
+                h.remove()
+        for name, x in seen.items():
+            if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                self._rows_first[name] = tuple(x.shape[:2]) == (1, grid[1])
 
     def _adapter_input(self, job: HostedJob, name: str, x: torch.Tensor, output: torch.Tensor,
                        ctx: _Ctx) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -399,6 +462,10 @@ class Host:
 
 def _call(adapter: Adapter, x: torch.Tensor, route: torch.Tensor | None, sel: torch.Tensor | None) -> torch.Tensor:
     """The adapter's delta on x; routing kinds also get each token's type; conditional kinds act only
-    on their selected tokens (a 0/1 factor: the others get exactly zero, and no gradient through f)."""
+    on their selected tokens (a 0/1 factor: the others get exactly zero, and no gradient through f).
+    The adapter computes in its own dtype (float32 on a bf16 model, as PEFT does), as the device fits."""
+    p = next(adapter.parameters(), None)
+    if p is not None and x.is_floating_point() and x.dtype != p.dtype:
+        x = x.to(p.dtype)
     delta = adapter(x) if route is None else adapter(x, route)
     return delta if sel is None else delta * sel.unsqueeze(-1).to(delta.dtype)

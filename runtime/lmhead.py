@@ -32,7 +32,7 @@ class HeadLoss(torch.autograd.Function):
     def forward(ctx, h, weight, bias, labels, scale):
         B, T, H = h.shape
         flat, y = h.reshape(-1, H), labels.reshape(-1)
-        if not h.is_cuda and bool(((y < 0) & (y != IGNORE)).any()):  # (a GPU check would sync the host)
+        if not h.is_cuda and bool(((y < 0) & (y != IGNORE)).any()):  # (Host checks every device's; here it would sync)
             raise IndexError(f"labels hold a negative token id other than {IGNORE}")
         s = scale.repeat_interleave(T)  # (B*T,) each token's row scale (float32)
         sums = torch.zeros(B * T, dtype=torch.float32, device=h.device)

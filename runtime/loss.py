@@ -45,7 +45,7 @@ def seq_cls(output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
     """(B, T) labels where position t predicts token t+1 (IGNORE at the end). The labels shift,
     not the logits: slicing (B, T, V) would copy it, forward and backward."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    return F.pad(labels[:, 1:].long(), (0, 1), value=IGNORE)  # (int32 labels index as int64 ones do)
 
 
 def job_tokens(row_count: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -44,11 +44,11 @@ def sub_batch(batch: dict, rows: torch.Tensor) -> dict:
 
 def stackable(adapters: list[Adapter], x: torch.Tensor, sizes: list[int]) -> bool:
     """Whether `stacked_delta` can serve these runs: low-rank adapters of one shape on a token
-    input of the adapters' dtype, every run the same length."""
+    input, every run the same length."""
     a0 = adapters[0]
     if not isinstance(a0, LowRankAdapter) or a0.site.kind not in ("linear", "conv1d"):
         return False
-    if len(set(sizes)) != 1 or x.dtype != a0.A.dtype or x.dim() < 2 or x.shape[0] != sum(sizes):
+    if len(set(sizes)) != 1 or not x.is_floating_point() or x.dim() < 2 or x.shape[0] != sum(sizes):
         return False
     return all(type(a) is LowRankAdapter and a.site.kind == a0.site.kind and a.A.shape == a0.A.shape
                and a.B.shape == a0.B.shape and a.A.device == a0.A.device for a in adapters)
@@ -61,10 +61,10 @@ def stacked_delta(adapters: list[Adapter], x: torch.Tensor) -> torch.Tensor:
     A = torch.stack([a.A for a in adapters])  # (n, r, in)
     B = torch.stack([a.B for a in adapters])  # (n, out, r)
     scales = [a.scaling for a in adapters]
-    xs = x.reshape(n, -1, x.shape[-1])  # (n, L*T, in)
+    xs = x.reshape(n, -1, x.shape[-1]).to(A.dtype)  # (n, L*T, in), in the adapters' dtype (as `_call`)
     delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))  # (n, L*T, out)
     if len(set(scales)) == 1:  # one alpha (the usual case): a Python float, no per-site device copy
         delta = delta * scales[0]
     else:  # float32 scales, as a Python float would be: 16/12 in bf16 is 0.2 % off
-        delta = (delta * torch.tensor(scales, device=x.device).view(n, 1, 1)).to(x.dtype)
+        delta = (delta * torch.tensor(scales, device=x.device).view(n, 1, 1)).to(delta.dtype)
     return delta.view(*x.shape[:-1], B.shape[1])

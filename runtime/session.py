@@ -234,7 +234,7 @@ class _Local:
 
     def submit(self, spec: JobSpec, data: dict, steps: int, init: str | Path | None = None,
                metric: Metric | None = None) -> None:
-        from .data import from_map
+        from .data import check_limits, from_map
         from .evaluate import parse
         from .export import init_blob, init_params
         from .loss import causal_lm
@@ -243,6 +243,7 @@ class _Local:
             raise InvalidArgument(f"job {spec.job_id!r} already exists")
         try:
             batches = from_map(data)
+            check_limits(data, *self.trainer.host.limits())  # as a server refuses them
             evals = parse(data.get("eval"), *self.trainer.host.limits(), causal=self.trainer.host.loss_fn is causal_lm)
             if evals is not None:
                 evals.metric = metric

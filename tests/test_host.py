@@ -308,3 +308,120 @@ def test_a_model_that_changes_its_logits_after_the_head_is_not_fused():
     labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
     expect = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     assert abs(loss - float(expect)) <= 1e-5 * float(expect)
+
+
+class _SequenceFirst(torch.nn.Module):
+    """A model whose layer runs sequence-first, (T, B, H), as torch's nn.Transformer* do by default."""
+
+    def __init__(self, vocab: int = 50, hidden: int = 16):
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab)
+        self.embed, self.proj = torch.nn.Embedding(vocab, hidden), torch.nn.Linear(hidden, hidden)
+        self.head = torch.nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        h = torch.tanh(self.proj(self.embed(input_ids).transpose(0, 1))).transpose(0, 1)
+        return SimpleNamespace(logits=self.head(h))
+
+
+def test_a_mixed_batch_never_splits_a_sequence_first_site_along_its_tokens():
+    """With as many tokens as rows, a (T, B, H) input has B rows first too: the step must not
+    hand each job's adapter tokens of every job (it refuses; the coordinator steps jobs alone)."""
+    torch.manual_seed(0)
+    host = Host(_SequenceFirst(), mix_rows=8)
+    for j in "ab":
+        host.add_job(JobSpec(j, LowRank(r=2), target_modules=["proj"], seed=ord(j)))
+    square = random_batch(50, 4, 4, 0, ragged=False)
+    for batch in (square, random_batch(50, 4, 5, 1, ragged=False), square):
+        with pytest.raises(ValueError, match="step its jobs alone"):
+            host.step(batch | {"jobs": ["a", "a", "b", "b"]})
+    assert host._rows_first == {"proj": False}
+    assert host.step(square | {"jobs": ["a"] * 4}).losses["a"] > 0  # alone it steps
+
+
+def test_a_square_mixed_batch_of_a_batch_first_model_equals_its_jobs_alone():
+    """rows == tokens: one row, once, shows the sites are batch-first; the jobs then mix exactly."""
+    specs = [JobSpec(j, LowRank(r=4), seed=ord(j)) for j in "ab"]
+    batch = random_batch(96, 4, 4, 3, ragged=False)
+
+    def run(jobs: list[str]):
+        torch.manual_seed(0)
+        host = Host(tiny("llama"), mix_rows=8)
+        for s in specs:
+            host.add_job(s)
+            for a in host.jobs[s.job_id].adapters.values():
+                a.B.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(ord(s.job_id)))
+        rows = [i for i, j in enumerate(jobs) if j is not None]
+        sub = {k: v[rows] for k, v in batch.items()} | {"jobs": [jobs[i] for i in rows]}
+        return host, host.step(sub)
+
+    host, mixed = run(["a", "a", "b", "b"])
+    assert host._rows_first and all(host._rows_first.values())
+    for job, rows in (("a", ["a", "a", None, None]), ("b", [None, None, "b", "b"])):
+        _, alone = run(rows)
+        assert abs(mixed.losses[job] - alone.losses[job]) <= 1e-5 * alone.losses[job]
+        got = {p.site: p for p in mixed.packets if p.job == job}
+        for p in alone.packets:
+            assert rel_err(got[p.site].g, p.g) <= 1e-4 and torch.equal(got[p.site].x, p.x)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_labels_out_of_the_vocabulary_name_their_job_and_int32_labels_step(fuse):
+    host = Host(tiny("llama", vocab=100), mix_rows=8)
+    for j in "ab":
+        host.add_job(JobSpec(j, LowRank(r=4), seed=ord(j)))
+    if not fuse:
+        host._head = None
+    batch = random_batch(100, 3, 8, 0) | {"jobs": ["a", "b", "b"]}
+    expect = host.step(batch).losses
+    got = host.step(batch | {"labels": batch["labels"].int()}).losses  # same values, int32
+    assert got == pytest.approx(expect, rel=1e-6)
+    for bad in (100, -5):
+        labels = batch["labels"].clone()
+        labels[2, 1] = bad
+        with pytest.raises(ValueError, match=rf"job 'b': label {bad} is outside the vocabulary"):
+            host.step(batch | {"labels": labels})
+
+
+def test_a_bf16_model_steps_with_float32_adapters_as_peft_does():
+    """Adapters stay float32 on a bf16 model (PEFT's default): x goes to float32 for the adapter,
+    and the sum goes back to bf16. Same loss as PEFT's LoRA on the same model."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny("llama").to(torch.bfloat16)
+    host = Host(model)
+    host.add_job(JobSpec("a", LowRank(r=4, alpha=8), target_modules=["q_proj", "v_proj"]))
+    adapters = host.jobs["a"].adapters
+    for a in adapters.values():
+        a.B.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    assert all(p.dtype == torch.float32 for a in adapters.values() for p in a.parameters())
+    batch = random_batch(96, 2, 8, 0)
+    result = host.step(batch | {"jobs": ["a", "a"]})
+    assert all(p.x.dtype == torch.bfloat16 and torch.isfinite(p.g).all() for p in result.packets)
+
+    import copy
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, a in adapters.items():
+            layer = pm.base_model.model.get_submodule(name)
+            assert layer.lora_A["default"].weight.dtype == torch.float32
+            layer.lora_A["default"].weight.copy_(a.A)
+            layer.lora_B["default"].weight.copy_(a.B)
+        logits = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    expect = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()))
+    assert abs(result.losses["a"] - expect) <= 1e-3 * expect
+
+
+def test_tokens_without_an_attention_mask_count_each_jobs_rows():
+    host = Host(tiny("llama"), mix_rows=8)
+    for j in "ab":
+        host.add_job(JobSpec(j, LowRank(r=4), seed=ord(j)))
+    batch = random_batch(96, 4, 6, 0, ragged=False)
+    del batch["attention_mask"]
+    assert host.step(batch | {"jobs": ["a", "b", "b", "b"]}).tokens == {"a": 6, "b": 18}
+    assert host.step(batch | {"jobs": ["a"] * 4}).tokens == {"a": 24}

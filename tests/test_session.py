@@ -117,9 +117,12 @@ def test_in_process_failures_are_colaflows_own_too(tmp_path):
         a, b = (session.submit(examples(96, 8, seed=0), steps=1, batch_size=4) for _ in range(2))
         assert a.id != b.id  # default ids do not collide within a second
         bad = examples(96, 8, seed=0)
-        bad[0]["input_ids"][0] = 10_000  # beyond the vocabulary
-        job = session.submit(bad, steps=3, batch_size=8)
-        with pytest.raises(JobFailed, match="ended failed: step 0 failed: IndexError"):
+        bad[3]["input_ids"][0] = 10_000  # beyond the vocabulary: refused at submit, as a server does
+        with pytest.raises(InvalidArgument, match=r"`data.examples\[3\]` holds token id 10000; the model's vocabulary is 0..95"):
+            session.submit(bad, steps=3, batch_size=8)
+        unlabelled = [e | {"labels": [-100] * len(e["labels"])} for e in examples(96, 8, seed=0)]
+        job = session.submit(unlabelled, steps=3, batch_size=8)
+        with pytest.raises(JobFailed, match="ended failed: step 0 failed: ValueError: .* carry no labelled token"):
             job.wait(timeout=60)
         assert job.status()["state"] == "failed"
     session.close()  # a second close does nothing
