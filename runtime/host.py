@@ -69,7 +69,7 @@ class _Ctx:
     routes: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> (B, T) token types
     selected: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> (B, T) bool
     mask: torch.Tensor | None = None  # the batch's attention mask (conditional kinds choose among real tokens)
-    grid: tuple[int, int] | None = None  # the batch's (rows, tokens): which way round a site's input is
+    grid: tuple[int, int] | None = None  # the batch's (rows, tokens)
     detached: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
 
@@ -90,7 +90,8 @@ class Host:
         self._packing: ThreadPoolExecutor | None = None
         self._blackbox: BlackBoxHost | None = None  # serves black-box jobs (forward only), made on first use
         self._head: nn.Module | None | bool = False  # the head the loss fuses with (colaflow.lmhead); False: not looked at yet
-        self._rows_first: dict[str, bool] = {}  # site -> its input is (rows, tokens, ...), seen at a step where they differ
+        self._rows_first: dict[str, bool] = {}  # site -> its input is (rows, tokens, ...), not (tokens, rows, ...)
+        self._probed: set[str] = set()  # sites a one-row forward has looked at (`_probe_layouts`)
         self.steps = 0
 
     # jobs and updates
@@ -210,7 +211,7 @@ class Host:
         ctx.grid = next((tuple(v.shape[:2]) for k in ("input_ids", "attention_mask", "labels")
                          if isinstance(v := batch.get(k), torch.Tensor) and v.dim() >= 2), None)
         if len(ctx.order) > 1:
-            self._probe_layouts(inputs, ctx.grid)
+            self._probe_layouts(inputs, len(jobs))
         collected: list[Packet] = []
         head = self._fused_head()  # (looked up once per model, before the step's hooks are live)
         self._ctx = ctx
@@ -368,15 +369,16 @@ class Host:
         if len(jobs) == 1 and ctx.rows[jobs[0]] is None:  # single-job batch
             job = self.jobs[jobs[0]]
             xj, route, sel = self._adapter_input(job, name, x, output, ctx)
-            self._learn_layout(name, xj, ctx)
+            if ctx.grid is not None:
+                self._learn_layout(name, xj, ctx.grid[0])
             return None if name in ctx.merged else _call(job.adapters[name], xj, route, sel)
         # a mixed batch: each run of one job's rows through that job's adapter, one call per run
         # (no per-row copies of A and B), and zeros for rows whose job does not adapt this site
         xs = {j: self._adapter_input(self.jobs[j], name, x, output, ctx) for j in jobs}
         sizes = [end - start for start, end, _ in ctx.runs]
         first = next(iter(xs.values()))[0]
-        self._learn_layout(name, first, ctx)
-        if not self._one_row_per_row(name, first, sum(sizes), ctx):  # e.g. an MoE expert reading (B*T, H)
+        self._learn_layout(name, first, sum(sizes))
+        if not self._one_row_per_row(name, first, sum(sizes)):  # e.g. an MoE expert reading (B*T, H)
             raise ValueError(f"site `{name}` reads an input of shape {tuple(first.shape)}, not one row per batch "
                              f"row ({sum(sizes)}): a mixed batch cannot tell its jobs' rows apart; step its jobs alone")
         if all(j in xs and xs[j][0] is first and xs[j][1] is None and xs[j][2] is None for *_, j in ctx.runs):
@@ -395,28 +397,29 @@ class Host:
                 parts.append(output.new_zeros((end - start, *output.shape[1:])))
         return torch.cat(parts)
 
-    def _one_row_per_row(self, name: str, x: torch.Tensor, rows: int, ctx: _Ctx) -> bool:
+    def _one_row_per_row(self, name: str, x: torch.Tensor, rows: int) -> bool:
         """Whether the site's input runs along the batch's rows first, so rows can be told apart.
 
-        A sequence-first input (T, B, H) has B first too when T == B; the site's layout is learned
-        at any step whose rows and tokens differ, and until then such a batch is not split."""
+        A sequence-first input (T, B, H) looks batch-first when T == B: such a site's layout is
+        learned where the two differ (a step, or `_probe_layouts`); until then it is not split."""
         if x.dim() == 0 or x.shape[0] != rows:
             return False
-        if ctx.grid is not None and ctx.grid[0] == ctx.grid[1] and x.dim() >= 2 and x.shape[1] == rows:
+        if x.dim() >= 2 and x.shape[1] == rows:
             return self._rows_first.get(name, False)
         return True
 
-    def _learn_layout(self, name: str, x: torch.Tensor, ctx: _Ctx) -> None:
-        if ctx.grid is not None and ctx.grid[0] != ctx.grid[1] and x.dim() >= 2 and name not in self._rows_first:
-            self._rows_first[name] = tuple(x.shape[:2]) == ctx.grid
+    def _learn_layout(self, name: str, x: torch.Tensor, rows: int) -> None:
+        if name not in self._rows_first and x.dim() >= 2 and (x.shape[0] == rows) != (x.shape[1] == rows):
+            self._rows_first[name] = x.shape[0] == rows
 
-    def _probe_layouts(self, inputs: dict, grid: tuple[int, int] | None) -> None:
-        """Before a square mixed batch (rows == tokens) splits a site not seen the right way round
-        yet: run one row of it, once, and see which way the site's input comes."""
-        unknown = [n for n in self._hooks if n not in self._rows_first]
-        if grid is None or grid[0] != grid[1] or grid[0] < 2 or not unknown:
+    def _probe_layouts(self, inputs: dict, rows: int) -> None:
+        """Before a mixed batch first splits sites whose layout is unknown: one row of it, once,
+        shows which way round each site's input comes ((1, T, ...) or (T, 1, ...))."""
+        unknown = [n for n in self._hooks if n not in self._rows_first and n not in self._probed]
+        if not unknown or rows < 2:
             return
-        one = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == grid[0] else v
+        self._probed.update(unknown)
+        one = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
                for k, v in inputs.items()}
         seen: dict[str, torch.Tensor] = {}
 
@@ -426,14 +429,14 @@ class Host:
         try:
             with torch.no_grad():
                 self.model(**one)
-        except Exception:  # a model this cannot run: such sites stay unsplit (a clear error in `_delta`)
+        except Exception:  # a model this cannot run: its ambiguous sites stay unsplit (a clear error in `_delta`)
             return
         finally:
             for h in handles:
                 h.remove()
         for name, x in seen.items():
-            if isinstance(x, torch.Tensor) and x.dim() >= 2:
-                self._rows_first[name] = tuple(x.shape[:2]) == (1, grid[1])
+            if isinstance(x, torch.Tensor):
+                self._learn_layout(name, x, 1)
 
     def _adapter_input(self, job: HostedJob, name: str, x: torch.Tensor, output: torch.Tensor,
                        ctx: _Ctx) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
