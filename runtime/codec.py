@@ -86,11 +86,11 @@ def encode(t: torch.Tensor, codec: str = "raw", salt: bytes = b"", seed: int | N
     scale = blocks.abs().amax(1, keepdim=True) / top  # (nb, 1)
     v = blocks / scale.clamp_min(1e-30)
     if codec == "int8":
-        q = torch.round(v).clamp_(-top, top).to(torch.int8).reshape(-1)[:n]
+        q = v.round_().clamp_(-top, top).to(torch.int8).reshape(-1)[:n]  # in place: v is ours
         return Encoded(dtype, tuple(t.shape), codec, _bytes(q), _bytes(scale), block)
     g = torch.Generator(device=v.device).manual_seed(_content_seed(flat, salt) if seed is None else seed)
-    q = torch.floor(v + torch.rand(v.shape, generator=g, device=v.device)).clamp_(-top, top)
-    q = (q.reshape(-1)[:n] + 8).to(torch.uint8)  # nibbles 1..15
+    q = v.add_(torch.rand(v.shape, generator=g, device=v.device)).floor_().clamp_(-top, top).add_(8)
+    q = q.reshape(-1)[:n].to(torch.uint8)  # nibbles 1..15
     q = torch.nn.functional.pad(q, (0, n % 2))
     return Encoded(dtype, tuple(t.shape), codec, _bytes(q[0::2] | (q[1::2] << 4)), _bytes(scale), block)
 
