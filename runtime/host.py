@@ -28,7 +28,7 @@ from .blackbox import BlackBoxHost, is_blackbox, model_logprobs
 from .gl import Packet, Update, site_seed
 from .job import JobSpec
 from .lmhead import fused, head_of
-from .loss import IGNORE, LossFn, causal_lm, per_job
+from .loss import IGNORE, LossFn, causal_lm, per_job, token_cls
 from .merge import merged_weights
 from .mixed import micro_batches, stackable, stacked_delta, sub_batch
 from .sites import Site, find_sites, site_module
@@ -90,7 +90,9 @@ class Host:
         self._packing: ThreadPoolExecutor | None = None
         self._blackbox: BlackBoxHost | None = None  # serves black-box jobs (forward only), made on first use
         self._head: nn.Module | None | bool = False  # the head the loss fuses with (colaflow.lmhead); False: not looked at yet
-        self._rows_first: dict[str, bool] = {}  # site -> its input is (rows, tokens, ...), not (tokens, rows, ...)
+        # site -> the row counts its input has shown along its first dimension; None: it showed
+        # something else (sequence-first, tokens flattened or routed): never split by job
+        self._layout: dict[str, set[int] | None] = {}
         self._probed: set[str] = set()  # sites a one-row forward has looked at (`_probe_layouts`)
         self.steps = 0
 
@@ -202,10 +204,10 @@ class Host:
     def _step(self, batch: dict, emit, gate) -> StepResult:
         jobs = list(batch["jobs"])
         device = next(self.model.parameters()).device
+        if self.loss_fn in (causal_lm, token_cls):
+            self._check_labels(batch)  # (before the copy to the device: no host sync for it)
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         inputs = {k: v for k, v in batch.items() if k not in ("jobs", "labels")}
-        if self.loss_fn is causal_lm:
-            self._check_labels(batch)
         ctx = self._context(jobs, capture=True)
         ctx.gate, ctx.mask = gate, batch.get("attention_mask")
         ctx.grid = next((tuple(v.shape[:2]) for k in ("input_ids", "attention_mask", "labels")
@@ -254,8 +256,8 @@ class Host:
         return StepResult(self.steps, {j: float(v.detach()) for j, v in losses.items()}, collected, tokens)
 
     def _check_labels(self, batch: dict) -> None:
-        """Token ids outside the vocabulary, named with their job (a GPU would index out of range)."""
-        labels, vocab = batch.get("labels"), self.limits()[0]
+        """Token ids outside the head's outputs, named with their job (a GPU would index out of range)."""
+        labels, vocab = batch.get("labels"), self._outputs()
         if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or vocab is None:
             return
         bad = (labels != IGNORE) & ((labels < 0) | (labels >= vocab))
@@ -264,6 +266,15 @@ class Host:
             value = int(labels[row][bad[row]].flatten()[0]) if bad.dim() > 1 else int(labels[row])
             raise ValueError(f"job {batch['jobs'][row]!r}: label {value} is outside the vocabulary "
                              f"(0..{vocab - 1}, or {IGNORE} for no loss)")
+
+    def _outputs(self) -> int | None:
+        """How many tokens the output embedding scores (the input embedding's count where unsaid)."""
+        try:
+            head = self.model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            head = None
+        n = getattr(head, "out_features", None) or getattr(head, "num_embeddings", None)
+        return n if isinstance(n, int) else self.limits()[0]
 
     def _fused_head(self) -> nn.Module | None:
         """The output embedding the causal-LM loss fuses with, unless it is itself adapted."""
@@ -370,14 +381,14 @@ class Host:
             job = self.jobs[jobs[0]]
             xj, route, sel = self._adapter_input(job, name, x, output, ctx)
             if ctx.grid is not None:
-                self._learn_layout(name, xj, ctx.grid[0])
+                self._observe(name, xj, ctx.grid[0])
             return None if name in ctx.merged else _call(job.adapters[name], xj, route, sel)
         # a mixed batch: each run of one job's rows through that job's adapter, one call per run
         # (no per-row copies of A and B), and zeros for rows whose job does not adapt this site
         xs = {j: self._adapter_input(self.jobs[j], name, x, output, ctx) for j in jobs}
         sizes = [end - start for start, end, _ in ctx.runs]
         first = next(iter(xs.values()))[0]
-        self._learn_layout(name, first, sum(sizes))
+        self._observe(name, first, sum(sizes))
         if not self._one_row_per_row(name, first, sum(sizes)):  # e.g. an MoE expert reading (B*T, H)
             raise ValueError(f"site `{name}` reads an input of shape {tuple(first.shape)}, not one row per batch "
                              f"row ({sum(sizes)}): a mixed batch cannot tell its jobs' rows apart; step its jobs alone")
@@ -400,22 +411,29 @@ class Host:
     def _one_row_per_row(self, name: str, x: torch.Tensor, rows: int) -> bool:
         """Whether the site's input runs along the batch's rows first, so rows can be told apart.
 
-        A sequence-first input (T, B, H) looks batch-first when T == B: such a site's layout is
-        learned where the two differ (a step, or `_probe_layouts`); until then it is not split."""
-        if x.dim() == 0 or x.shape[0] != rows:
+        Its shape alone cannot always say: a sequence-first (T, B, H) input looks batch-first when
+        T == B, and an MoE expert's (tokens routed to it, H) when as many tokens as rows were. So a
+        site is split only on evidence (`_observe`): a 3-D input once seen with the rows first and
+        not also second, a 2-D one at two row counts (the probe's one row and a step's), and never
+        after it showed anything else."""
+        seen = self._layout.get(name)
+        if x.dim() == 0 or x.shape[0] != rows or not seen:
             return False
-        if x.dim() >= 2 and x.shape[1] == rows:
-            return self._rows_first.get(name, False)
-        return True
+        return len(seen) >= 2 if x.dim() == 2 else True
 
-    def _learn_layout(self, name: str, x: torch.Tensor, rows: int) -> None:
-        if name not in self._rows_first and x.dim() >= 2 and (x.shape[0] == rows) != (x.shape[1] == rows):
-            self._rows_first[name] = x.shape[0] == rows
+    def _observe(self, name: str, x: torch.Tensor, rows: int) -> None:
+        seen = self._layout.setdefault(name, set())
+        if seen is None or x.dim() == 0:
+            return
+        if x.shape[0] != rows:
+            self._layout[name] = None
+        elif x.dim() == 2 or x.shape[1] != rows:  # (B, B, ...) says nothing
+            seen.add(rows)
 
     def _probe_layouts(self, inputs: dict, rows: int) -> None:
         """Before a mixed batch first splits sites whose layout is unknown: one row of it, once,
         shows which way round each site's input comes ((1, T, ...) or (T, 1, ...))."""
-        unknown = [n for n in self._hooks if n not in self._rows_first and n not in self._probed]
+        unknown = [n for n in self._hooks if n not in self._probed]
         if not unknown or rows < 2:
             return
         self._probed.update(unknown)
@@ -424,10 +442,12 @@ class Host:
         seen: dict[str, torch.Tensor] = {}
 
         def record(name):
-            return lambda m, args, out: seen.setdefault(name, args[0] if args and isinstance(args[0], torch.Tensor) else out)
+            def hook(module, args, out) -> None:  # (returns nothing: the output stays the module's)
+                seen.setdefault(name, args[0] if args and isinstance(args[0], torch.Tensor) else out)
+            return hook
         handles = [site_module(self.model, n).register_forward_hook(record(n)) for n in unknown]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):  # (dropout's stream unmoved)
                 self.model(**one)
         except Exception:  # a model this cannot run: its ambiguous sites stay unsplit (a clear error in `_delta`)
             return
@@ -436,7 +456,7 @@ class Host:
                 h.remove()
         for name, x in seen.items():
             if isinstance(x, torch.Tensor):
-                self._learn_layout(name, x, 1)
+                self._observe(name, x, 1)
 
     def _adapter_input(self, job: HostedJob, name: str, x: torch.Tensor, output: torch.Tensor,
                        ctx: _Ctx) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

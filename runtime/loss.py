@@ -23,7 +23,7 @@ def causal_lm(output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def token_cls(output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy without shift (masked LM, tagging), summed per row."""
-    logits, labels = output.logits, batch["labels"]  # (B, T, V), (B, T)
+    logits, labels = output.logits, batch["labels"].long()  # (B, T, V), (B, T)
     ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                          reduction="none").view(labels.shape)
     return ce.sum(1), (labels != IGNORE).sum(1)
@@ -31,7 +31,7 @@ def token_cls(output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def seq_cls(output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence classification: one cross-entropy term per row; `labels` (B,) class ids."""
-    logits, labels = output.logits, batch["labels"]  # (B, C), (B,)
+    logits, labels = output.logits, batch["labels"].long()  # (B, C), (B,)
     if labels.dim() != 1:
         raise ValueError(f"`labels` of a classification batch must be one class id per row, got shape "
                          f"{tuple(labels.shape)} (examples carry `label`, not token `labels`)")

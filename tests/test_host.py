@@ -336,21 +336,57 @@ def test_a_mixed_batch_never_splits_a_sequence_first_site_along_its_tokens():
     for j in "ab":
         host.add_job(JobSpec(j, LowRank(r=2), target_modules=["proj"], seed=ord(j)))
     square = random_batch(50, 4, 4, 0, ragged=False)
-    for batch in (square, random_batch(50, 4, 5, 1, ragged=False), square):
+    with pytest.raises(ValueError, match="step its jobs alone"):
+        host.step(square | {"jobs": ["a", "a", "b", "b"]})
+    assert host._layout == {"proj": None}  # the one-row probe saw (T, 1, H)
+    for batch in (random_batch(50, 4, 5, 1, ragged=False), square):
         with pytest.raises(ValueError, match="step its jobs alone"):
             host.step(batch | {"jobs": ["a", "a", "b", "b"]})
-    assert host._rows_first == {"proj": False}
     assert host.step(square | {"jobs": ["a"] * 4}).losses["a"] > 0  # alone it steps
 
 
-def test_a_square_mixed_batch_of_a_batch_first_model_equals_its_jobs_alone():
-    """rows == tokens: one row, once, shows the sites are batch-first; the jobs then mix exactly."""
-    specs = [JobSpec(j, LowRank(r=4), seed=ord(j)) for j in "ab"]
+class _Routed(torch.nn.Module):
+    """An MoE-like site: an expert reads only the tokens routed to it, as (tokens, H)."""
+
+    def __init__(self, vocab: int = 50, hidden: int = 16):
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab)
+        self.embed, self.expert = torch.nn.Embedding(vocab, hidden), torch.nn.Linear(hidden, hidden)
+        self.head = torch.nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        h = self.embed(input_ids)
+        routed = input_ids % 2 == 0
+        h = h.masked_scatter(routed.unsqueeze(-1), self.expert(h[routed]))
+        return SimpleNamespace(logits=self.head(torch.tanh(h)))
+
+
+def test_a_mixed_batch_never_splits_tokens_routed_to_an_expert_even_as_many_as_rows():
+    host = Host(_Routed(), mix_rows=8)
+    for j in "ab":
+        host.add_job(JobSpec(j, LowRank(r=2), target_modules=["expert"], seed=ord(j)))
+    ids = torch.tensor([[2, 3, 4, 5, 7], [1, 3, 5, 7, 9], [6, 1, 3, 5, 7], [1, 3, 5, 8, 9]])  # 4 routed, 4 rows
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with pytest.raises(ValueError, match="step its jobs alone"):
+        host.step(batch | {"jobs": ["a", "a", "b", "b"]})
+    assert host._layout == {"expert": None}
+
+
+@pytest.mark.parametrize("family,targets", [("llama", None), ("llama", ["up_proj", "down_proj", "k_proj"]),
+                                            ("gpt2", None)])
+def test_a_square_mixed_batch_of_a_batch_first_model_equals_its_jobs_alone(family, targets):
+    """rows == tokens: one row, once, shows the sites are batch-first; the jobs then mix exactly
+    (sites whose input and output widths differ too: the probe must leave outputs alone)."""
+    specs = [JobSpec(j, LowRank(r=4), target_modules=targets, seed=ord(j)) for j in "ab"]
     batch = random_batch(96, 4, 4, 3, ragged=False)
 
     def run(jobs: list[str]):
         torch.manual_seed(0)
-        host = Host(tiny("llama"), mix_rows=8)
+        host = Host(tiny(family), mix_rows=8)
         for s in specs:
             host.add_job(s)
             for a in host.jobs[s.job_id].adapters.values():
@@ -360,7 +396,7 @@ def test_a_square_mixed_batch_of_a_batch_first_model_equals_its_jobs_alone():
         return host, host.step(sub)
 
     host, mixed = run(["a", "a", "b", "b"])
-    assert host._rows_first and all(host._rows_first.values())
+    assert host._layout.keys() == host._hooks.keys() and all(host._layout.values())
     for job, rows in (("a", ["a", "a", None, None]), ("b", [None, None, "b", "b"])):
         _, alone = run(rows)
         assert abs(mixed.losses[job] - alone.losses[job]) <= 1e-5 * alone.losses[job]
@@ -414,7 +450,7 @@ def test_a_bf16_model_steps_with_float32_adapters_as_peft_does():
         logits = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
     expect = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()))
-    assert abs(result.losses["a"] - expect) <= 1e-3 * expect
+    assert abs(result.losses["a"] - expect) <= 1e-6 * expect  # (adapters in bf16 would be ~3e-5 off)
 
 
 def test_tokens_without_an_attention_mask_count_each_jobs_rows():
