@@ -1,6 +1,8 @@
 """Invariants 2, 3 and 6 on the server's step: no parameter gradients, tenant isolation, exact merge."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -310,22 +312,28 @@ def test_a_model_that_changes_its_logits_after_the_head_is_not_fused():
     assert abs(loss - float(expect)) <= 1e-5 * float(expect)
 
 
-class _SequenceFirst(torch.nn.Module):
-    """A model whose layer runs sequence-first, (T, B, H), as torch's nn.Transformer* do by default."""
+class _Toy(torch.nn.Module):
+    """Embedding, one adapted layer (named `site`), head; `layer` says how the layer reads the tokens."""
 
-    def __init__(self, vocab: int = 50, hidden: int = 16):
-        from types import SimpleNamespace
-
+    def __init__(self, site: str, vocab: int = 50, hidden: int = 16):
         super().__init__()
-        self.config = SimpleNamespace(vocab_size=vocab)
-        self.embed, self.proj = torch.nn.Embedding(vocab, hidden), torch.nn.Linear(hidden, hidden)
-        self.head = torch.nn.Linear(hidden, vocab)
+        self.config, self.site = SimpleNamespace(vocab_size=vocab), site
+        self.embed, self.head = torch.nn.Embedding(vocab, hidden), torch.nn.Linear(hidden, vocab)
+        setattr(self, site, torch.nn.Linear(hidden, hidden))
 
     def forward(self, input_ids, attention_mask=None):
-        from types import SimpleNamespace
+        h = self.layer(getattr(self, self.site), self.embed(input_ids), input_ids)
+        return SimpleNamespace(logits=self.head(torch.tanh(h)))
 
-        h = torch.tanh(self.proj(self.embed(input_ids).transpose(0, 1))).transpose(0, 1)
-        return SimpleNamespace(logits=self.head(h))
+
+class _SequenceFirst(_Toy):
+    """The layer runs sequence-first, (T, B, H), as torch's nn.Transformer* do by default."""
+
+    def __init__(self):
+        super().__init__("proj")
+
+    def layer(self, proj, h, input_ids):
+        return proj(h.transpose(0, 1)).transpose(0, 1)
 
 
 def test_a_mixed_batch_never_splits_a_sequence_first_site_along_its_tokens():
@@ -345,24 +353,15 @@ def test_a_mixed_batch_never_splits_a_sequence_first_site_along_its_tokens():
     assert host.step(square | {"jobs": ["a"] * 4}).losses["a"] > 0  # alone it steps
 
 
-class _Routed(torch.nn.Module):
+class _Routed(_Toy):
     """An MoE-like site: an expert reads only the tokens routed to it, as (tokens, H)."""
 
-    def __init__(self, vocab: int = 50, hidden: int = 16):
-        from types import SimpleNamespace
+    def __init__(self):
+        super().__init__("expert")
 
-        super().__init__()
-        self.config = SimpleNamespace(vocab_size=vocab)
-        self.embed, self.expert = torch.nn.Embedding(vocab, hidden), torch.nn.Linear(hidden, hidden)
-        self.head = torch.nn.Linear(hidden, vocab)
-
-    def forward(self, input_ids, attention_mask=None):
-        from types import SimpleNamespace
-
-        h = self.embed(input_ids)
+    def layer(self, expert, h, input_ids):
         routed = input_ids % 2 == 0
-        h = h.masked_scatter(routed.unsqueeze(-1), self.expert(h[routed]))
-        return SimpleNamespace(logits=self.head(torch.tanh(h)))
+        return h.masked_scatter(routed.unsqueeze(-1), expert(h[routed]))
 
 
 def test_a_mixed_batch_never_splits_tokens_routed_to_an_expert_even_as_many_as_rows():

@@ -150,6 +150,15 @@ def grpc_bytes_round(nbytes: int) -> float:
         "S": grpc.unary_stream_rpc_method_handler(stream)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    elapsed = _drain(port)
+    server.stop(0)
+    return elapsed
+
+
+def _drain(port: int) -> float:
+    """Seconds for a plain client to read the whole `bench.Bytes/S` stream on `port`."""
+    from colaflow.wire import CHANNEL_OPTIONS
+
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
     call = channel.unary_stream("/bench.Bytes/S")
     t = time.perf_counter()
@@ -157,7 +166,6 @@ def grpc_bytes_round(nbytes: int) -> float:
         pass
     elapsed = time.perf_counter() - t
     channel.close()
-    server.stop(0)
     return elapsed
 
 
@@ -188,13 +196,7 @@ def grpc_aio_round(nbytes: int) -> float:
         await server.start()
         return server, port
     server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
-    call = channel.unary_stream("/bench.Bytes/S")
-    t = time.perf_counter()
-    for _ in call(b""):
-        pass
-    elapsed = time.perf_counter() - t
-    channel.close()
+    elapsed = _drain(port)
     asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
