@@ -4,7 +4,9 @@
     g2 = decode(enc)               # float32 again; |g2 - g| <= absmax(block) / 254 elementwise
 
 Error bounds (per element, for values in range): raw exact; bf16 relative 2^-8; fp16 relative
-2^-11 (|x| <= 65504, else refused); int8 absolute absmax(block)/254; int4 absolute absmax(block)/7.
+2^-11 (a tensor with any |x| > 65504 travels as bf16 instead); int8 absolute absmax(block)/254;
+int4 absolute absmax(block)/7. Integer tensors always travel raw. Each tensor on the wire names
+its own codec, so a receiver never has to know which was asked for.
 
 int4 rounds stochastically (up with probability equal to the remainder), so decode(encode(t)) is
 unbiased: E[q] = t. An adapter's gradient is linear in g (and in x, for x and g rounded
@@ -31,6 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 INT8_BLOCK = 64  # 1 + 4/64 = 1.0625 bytes per element
 INT4_BLOCK = 64  # 0.5 + 4/64 = 0.5625 bytes per element
 _BLOCKED = {"int8": (INT8_BLOCK, 127), "int4": (INT4_BLOCK, 7)}
+FP16_MAX = 65504.0
 MAX_ELEMENTS = 1 << 31
 MAX_DIMS = 8
 
@@ -51,7 +54,7 @@ class Encoded:
         return len(self.data) + len(self.scales)
 
 
-def _name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     for k, v in DTYPES.items():
         if v == dtype:
             return k
@@ -64,32 +67,55 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint8).numpy()
 
 
-def encode(t: torch.Tensor, codec: str = "raw", salt: bytes = b"", seed: int | None = None) -> Encoded:
-    """Encode a tensor; floating tensors may use a lossy codec, integer ones travel raw. int4's
-    rounding noise is seeded by the tensor's values and `salt` (say, job and step: equal inputs of
-    different steps get independent noise, a resend of one step the same); or by `seed`."""
+def travels_as(t: torch.Tensor, codec: str) -> str:
+    """The codec `t` travels in when `codec` is asked for: integer tensors go raw, and a tensor
+    beyond fp16's range goes bf16 (the same bytes, float32's range) rather than failing a frame."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; known: {CODECS}")
-    dtype = _name(t.dtype)
-    if not t.is_floating_point() or codec == "raw":
+    dtype_name(t.dtype)
+    if not t.is_floating_point():
+        return "raw"
+    if codec == "fp16" and t.numel():
+        lo, hi = torch.aminmax(t.detach())  # one pass, no |t| copy
+        if max(-float(lo), float(hi)) > FP16_MAX:
+            return "bf16"
+    return codec
+
+
+def layout(t: torch.Tensor, codec: str) -> tuple[int, int, int]:
+    """(data bytes, scale bytes, block) of `encode(t, codec)` for a `codec` from `travels_as`,
+    without encoding: a frame's header is written before its tensors are encoded."""
+    n = t.numel()
+    if codec == "raw":
+        return n * t.element_size(), 0, 0
+    if codec in ("bf16", "fp16"):
+        return 2 * n, 0, 0
+    block = _BLOCKED[codec][0]
+    return (n if codec == "int8" else (n + 1) // 2), 4 * -(-n // block), block
+
+
+def encode(t: torch.Tensor, codec: str = "raw", salt: bytes = b"", seed: int | None = None) -> Encoded:
+    """Encode a tensor in the codec it travels as (`travels_as`). int4's rounding noise is seeded
+    by the tensor's values and `salt` (say, job and step: equal inputs of different steps get
+    independent noise, a resend of one step the same); or by `seed`."""
+    codec = travels_as(t, codec)
+    dtype = dtype_name(t.dtype)
+    if codec == "raw":
         return Encoded(dtype, tuple(t.shape), "raw", _bytes(t))
-    if codec == "bf16":
-        return Encoded(dtype, tuple(t.shape), codec, _bytes(t.to(torch.bfloat16)))
-    if codec == "fp16":
-        if t.numel() and float(t.abs().max()) > 65504:
-            raise ValueError(f"a value of magnitude {float(t.abs().max()):.3g} overflows fp16; use bf16 or int8")
-        return Encoded(dtype, tuple(t.shape), codec, _bytes(t.to(torch.float16)))
+    if codec in ("bf16", "fp16"):
+        return Encoded(dtype, tuple(t.shape), codec, _bytes(t.to(torch.bfloat16 if codec == "bf16" else torch.float16)))
     block, top = _BLOCKED[codec]
     flat = t.detach().float().reshape(-1)
     n = flat.numel()
-    blocks = torch.nn.functional.pad(flat, (0, (-n) % block)).view(-1, block)  # (nb, block)
+    blocks = (torch.nn.functional.pad(flat, (0, -n % block)) if n % block else flat).view(-1, block)  # (nb, block)
     scale = blocks.abs().amax(1, keepdim=True) / top  # (nb, 1)
-    v = blocks / scale.clamp_min(1e-30)
+    v = blocks / scale.clamp_min(1e-30)  # a new tensor: the steps below work in place
     if codec == "int8":
-        q = v.round_().clamp_(-top, top).to(torch.int8).reshape(-1)[:n]  # in place: v is ours
+        q = v.round_().clamp_(-top, top).to(torch.int8).reshape(-1)[:n]
         return Encoded(dtype, tuple(t.shape), codec, _bytes(q), _bytes(scale), block)
-    g = torch.Generator(device=v.device).manual_seed(_content_seed(flat, salt) if seed is None else seed)
-    q = v.add_(torch.rand(v.shape, generator=g, device=v.device)).floor_().clamp_(-top, top).add_(8)
+    rng = np.random.Generator(np.random.PCG64(_content_seed(flat, salt) if seed is None else seed))
+    u = torch.from_numpy(rng.random(v.numel(), dtype=np.float32)).view_as(v).to(v.device)  # U[0, 1): 2x torch.rand's speed
+    q = v.add_(u).floor_().clamp_(-top, top).add_(8)
     q = q.reshape(-1)[:n].to(torch.uint8)  # nibbles 1..15
     q = torch.nn.functional.pad(q, (0, n % 2))
     return Encoded(dtype, tuple(t.shape), codec, _bytes(q[0::2] | (q[1::2] << 4)), _bytes(scale), block)

@@ -21,11 +21,30 @@ MAX_CHUNK_ENVELOPE = 256  # a chunk after the first carries only seq, index and 
 _LEN = struct.Struct("<I")
 ALIGN = 64  # payload and every tensor in it start at a multiple of this: aligned, zero-copy tensors
 
-Parts = list  # buffers (bytes, memoryview, numpy uint8) whose concatenation is a frame's payload
+Parts = list  # buffers (bytes, memoryview, numpy uint8) or `Later`s, whose concatenation is a frame's payload
 
 
 def pad(n: int) -> int:
     return -n % ALIGN
+
+
+class Later:
+    """A payload part of known size whose bytes are made when the chunk holding it is framed: a
+    frame's header and first chunk leave while its later tensors are still being encoded."""
+
+    def __init__(self, nbytes: int, make):
+        self.nbytes, self._make, self._view = nbytes, make, None
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def view(self) -> memoryview:
+        if self._view is None:
+            v = memoryview(self._make()).cast("B")
+            if len(v) != self.nbytes:  # the header already announced nbytes
+                raise RuntimeError(f"a payload part made {len(v)} bytes where {self.nbytes} were announced")
+            self._view, self._make = v, None
+        return self._view
 
 
 class Payload:
@@ -38,7 +57,7 @@ class Payload:
     def __init__(self, payload=None):
         if payload is None:
             payload = []
-        self.views = [memoryview(p).cast("B") for p in (payload if isinstance(payload, list) else [payload])]
+        self.views = [memoryview(_view(p)).cast("B") for p in (payload if isinstance(payload, list) else [payload])]
         self.i, self.at = 0, 0
 
     def take(self, n: int, what: str) -> memoryview:
@@ -96,31 +115,38 @@ def to_chunks(header, parts: Parts, seq: int, wrap, size: int | None = None) -> 
     """Framed messages carrying `header` and its payload in chunks of <= `size` bytes.
 
     Parts are packed whole into chunks when they fit, so the receiver decodes them without a
-    copy; a part larger than a chunk is split. `wrap(chunk)` builds the envelope around a Chunk.
+    copy; a part larger than a chunk is split. The layout needs only sizes, so a `Later` part is
+    made when its chunk is framed. `wrap(chunk)` builds the envelope around a Chunk.
     """
     size = (size or CHUNK_BYTES) // ALIGN * ALIGN
-    views = [memoryview(p).cast("B") for p in parts]
-    chunks: list[list] = [[]]
+    parts = [p if isinstance(p, Later) else memoryview(p).cast("B") for p in parts]
+    chunks: list[list] = [[]]  # per chunk: (part, start, stop) slices and zero gaps (ints)
     room = size
-    for v in views:
-        if len(v) > room and chunks[-1]:
+    for k, p in enumerate(parts):
+        at, n = 0, len(p)
+        if n > room and chunks[-1]:
             chunks.append([])
             room = size
-        while len(v) > room:  # larger than a whole chunk: split it
-            chunks[-1].append(v[:room])
-            v = v[room:]
+        while n - at > room:  # larger than a whole chunk: split it
+            chunks[-1].append((k, at, at + room))
+            at += room
             chunks.append([])
             room = size
-        if len(v):
-            gap = min(pad(len(v)), room - len(v))  # the next part starts aligned (or in a new chunk)
-            chunks[-1] += [v, bytes(gap)] if gap else [v]
-            room -= len(v) + gap
-    total = sum(len(p) for c in chunks for p in c)
+        if n - at:
+            gap = min(pad(n - at), room - (n - at))  # the next part starts aligned (or in a new chunk)
+            chunks[-1] += [(k, at, n), gap] if gap else [(k, at, n)]
+            room -= n - at + gap
+    total = sum(p if isinstance(p, int) else p[2] - p[1] for c in chunks for p in c)
     for i, pieces in enumerate(chunks):
         chunk = worker_pb2.Chunk(seq=seq, index=i, count=len(chunks))
         if i == 0:
             chunk.header, chunk.payload_bytes = header.SerializeToString(), total
-        yield frame_message(wrap(chunk), pieces)
+        yield frame_message(wrap(chunk), [bytes(p) if isinstance(p, int) else _view(parts[p[0]])[p[1]:p[2]]
+                                          for p in pieces])
+
+
+def _view(part) -> memoryview:
+    return part.view() if isinstance(part, Later) else part
 
 
 class Reassembler:

@@ -35,6 +35,8 @@ from .sites import Site, find_sites, site_module
 from .stream import PacketStream
 
 
+MIX_ROWS = 6  # rows per micro-batch of a mixed step: on CPU, batching gains little past ~6 rows of 128 tokens
+
 @dataclass
 class HostedJob:
     spec: JobSpec
@@ -76,7 +78,7 @@ class _Ctx:
 class Host:
     """The server's side of ColA: frozen model + per-job adapter copies + the capture step."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn = causal_lm, mix_rows: int = 6):
+    def __init__(self, model: nn.Module, loss_fn: LossFn = causal_lm, mix_rows: int = MIX_ROWS):
         if not isinstance(mix_rows, int) or mix_rows < 1:
             raise ValueError(f"`mix_rows` must be a positive int, got {mix_rows!r}")
         self.model = model

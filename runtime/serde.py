@@ -8,13 +8,15 @@ payload cut into chunks (`framing`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from . import codec
-from .framing import CHUNK_BYTES, MAX_FRAME_BYTES, Parts, Payload, Reassembler, frame_message, parse_message, to_chunks
+from .framing import (CHUNK_BYTES, MAX_FRAME_BYTES, Later, Parts, Payload, Reassembler, frame_message, parse_message,
+                      to_chunks)
 from .gl import LearnerState, OptimizerState, Packet, Update
 from .job import JobSpec
 from .maps import pack, unpack
@@ -34,16 +36,25 @@ _PB_CODEC = {v: k for k, v in _CODEC_PB.items()}
 
 def tensor_to_proto(t: torch.Tensor, codec_name: str = "raw", parts: Parts | None = None,
                     salt: bytes = b"") -> tensor_pb2.Tensor:
-    """A Tensor message; with `parts`, its bytes are appended there (payload mode), else inline."""
-    e = codec.encode(t, codec_name, salt)
-    m = tensor_pb2.Tensor(dtype=e.dtype, shape=e.shape, codec=_CODEC_PB[e.codec], block=e.block)
+    """A Tensor message; with `parts`, its bytes are appended there (payload mode), else inline.
+    In payload mode a lossy codec encodes `Later`, when the chunk holding the bytes is framed."""
     if parts is None:
-        m.inline, m.data, m.scales = True, bytes(e.data), bytes(e.scales)
+        e = codec.encode(t, codec_name, salt)
+        return tensor_pb2.Tensor(dtype=e.dtype, shape=e.shape, codec=_CODEC_PB[e.codec], block=e.block,
+                                 inline=True, data=bytes(e.data), scales=bytes(e.scales))
+    name = codec.travels_as(t, codec_name)
+    if name == "raw":  # a view of the tensor's bytes: nothing to defer
+        e = codec.encode(t, name)
+        data, scales, block = e.data, e.scales, e.block
     else:
-        m.data_bytes, m.scale_bytes = len(e.data), len(e.scales)
-        parts.append(e.data)
-        if len(e.scales):
-            parts.append(e.scales)
+        encoded = functools.cache(lambda: codec.encode(t, name, salt))
+        n_data, n_scales, block = codec.layout(t, name)
+        data, scales = Later(n_data, lambda: encoded().data), Later(n_scales, lambda: encoded().scales)
+    m = tensor_pb2.Tensor(dtype=codec.dtype_name(t.dtype), shape=t.shape, codec=_CODEC_PB[name], block=block,
+                          data_bytes=len(data), scale_bytes=len(scales))
+    parts.append(data)
+    if len(scales):
+        parts.append(scales)
     return m
 
 

@@ -294,6 +294,11 @@ class Coordinator:
             self._seen(worker_id, bytes_in=nbytes)
             self._notify()
 
+    def fail(self, job_id: str, reason: str) -> None:
+        with self.lock:
+            self.scheduler.fail(job_id, reason)
+            self._notify()
+
     def sent(self, job_id: str, nbytes: int, worker_id: str = "") -> None:
         """Packet bytes went out on the wire, for `job_id`, to `worker_id`."""
         with self.lock:

@@ -230,3 +230,45 @@ def test_the_daemon_survives_a_frame_it_cannot_decode(monkeypatch):
         daemon.stop()
     monkeypatch.setattr(daemon.link, "_session", session)
     assert daemon.run() == 0 and len(calls) == 2
+
+
+def test_packets_that_cannot_be_encoded_fail_their_job_instead_of_looping(monkeypatch):
+    """A frame that fails to encode would fail the same way on every resend: the job ends `failed`
+    with the reason, the worker stays, and a second job on the same worker finishes. The server
+    runs in this process so that its encoder can be made to fail (no real input makes it fail)."""
+    import threading
+
+    from colaflow import Worker, codec
+    from colaflow.host import Host
+    from colaflow.link import WorkerLink
+    from colaflow.server.auth import Tokens
+    from colaflow.server.coordinator import Coordinator
+    from colaflow.server.service import make_server
+
+    real = codec.encode
+
+    def encode(t, name="raw", *a, **k):
+        if name == "int8":
+            raise RuntimeError("encoder fault")
+        return real(t, name, *a, **k)
+    monkeypatch.setattr(codec, "encode", encode)
+    coordinator = Coordinator(Host(tiny("llama")), reassign_after=3600)
+    server, port = make_server(coordinator, Tokens(None))
+    server.start()
+    threading.Thread(target=coordinator.run, daemon=True).start()
+    address = f"127.0.0.1:{port}"
+    link = WorkerLink(address, Worker("w1"))
+    threading.Thread(target=link.run, daemon=True).start()
+    client = Client(address)
+    try:
+        client.submit(JobSpec("bad", LowRank(r=2), AdamW(lr=1e-2), codec_g="int8"), examples(96, 8, seed=2),
+                      steps=6, batch_size=4)
+        bad = wait_done(client, "bad", timeout=60)
+        assert bad.state == "failed" and "cannot be sent: RuntimeError: encoder fault" in bad.error
+        client.submit(JobSpec("good", LowRank(r=2), AdamW(lr=1e-2)), examples(96, 8, seed=3), steps=6, batch_size=4)
+        assert wait_done(client, "good", timeout=60).state == "done"
+    finally:
+        client.close()
+        link.stop()
+        coordinator.stop()
+        server.stop(0)

@@ -4,7 +4,9 @@ colaflow: one mixed batch per step (one 128-token row per tenant, each row throu
 tenant's adapter). PEFT refuses mixed-adapter batches in training, so its side is K sequential
 steps with `set_adapter`, each with that tenant's AdamW. Tokens/s, peak memory and the bytes the
 server holds per tenant, both sides measured in the same run, alternating; medians.
-Last line: {"throughput_ratio", "mem_ratio", "state_per_tenant_ratio"} (colaflow over PEFT).
+The frozen model alone, one row at a time against micro-batches of the host's `mix_rows`, gives
+the most that batching can give on this hardware ("batching_ceiling").
+Last line: {"throughput_ratio", "mem_ratio", "state_per_tenant_ratio"} (colaflow over PEFT), ...
 """
 from __future__ import annotations
 
@@ -78,8 +80,26 @@ def _peft(model, device: str = "cpu"):
     return synced(sequential, device), held
 
 
+def _frozen(model, rows_per_call: int, device: str = "cpu"):
+    """The frozen model alone, forward and backward to its input embeddings, `rows_per_call` rows
+    at a time: the compute any adapter trainer must do. One row at a time against micro-batches
+    is what batching can give on this hardware, adapters aside."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    batch, emb = _rows(model.config.vocab_size, device), model.get_input_embeddings()
+
+    def run():
+        for s in range(0, K, rows_per_call):
+            rows = {n: v[s:s + rows_per_call] for n, v in batch.items()}
+            e = emb(rows.pop("input_ids")).requires_grad_(True)
+            model(inputs_embeds=e, **rows).loss.backward()
+    return synced(run, device)
+
+
 def main(args: argparse.Namespace) -> int:
     from colaflow.wire import tune_allocator
+
+    from colaflow.host import MIX_ROWS
 
     tune_allocator()  # both sides time under the allocator `colaflow serve` runs with
     torch.manual_seed(0)
@@ -89,7 +109,11 @@ def main(args: argparse.Namespace) -> int:
     peft, peft_held = _peft(model, args.device)
     print(f"tenants: {args.model} on {args.device}, K={K} tenants x 1 row x {TOKENS} tokens per step, lowrank r=8 on "
           f"q_proj,v_proj, {torch.get_num_threads()} threads, {args.repeats} alternating rounds", flush=True)
-    t = alternate({"colaflow": cola, "peft": peft, "colaflow+fits": cola_fits}, args.repeats)
+    frozen = copy.deepcopy(model)
+    mix_rows = MIX_ROWS
+    sides = {"colaflow": cola, "peft": peft, "colaflow+fits": cola_fits, "frozen, 1 row": _frozen(frozen, 1, args.device),
+             f"frozen, {mix_rows} rows": _frozen(frozen, mix_rows, args.device)}
+    t = alternate(sides, args.repeats)
     tps = {k: K * TOKENS / v for k, v in t.items()}
     for k in t:
         print(f"  {k:14s} {t[k] * 1000:8.0f} ms per {K * TOKENS} tokens   {tps[k]:7.0f} tokens/s")
@@ -103,7 +127,8 @@ def main(args: argparse.Namespace) -> int:
     report({"throughput_ratio": round(tps["colaflow"] / tps["peft"], 3),
             "mem_ratio": round(mem["colaflow"] / mem["peft"], 3),
             "state_per_tenant_ratio": round(held["colaflow"] / held["peft"], 3),
-            "throughput_ratio_with_inprocess_fits": round(tps["colaflow+fits"] / tps["peft"], 3)})
+            "throughput_ratio_with_inprocess_fits": round(tps["colaflow+fits"] / tps["peft"], 3),
+            "batching_ceiling": round(t["frozen, 1 row"] / t[f"frozen, {mix_rows} rows"], 3)})
     return 0
 
 

@@ -6,15 +6,20 @@ chunks, credits — to a client that reassembles and decodes them as the edge da
 same bytes also cross a raw TCP socket on loopback in the same run (the physical limit here),
 bare sync gRPC (one prebuilt message sent again and again), and, for raw, a bare `grpc.aio`
 server building each message anew (what colaflow's path could reach at most).
+Each gRPC pair runs twice: with the client in the server's process (where its decoding takes the
+server's GIL) and with the client apart in a process of its own, as every edge daemon is.
 Last line: {"raw_vs_socket", "int8_bytes_per_elem", "int8_rel_err", ..., "raw_vs_bare_grpc",
-"raw_vs_bare_aio_fresh"}.
+"raw_vs_bare_aio_fresh", "raw_vs_bare_grpc_apart"}.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import queue
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,7 +27,9 @@ import grpc
 import torch
 
 from .common import report
+from .shaper import Shaper
 
+MODULE = "colaflow.bench.wire"
 LAYERS, TOKENS, HIDDEN, KV = 30, 8 * 128, 576, 192
 CODECS = ("raw", "bf16", "fp16", "int8", "int4")
 
@@ -57,47 +64,117 @@ def _server(codec: str):
     return coord, server, f"127.0.0.1:{port}"
 
 
-def grpc_round(codec: str, steps: int) -> tuple[float, int, list]:
-    """Seconds to move `steps` frames through Work; wire bytes; the decoded packets of the last."""
-    from colaflow import serde
-    from colaflow.framing import parse_message
-    from colaflow.protocol import Hello, Packets
-    from colaflow.v1 import worker_pb2, worker_pb2_grpc
-    from colaflow.wire import CHANNEL_OPTIONS, work_call
-
+def grpc_round(codec: str, steps: int, apart: Apart | None = None, mbit: float = 0.0) -> tuple[float, int, list]:
+    """Seconds to move `steps` frames through Work; wire bytes; the decoded packets of the last
+    (none when the client ran `apart`, in its own process); through a shaped link if `mbit`."""
     coord, server, address = _server(codec)
+    shaper = Shaper(address, mbit=mbit, rtt_ms=20) if mbit else None
+    address = shaper.address if shaper else address
     frames = [step_packets(s) for s in range(steps)]
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    stub = worker_pb2_grpc.WorkerStub(channel)
-    md = [("x-worker-id", "bench")]
-    session = stub.Register(worker_pb2.RegisterRequest(worker_id="bench"), metadata=md).session
-    out: queue.Queue = queue.Queue()
-    out.put(serde.opening(session, Hello()))
-    responses = work_call(channel)(iter(out.get, None), metadata=md)
+    client = _Client(address) if apart is None else apart.open(address)
     while not coord.health().workers:
         time.sleep(0.01)
     with coord.lock:  # the steps' packets, as the step loop would leave them
         for packets in frames:
             plan = coord.scheduler.begin("bench")
             coord.scheduler.finish(plan, packets, 0.0, TOKENS)
-    inbox, got, wire, last = serde.Inbox("worker"), 0, 0, None
-    t = time.perf_counter()
-    out.put(serde.credit(2))
-    for raw in responses:
-        wire += len(parse_message(raw, worker_pb2.ServerMessage)[1])
-        msg = inbox.feed(raw)
-        if isinstance(msg, Packets):
-            last = msg.packets
-            got += 1
-            out.put(serde.credit(1))
-            if got == steps:
-                break
-    elapsed = time.perf_counter() - t
-    out.put(None)
-    responses.cancel()
-    channel.close()
+    elapsed, wire, last = client.read(steps)
     server.stop(0)
+    if shaper:
+        shaper.close()
     return elapsed, wire, last
+
+
+class _Client:
+    """A worker's side of Work as the edge daemon has it: credits out, frames reassembled and decoded."""
+
+    def __init__(self, address: str):
+        from colaflow import serde
+        from colaflow.protocol import Hello
+        from colaflow.v1 import worker_pb2, worker_pb2_grpc
+        from colaflow.wire import CHANNEL_OPTIONS, work_call
+
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        md = [("x-worker-id", "bench")]
+        stub = worker_pb2_grpc.WorkerStub(self.channel)
+        session = stub.Register(worker_pb2.RegisterRequest(worker_id="bench"), metadata=md).session
+        self.out: queue.Queue = queue.Queue()
+        self.out.put(serde.opening(session, Hello()))
+        self.responses = work_call(self.channel)(iter(self.out.get, None), metadata=md)
+
+    def read(self, steps: int) -> tuple[float, int, list | None]:
+        from colaflow import serde
+        from colaflow.framing import parse_message
+        from colaflow.protocol import Packets
+        from colaflow.v1 import worker_pb2
+
+        inbox, got, wire, last = serde.Inbox("worker"), 0, 0, None
+        t = time.perf_counter()
+        self.out.put(serde.credit(2))
+        for raw in self.responses:
+            wire += len(parse_message(raw, worker_pb2.ServerMessage)[1])
+            msg = inbox.feed(raw)
+            if isinstance(msg, Packets):
+                last = msg.packets
+                got += 1
+                self.out.put(serde.credit(1))
+                if got == steps:
+                    break
+        elapsed = time.perf_counter() - t
+        self.out.put(None)
+        self.responses.cancel()
+        self.channel.close()
+        return elapsed, wire, last
+
+
+class Apart:
+    """The clients of a round in one process of their own, as an edge daemon is: in one process the
+    client's decoding holds the server's GIL, which no deployment does. JSON lines over a pipe."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-m", MODULE, "--client"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def _ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the bench's client process ended (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def open(self, address: str) -> "Apart":
+        self._ask(op="open", address=address)
+        return self
+
+    def read(self, steps: int) -> tuple[float, int, None]:
+        r = self._ask(op="read", steps=steps)
+        return r["seconds"], r["wire"], None
+
+    def drain(self, port: int) -> float:
+        return self._ask(op="drain", port=port)["seconds"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def _client_main() -> None:
+    """`python -m colaflow.bench.wire --client`: the `Apart` side, one JSON line per request."""
+    from colaflow.wire import tune_allocator
+
+    tune_allocator()
+    client = None
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "open":
+            client, reply = _Client(cmd["address"]), {}
+        elif cmd["op"] == "read":
+            seconds, wire, _ = client.read(cmd["steps"])
+            reply = {"seconds": seconds, "wire": wire}
+        else:
+            reply = {"seconds": _drain(cmd["port"])}
+        print(json.dumps(reply), flush=True)
 
 
 def socket_round(nbytes: int) -> float:
@@ -133,7 +210,7 @@ def socket_round(nbytes: int) -> float:
     return elapsed
 
 
-def grpc_bytes_round(nbytes: int) -> float:
+def grpc_bytes_round(nbytes: int, apart: Apart | None = None) -> float:
     """Seconds for plain gRPC (no colaflow code) to stream `nbytes` as 4 MiB raw-bytes messages."""
     from concurrent import futures
 
@@ -150,7 +227,7 @@ def grpc_bytes_round(nbytes: int) -> float:
         "S": grpc.unary_stream_rpc_method_handler(stream)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    elapsed = _drain(port)
+    elapsed = _drain(port) if apart is None else apart.drain(port)
     server.stop(0)
     return elapsed
 
@@ -220,44 +297,63 @@ def main(args: argparse.Namespace) -> int:
     steps = 5
     elems = LAYERS * TOKENS * (HIDDEN + HIDDEN + KV)  # tensor elements per step, x sent once
     print(f"wire: one worker's SmolLM2 step = {LAYERS} layers x (x, g_q, g_v), {TOKENS} tokens, "
-          f"{elems / 1e6:.1f} M elements; {steps} steps per round, {args.repeats} rounds, loopback", flush=True)
+          f"{elems / 1e6:.1f} M elements; {steps} steps per round, {args.repeats} rounds, loopback; "
+          "each gRPC pair twice: client in the server's process, and apart in its own", flush=True)
     ref = step_packets(steps - 1)
+    apart = Apart()
     res = {}
     for codec in CODECS:
-        g_t, s_t, b_t, a_t = [], [], [], []
+        t, link = {k: [] for k in ("grpc", "socket", "bare", "aio", "grpc_apart", "bare_apart")}, []
         grpc_round(codec, 1)  # warm-up: first-touch of buffers, codec kernels
+        grpc_round(codec, 1, apart)
         for _ in range(args.repeats):  # alternate the sides round by round
-            t, wire, last = grpc_round(codec, steps)
-            g_t.append(t)
-            s_t.append(socket_round(wire))
-            b_t.append(grpc_bytes_round(wire))
+            elapsed, wire, last = grpc_round(codec, steps)
+            t["grpc"].append(elapsed)
+            t["socket"].append(socket_round(wire))
+            t["bare"].append(grpc_bytes_round(wire))
+            t["grpc_apart"].append(grpc_round(codec, steps, apart)[0])
+            t["bare_apart"].append(grpc_bytes_round(wire, apart))
             if codec == "raw":
-                a_t.append(grpc_aio_round(wire))
+                t["aio"].append(grpc_aio_round(wire))
+            if args.mbit:  # a real link's rate: does encoding keep up with it? (raw: 2 steps, ~1 s each at 1 Gbit/s)
+                el, link_bytes, _ = grpc_round(codec, 2 if codec == "raw" else steps, apart, args.mbit)
+                link.append(link_bytes / el / 1e9)
         num = sum(float((b.g - a.g).pow(2).sum()) for a, b in zip(ref, last))
         den = sum(float(a.g.pow(2).sum()) for a in ref)
-        gt, st, bt = statistics.median(g_t), statistics.median(s_t), statistics.median(b_t)
-        res[codec] = {"GBps": wire / gt / 1e9, "socket_GBps": wire / st / 1e9, "grpc_bytes_GBps": wire / bt / 1e9,
-                      "frames_per_s": steps / gt,
-                      "site_packets_per_s": steps * 2 * LAYERS / gt, "bytes_per_elem": wire / steps / elems,
-                      "rel_err": (num / den) ** 0.5,
-                      "aio_fresh_GBps": wire / statistics.median(a_t) / 1e9 if a_t else None}
-        r = res[codec]
-        print(f"  {codec:5s} {r['GBps']:6.2f} GB/s (socket {r['socket_GBps']:5.2f}, bare gRPC {r['grpc_bytes_GBps']:5.2f})  "
-              f"{r['frames_per_s']:6.2f} steps/s  "
-              f"{r['site_packets_per_s']:7.1f} site packets/s  {r['bytes_per_elem']:.4f} B/elem  "
-              f"rel err {r['rel_err']:.2e}", flush=True)
-        if r["aio_fresh_GBps"]:
-            print(f"        bare grpc.aio, each message built anew: {r['aio_fresh_GBps']:5.2f} GB/s", flush=True)
+        r = {k: wire / statistics.median(v) / 1e9 if v else None for k, v in t.items()}  # GB/s
+        r |= {"steps_per_s": steps / statistics.median(t["grpc"]), "bytes_per_elem": wire / steps / elems,
+              "rel_err": (num / den) ** 0.5, "link": statistics.median(link) if link else None}
+        res[codec] = r
+        print(f"  {codec:5s} {r['grpc']:6.2f} GB/s (socket {r['socket']:5.2f}, bare gRPC {r['bare']:5.2f})  "
+              f"{r['steps_per_s']:6.2f} steps/s  {r['bytes_per_elem']:.4f} B/elem  rel err {r['rel_err']:.2e}\n"
+              f"        client apart: {r['grpc_apart']:6.2f} GB/s (bare gRPC {r['bare_apart']:5.2f})  "
+              f"{r['grpc_apart'] / r['bytes_per_elem'] / elems * 1e9:6.2f} steps/s", flush=True)
+        if r["aio"]:
+            print(f"        bare grpc.aio, each message built anew: {r['aio']:5.2f} GB/s", flush=True)
+        if r["link"]:
+            print(f"        through a {args.mbit:g} Mbit/s link, 20 ms RTT: {r['link'] * 8e3 / args.mbit:5.3f} of its rate, "
+                  f"{r['link'] / r['bytes_per_elem'] / elems * 1e9:5.2f} steps/s", flush=True)
+    apart.close()
     print("  bytes per training step (SmolLM2 q_proj+v_proj, 8 x 128 tokens):")
     for codec in CODECS:
         print(f"    {codec:5s} {step_bytes(codec, True) / 2**20:7.1f} MiB with shared-input dedup, "
               f"{step_bytes(codec, False) / 2**20:7.1f} MiB without")
-    report({"raw_vs_socket": round(res["raw"]["GBps"] / res["raw"]["socket_GBps"], 3),
+    raw = res["raw"]
+    report({"raw_vs_socket": round(raw["grpc"] / raw["socket"], 3),
             "int8_bytes_per_elem": round(res["int8"]["bytes_per_elem"], 4),
             "int8_rel_err": float(f"{res['int8']['rel_err']:.3g}"),
-            "raw_GBps": round(res["raw"]["GBps"], 3), "socket_GBps": round(res["raw"]["socket_GBps"], 3),
-            "bare_grpc_GBps": round(res["raw"]["grpc_bytes_GBps"], 3),
-            "raw_vs_bare_grpc": round(res["raw"]["GBps"] / res["raw"]["grpc_bytes_GBps"], 3),
-            "bare_aio_fresh_GBps": round(res["raw"]["aio_fresh_GBps"], 3),
-            "raw_vs_bare_aio_fresh": round(res["raw"]["GBps"] / res["raw"]["aio_fresh_GBps"], 3)})
+            "raw_GBps": round(raw["grpc"], 3), "socket_GBps": round(raw["socket"], 3),
+            "bare_grpc_GBps": round(raw["bare"], 3),
+            "raw_vs_bare_grpc": round(raw["grpc"] / raw["bare"], 3),
+            "bare_aio_fresh_GBps": round(raw["aio"], 3),
+            "raw_vs_bare_aio_fresh": round(raw["grpc"] / raw["aio"], 3),
+            "raw_apart_GBps": round(raw["grpc_apart"], 3), "bare_grpc_apart_GBps": round(raw["bare_apart"], 3),
+            "raw_vs_bare_grpc_apart": round(raw["grpc_apart"] / raw["bare_apart"], 3)}
+           | ({f"{c}_link_use": round(res[c]["link"] * 8e3 / args.mbit, 3) for c in CODECS} if args.mbit else {}))
     return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--client"]:
+        raise SystemExit("usage: python -m colaflow.bench.wire --client (the bench starts it; run `colaflow bench wire`)")
+    _client_main()

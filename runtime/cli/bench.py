@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seconds", type=float, default=15.0, help="load: measured seconds per worker count")
     p.add_argument("--codecs", type=lambda s: s.split(","), default=None,
                    help="link: codecs to compare, comma-separated (default: all)")
+    p.add_argument("--mbit", type=float, default=0.0,
+                   help="wire: also move each codec's frames through a link shaped to this many Mbit/s, 20 ms RTT")
     p.add_argument("--server-threads", type=int, default=2, help="link: torch threads of the server")
     p.add_argument("--steps", type=int, default=None, help="link, coda: steps of each full run (default 60); "
                    "blackbox: steps of each quality run (default 60)")
