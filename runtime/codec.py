@@ -113,7 +113,7 @@ def encode(t: torch.Tensor, codec: str = "raw", salt: bytes = b"", seed: int | N
     if codec == "int8":
         q = v.round_().clamp_(-top, top).to(torch.int8).reshape(-1)[:n]
         return Encoded(dtype, tuple(t.shape), codec, _bytes(q), _bytes(scale), block)
-    rng = np.random.Generator(np.random.PCG64(_content_seed(flat, salt) if seed is None else seed))
+    rng = np.random.Generator(np.random.PCG64(_content_seed(flat, scale, salt) if seed is None else seed))
     u = torch.from_numpy(rng.random(v.numel(), dtype=np.float32)).view_as(v).to(v.device)  # U[0, 1): 2x torch.rand's speed
     q = v.add_(u).floor_().clamp_(-top, top).add_(8)
     q = q.reshape(-1)[:n].to(torch.uint8)  # nibbles 1..15
@@ -121,9 +121,10 @@ def encode(t: torch.Tensor, codec: str = "raw", salt: bytes = b"", seed: int | N
     return Encoded(dtype, tuple(t.shape), codec, _bytes(q[0::2] | (q[1::2] << 4)), _bytes(scale), block)
 
 
-def _content_seed(flat: torch.Tensor, salt: bytes) -> int:
-    """A seed from the tensor's values and `salt`, stable across processes: equal in, equal noise."""
-    stats = torch.stack([flat.sum(), flat.abs().sum(), flat[::7].sum()]).double().cpu().numpy()
+def _content_seed(flat: torch.Tensor, scale: torch.Tensor, salt: bytes) -> int:
+    """A seed from the tensor's values (and its block scales, already at hand) and `salt`, stable
+    across processes: equal in, equal noise."""
+    stats = torch.stack([flat.sum(), scale.sum(), flat[::7].sum()]).double().cpu().numpy()
     return zlib.crc32(salt, zlib.crc32(np.int64(flat.numel()).tobytes() + stats.tobytes())) | (len(salt) << 32)
 
 
@@ -163,6 +164,7 @@ def decode(e: Encoded) -> torch.Tensor:
                 raise ValueError(f"{e.codec} tensor has a negative or non-finite block scale")
             if e.codec == "int4":
                 t = torch.stack([t & 15, t >> 4], 1).reshape(-1)[:n].to(torch.int8) - 8
-            q = torch.nn.functional.pad(t.float(), (0, nb * e.block - n)).view(nb, e.block)
-            t = (q * scale[:, None]).reshape(-1)[:n]
+            q = t.float()  # a new tensor: scaled in place
+            q = (torch.nn.functional.pad(q, (0, nb * e.block - n)) if nb * e.block != n else q).view(nb, e.block)
+            t = q.mul_(scale[:, None]).reshape(-1)[:n]
     return t.to(dtype).reshape(e.shape)
