@@ -12,8 +12,9 @@ int4 rounds stochastically (up with probability equal to the remainder), so deco
 unbiased: E[q] = t. An adapter's gradient is linear in g (and in x, for x and g rounded
 independently), so the device's gradient stays unbiased too; rounding to nearest would bias it
 towards zero wherever |t| is small next to its block's absmax. The noise is seeded from the
-tensor's own values and a salt (serde passes job, step and site): a resend of a step encodes to
-the same bytes (failover stays exact), while equal inputs at different steps get fresh noise.
+tensor's block absmaxes and a salt (serde passes job, step and site): a resend of a step encodes
+to the same bytes in any process at any thread count (failover stays exact), while equal inputs
+at different steps get fresh noise.
 """
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 def _bytes(t: torch.Tensor) -> np.ndarray:
     """The tensor's little-endian bytes as a uint8 view: no copy for contiguous CPU tensors."""
     t = t.detach().contiguous().cpu().reshape(-1)
+    if t.stride(0) != 1:  # a one-element view torch calls contiguous, with its parent's stride
+        t = t.clone(memory_format=torch.contiguous_format)
     return t.view(torch.uint8).numpy()
 
 
@@ -77,7 +80,7 @@ def travels_as(t: torch.Tensor, codec: str) -> str:
         return "raw"
     if codec == "fp16" and t.numel():
         lo, hi = torch.aminmax(t.detach())  # one pass, no |t| copy
-        if max(-float(lo), float(hi)) > FP16_MAX:
+        if not max(-float(lo), float(hi)) <= FP16_MAX:  # NaN compares false: such a tensor goes bf16 too
             return "bf16"
     return codec
 
@@ -96,9 +99,13 @@ def layout(t: torch.Tensor, codec: str) -> tuple[int, int, int]:
 
 def encode(t: torch.Tensor, codec: str = "raw", salt: bytes = b"", seed: int | None = None) -> Encoded:
     """Encode a tensor in the codec it travels as (`travels_as`). int4's rounding noise is seeded
-    by the tensor's values and `salt` (say, job and step: equal inputs of different steps get
+    by the tensor's block absmaxes and `salt` (say, job and step: equal inputs of different steps get
     independent noise, a resend of one step the same); or by `seed`."""
-    codec = travels_as(t, codec)
+    return encode_as(t, travels_as(t, codec), salt, seed)
+
+
+def encode_as(t: torch.Tensor, codec: str, salt: bytes = b"", seed: int | None = None) -> Encoded:
+    """`encode` in a codec `travels_as` already chose for `t` (a frame's header announced it)."""
     dtype = dtype_name(t.dtype)
     if codec == "raw":
         return Encoded(dtype, tuple(t.shape), "raw", _bytes(t))
@@ -113,7 +120,7 @@ def encode(t: torch.Tensor, codec: str = "raw", salt: bytes = b"", seed: int | N
     if codec == "int8":
         q = v.round_().clamp_(-top, top).to(torch.int8).reshape(-1)[:n]
         return Encoded(dtype, tuple(t.shape), codec, _bytes(q), _bytes(scale), block)
-    rng = np.random.Generator(np.random.PCG64(_content_seed(flat, scale, salt) if seed is None else seed))
+    rng = np.random.Generator(np.random.PCG64(_content_seed(scale, salt) if seed is None else seed))
     u = torch.from_numpy(rng.random(v.numel(), dtype=np.float32)).view_as(v).to(v.device)  # U[0, 1): 2x torch.rand's speed
     q = v.add_(u).floor_().clamp_(-top, top).add_(8)
     q = q.reshape(-1)[:n].to(torch.uint8)  # nibbles 1..15
@@ -121,11 +128,10 @@ def encode(t: torch.Tensor, codec: str = "raw", salt: bytes = b"", seed: int | N
     return Encoded(dtype, tuple(t.shape), codec, _bytes(q[0::2] | (q[1::2] << 4)), _bytes(scale), block)
 
 
-def _content_seed(flat: torch.Tensor, scale: torch.Tensor, salt: bytes) -> int:
-    """A seed from the tensor's values (and its block scales, already at hand) and `salt`, stable
-    across processes: equal in, equal noise."""
-    stats = torch.stack([flat.sum(), scale.sum(), flat[::7].sum()]).double().cpu().numpy()
-    return zlib.crc32(salt, zlib.crc32(np.int64(flat.numel()).tobytes() + stats.tobytes())) | (len(salt) << 32)
+def _content_seed(scale: torch.Tensor, salt: bytes) -> int:
+    """A seed from the tensor's block absmaxes and `salt`, the same in every process and at any
+    thread count (a max has no rounding order, where a sum would): equal in, equal noise."""
+    return zlib.crc32(salt, zlib.crc32(_bytes(scale))) | (len(salt) << 32) | (scale.numel() << 40)
 
 
 def decode(e: Encoded) -> torch.Tensor:

@@ -47,7 +47,7 @@ def tensor_to_proto(t: torch.Tensor, codec_name: str = "raw", parts: Parts | Non
         e = codec.encode(t, name)
         data, scales, block = e.data, e.scales, e.block
     else:
-        encoded = functools.cache(lambda: codec.encode(t, name, salt))
+        encoded = functools.cache(lambda: codec.encode_as(t, name, salt))
         n_data, n_scales, block = codec.layout(t, name)
         data, scales = Later(n_data, lambda: encoded().data), Later(n_scales, lambda: encoded().scales)
     m = tensor_pb2.Tensor(dtype=codec.dtype_name(t.dtype), shape=t.shape, codec=_CODEC_PB[name], block=block,

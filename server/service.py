@@ -32,6 +32,7 @@ from .uploads import UploadLimits, Uploads
 
 log = logging.getLogger("colaflow.server")
 HEARTBEAT_S = 1.0
+FRAME_TRIES = 3  # a packet frame that fails to encode this many times in a row fails its job
 _WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 
 
@@ -85,6 +86,7 @@ class WorkerService:
     def __init__(self, coordinator: Coordinator, tokens: Tokens, loop: asyncio.AbstractEventLoop):
         self.c, self.tokens = coordinator, tokens
         self.wakers: set[asyncio.Event] = set()
+        self.frame_faults: dict[tuple[str, int], int] = {}  # (job, step) -> failed tries to frame its packets
         # the coordinator changes state on other threads: wake every stream to look for its messages
         coordinator.listeners.append(lambda: loop.call_soon_threadsafe(self._wake))
 
@@ -158,13 +160,21 @@ class WorkerService:
                         async for raw in (_ahead(frames) if codecs != ("raw", "raw") else _now(frames)):
                             yield raw
                             sent += len(raw)
-                    except Exception as e:  # every resend would fail alike: end the job, not loop
+                    except Exception as e:
                         if not isinstance(msg, Packets):
                             raise
                         why = f"step {msg.step}'s packets cannot be sent: {type(e).__name__}: {e}"
+                        key = (msg.job, msg.step)
+                        self.frame_faults[key] = tries = self.frame_faults.get(key, 0) + 1
+                        if tries < FRAME_TRIES:  # perhaps passing (memory): the worker reconnects and is sent it again
+                            log.warning("job %s: %s (try %d of %d)", msg.job, why, tries, FRAME_TRIES)
+                            await context.abort(grpc.StatusCode.UNAVAILABLE, f"job {msg.job!r}: {why}")
+                        del self.frame_faults[key]  # every resend fails alike: end the job, not loop
                         log.error("job %s: %s", msg.job, why)
                         self.c.fail(msg.job, why)
                         await context.abort(grpc.StatusCode.INTERNAL, f"job {msg.job!r}: {why}")
+                    if isinstance(msg, Packets):
+                        self.frame_faults.pop((msg.job, msg.step), None)
                 else:
                     for raw in serde.to_worker(msg, seq):
                         yield raw

@@ -63,6 +63,15 @@ def test_int4_is_unbiased_within_its_bound_and_deterministic():
     m = m.repeat_interleave(64)[: x.numel()].view_as(x)
     assert ((decode(e) - x).abs() <= m / 7 * (1 + 1e-6)).all()
     assert bytes(encode(x.clone(), "int4").data) == bytes(e.data)
+    big, threads = torch.randn(1 << 20), torch.get_num_threads()
+    try:  # the same bytes at any thread count: a server and an in-process run may differ in it
+        torch.set_num_threads(1)
+        one = bytes(encode(big, "int4", b"s").data)
+        torch.set_num_threads(2)
+        assert bytes(encode(big, "int4", b"s").data) == one
+    finally:
+        torch.set_num_threads(threads)
+    assert bytes(encode(big, "int4", b"t").data) != one  # another salt (job, step, site): other noise
     small = torch.full((64,), 0.1)
     small[0] = 7.0  # one large value per block: the rest round to 0 or 1 x scale, never to nearest
     mean = torch.stack([decode(encode(small, "int4", seed=k)) for k in range(1000)]).mean(0)
@@ -81,6 +90,10 @@ def test_fp16_out_of_range_travels_as_bf16_and_integers_travel_raw():
     assert e.codec == "bf16" and len(e.data) == 2 * x.numel()
     assert torch.allclose(decode(e), x, rtol=2**-8) and bool(torch.isfinite(decode(e)).all())
     assert encode(torch.tensor([-65504.0, 3.0]), "fp16").codec == "fp16"
+    nan = torch.tensor([1e6, float("nan"), 1.0])  # NaN must not hide an out-of-range value
+    assert encode(nan, "fp16").codec == "bf16"
+    assert bool(torch.isfinite(decode(encode(nan, "fp16"))[[0, 2]]).all())
+    assert decode(encode(torch.randn(1, 2)[:, 1], "raw")).shape == (1,)  # a one-element strided view
     frame, parts = serde.packets_to_proto(_frame([Packet("j", "s", 0, 0, x, x[:2].clone())]), "fp16", "fp16")
     header, payload, _ = _send(frame, parts)
     back = serde.packets_from_proto(worker_pb2.PacketFrame.FromString(header), payload).packets[0]

@@ -233,9 +233,10 @@ def test_the_daemon_survives_a_frame_it_cannot_decode(monkeypatch):
 
 
 def test_packets_that_cannot_be_encoded_fail_their_job_instead_of_looping(monkeypatch):
-    """A frame that fails to encode would fail the same way on every resend: the job ends `failed`
-    with the reason, the worker stays, and a second job on the same worker finishes. The server
-    runs in this process so that its encoder can be made to fail (no real input makes it fail)."""
+    """A frame that fails to encode three times in a row would fail on every resend: that job ends
+    `failed` with the reason, the worker stays, and another job finishes; one that fails once (say,
+    memory) is sent again after the worker reconnects. The server runs in this process so that its
+    encoder can be made to fail (no real input makes it fail)."""
     import threading
 
     from colaflow import Worker, codec
@@ -245,19 +246,20 @@ def test_packets_that_cannot_be_encoded_fail_their_job_instead_of_looping(monkey
     from colaflow.server.coordinator import Coordinator
     from colaflow.server.service import make_server
 
-    real = codec.encode
+    real, faults = codec.encode_as, {"int8": 10**9, "int4": 1}  # int8 always fails, int4 once
 
-    def encode(t, name="raw", *a, **k):
-        if name == "int8":
-            raise RuntimeError("encoder fault")
+    def encode_as(t, name, *a, **k):
+        if faults.get(name, 0) > 0:
+            faults[name] -= 1
+            raise (RuntimeError if name == "int8" else MemoryError)("encoder fault")
         return real(t, name, *a, **k)
-    monkeypatch.setattr(codec, "encode", encode)
+    monkeypatch.setattr(codec, "encode_as", encode_as)
     coordinator = Coordinator(Host(tiny("llama")), reassign_after=3600)
     server, port = make_server(coordinator, Tokens(None))
     server.start()
     threading.Thread(target=coordinator.run, daemon=True).start()
     address = f"127.0.0.1:{port}"
-    link = WorkerLink(address, Worker("w1"))
+    link = WorkerLink(address, Worker("w1"), max_backoff=0.2)
     threading.Thread(target=link.run, daemon=True).start()
     client = Client(address)
     try:
@@ -265,8 +267,10 @@ def test_packets_that_cannot_be_encoded_fail_their_job_instead_of_looping(monkey
                       steps=6, batch_size=4)
         bad = wait_done(client, "bad", timeout=60)
         assert bad.state == "failed" and "cannot be sent: RuntimeError: encoder fault" in bad.error
-        client.submit(JobSpec("good", LowRank(r=2), AdamW(lr=1e-2)), examples(96, 8, seed=3), steps=6, batch_size=4)
-        assert wait_done(client, "good", timeout=60).state == "done"
+        assert faults["int8"] == 10**9 - 3  # three tries, then no more
+        client.submit(JobSpec("flaky", LowRank(r=2), AdamW(lr=1e-2), codec_g="int4"), examples(96, 8, seed=3),
+                      steps=6, batch_size=4)
+        assert wait_done(client, "flaky", timeout=60).state == "done" and faults["int4"] == 0
     finally:
         client.close()
         link.stop()
