@@ -37,6 +37,7 @@ from .stream import PacketStream
 
 MIX_ROWS = 6  # rows per micro-batch of a mixed step: on CPU, batching gains little past ~6 rows of 128 tokens
 
+
 @dataclass
 class HostedJob:
     spec: JobSpec
