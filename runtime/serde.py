@@ -43,17 +43,16 @@ def tensor_to_proto(t: torch.Tensor, codec_name: str = "raw", parts: Parts | Non
         return tensor_pb2.Tensor(dtype=e.dtype, shape=e.shape, codec=_CODEC_PB[e.codec], block=e.block,
                                  inline=True, data=bytes(e.data), scales=bytes(e.scales))
     name = codec.travels_as(t, codec_name)
+    n_data, n_scales, block = codec.layout(t, name)
     if name == "raw":  # a view of the tensor's bytes: nothing to defer
-        e = codec.encode(t, name)
-        data, scales, block = e.data, e.scales, e.block
+        data, scales = codec.encode_as(t, name).data, b""
     else:
         encoded = functools.cache(lambda: codec.encode_as(t, name, salt))
-        n_data, n_scales, block = codec.layout(t, name)
         data, scales = Later(n_data, lambda: encoded().data), Later(n_scales, lambda: encoded().scales)
     m = tensor_pb2.Tensor(dtype=codec.dtype_name(t.dtype), shape=t.shape, codec=_CODEC_PB[name], block=block,
-                          data_bytes=len(data), scale_bytes=len(scales))
+                          data_bytes=n_data, scale_bytes=n_scales)
     parts.append(data)
-    if len(scales):
+    if n_scales:
         parts.append(scales)
     return m
 
