@@ -119,6 +119,8 @@ def to_chunks(header, parts: Parts, seq: int, wrap, size: int | None = None) -> 
     made when its chunk is framed. `wrap(chunk)` builds the envelope around a Chunk.
     """
     size = (size or CHUNK_BYTES) // ALIGN * ALIGN
+    if size <= 0:  # a chunk must hold at least one aligned block, or the layout never ends
+        raise ValueError(f"chunk size must be at least {ALIGN} bytes")
     parts = [p if isinstance(p, Later) else memoryview(p).cast("B") for p in parts]
     chunks: list[list] = [[]]  # per chunk: (part, start, stop) slices and zero gaps (ints)
     room = size

@@ -21,6 +21,7 @@ from colaflow.errors import ColaflowError, ResourceExhausted
 from colaflow.export import init_params, peft_task_type, save, save_peft
 from colaflow.job import JobSpec
 from colaflow.protocol import Assign, Packets
+from colaflow.records import LIVE
 from colaflow.tokenizer import to_files
 from colaflow.v1 import control_pb2, control_pb2_grpc, worker_pb2
 from colaflow.wire import MAX_MESSAGE_BYTES, SERVER_OPTIONS, add_worker_service
@@ -166,6 +167,7 @@ class WorkerService:
                         why = f"step {msg.step}'s packets cannot be sent: {type(e).__name__}: {e}"
                         key = (msg.job, msg.step)
                         self.frame_faults[key] = tries = self.frame_faults.get(key, 0) + 1
+                        self._forget_ended_faults()
                         if tries < FRAME_TRIES:  # perhaps passing (memory): the worker reconnects and is sent it again
                             log.warning("job %s: %s (try %d of %d)", msg.job, why, tries, FRAME_TRIES)
                             await context.abort(grpc.StatusCode.UNAVAILABLE, f"job {msg.job!r}: {why}")
@@ -186,6 +188,12 @@ class WorkerService:
             self.wakers.discard(wake)
             reader.cancel()
             self.c.disconnect(worker_id, stream, leaving=ended["leaving"])
+
+    def _forget_ended_faults(self) -> None:
+        """Drop the fault counts of jobs that ended (cancelled, say) between tries: none is sent again."""
+        live = {s.job for s in self.c.statuses() if s.state in LIVE}
+        for key in [k for k in self.frame_faults if k[0] not in live]:
+            del self.frame_faults[key]
 
     async def _read(self, worker_id: str, stream: int, inbox: serde.Inbox, request_iterator, ended: dict,
                     wake: asyncio.Event) -> None:
@@ -377,7 +385,8 @@ class Served:
 
     async def _build(self, coordinator, tokens, address, tls):
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        add_worker_service(server, WorkerService(coordinator, tokens, asyncio.get_running_loop()))
+        self.worker = WorkerService(coordinator, tokens, asyncio.get_running_loop())
+        add_worker_service(server, self.worker)
         control_pb2_grpc.add_ControlServicer_to_server(self.control, server)
         self.probes.add_to(server)  # grpc.health.v1 and reflection: no token, nothing about jobs
         try:

@@ -184,6 +184,8 @@ def test_large_frames_are_chunked_and_decoded_without_copies():
     h, p, msgs = _send(*serde.packets_to_proto(_frame(huge)))
     assert len(msgs) == 4
     assert torch.equal(serde.packets_from_proto(worker_pb2.PacketFrame.FromString(h), p).packets[0].g, huge[0].g)
+    with pytest.raises(ValueError, match="at least 64 bytes"):  # rounds down to 0: the layout would never end
+        _send(frame, parts, framing.ALIGN - 1)
 
 
 def test_reassembler_refuses_bad_chunk_sequences():

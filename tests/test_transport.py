@@ -246,11 +246,13 @@ def test_packets_that_cannot_be_encoded_fail_their_job_instead_of_looping(monkey
     from colaflow.server.coordinator import Coordinator
     from colaflow.server.service import make_server
 
-    real, faults = codec.encode_as, {"int8": 10**9, "int4": 1}  # int8 always fails, int4 once
+    real, faults = codec.encode_as, {"int8": 10**9, "int4": 1, "fp16": 1}  # int8 always fails, int4 once
 
     def encode_as(t, name, *a, **k):
         if faults.get(name, 0) > 0:
             faults[name] -= 1
+            if name == "fp16":  # its job is cancelled before it is tried again
+                coordinator.cancel("gone")
             raise (RuntimeError if name == "int8" else MemoryError)("encoder fault")
         return real(t, name, *a, **k)
     monkeypatch.setattr(codec, "encode_as", encode_as)
@@ -271,6 +273,10 @@ def test_packets_that_cannot_be_encoded_fail_their_job_instead_of_looping(monkey
         client.submit(JobSpec("flaky", LowRank(r=2), AdamW(lr=1e-2), codec_g="int4"), examples(96, 8, seed=3),
                       steps=6, batch_size=4)
         assert wait_done(client, "flaky", timeout=60).state == "done" and faults["int4"] == 0
+        client.submit(JobSpec("gone", LowRank(r=2), AdamW(lr=1e-2), codec_g="fp16"), examples(96, 8, seed=4),
+                      steps=6, batch_size=4)
+        assert wait_done(client, "gone", timeout=60).state == "cancelled" and faults["fp16"] == 0
+        assert server.worker.frame_faults == {}  # no count is kept for a job that will not be sent again
     finally:
         client.close()
         link.stop()
