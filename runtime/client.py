@@ -154,7 +154,8 @@ class Client:
             raise from_rpc(e, f"metrics of {job}") from None
 
     def export(self, job: str, path: str | Path, format: str = "native", which: str = "last") -> Path:
-        """Download the job's adapters into `path` (replaced whole, or left as it was on failure);
+        """Download the job's adapters into `path`: a new directory, or an earlier export of the same
+        format, replaced whole (one holding anything else is refused); a failure leaves it as it was.
         `which`: `last` (the newest version) or `best` (those of the job's best eval step)."""
         files: dict[str, bytearray] = {}
         try:

@@ -75,6 +75,47 @@ def test_failed_export_keeps_the_previous_one(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["native"]
 
 
+def test_export_replaces_only_an_earlier_export_and_never_deletes_other_files(tmp_path, monkeypatch):
+    """An export replaces a directory whose every entry it writes again; anything else there is
+    refused before a byte is lost (a user's `export JOB .` once deleted their working directory)."""
+    import os
+    import stat
+
+    _, trainer, job = _trained("llama", LowRank(r=2), steps=1)
+    work, mine = tmp_path / "work", tmp_path / "mine"
+    work.mkdir()
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (mine / "sub").mkdir()
+    monkeypatch.chdir(work)
+    (work / "notes.txt").write_text("mine")
+    (work / "sub").mkdir()
+    with pytest.raises(FileExistsError, match="current directory"):
+        save(trainer.adapters("a"), job, ".")
+    with pytest.raises(FileExistsError, match="is a file"):
+        save(trainer.adapters("a"), job, "notes.txt")
+    with pytest.raises(FileExistsError, match="notes.txt, sub, which this write would delete"):
+        save_peft(trainer.adapters("a"), mine)
+    assert sorted(os.listdir(mine)) == ["notes.txt", "sub"] and (mine / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["mine", "work"]  # no temp dir left behind
+    path = save(trainer.adapters("a"), job, "out")  # new: made; again: replaced
+    os.utime(path / "adapter.json", (0, 0))
+    save(trainer.adapters("a"), job, "out")
+    assert (path / "adapter.json").stat().st_mtime > 0 and sorted(os.listdir(work)) == ["notes.txt", "out", "sub"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~_umask()  # as mkdir makes it, not mkdtemp's 0700
+    with pytest.raises(FileExistsError, match="adapter.json, adapter.safetensors"):  # another format: not the same thing
+        save_peft(trainer.adapters("a"), "out")
+    assert load("out")[1].keys() == trainer.adapters("a").keys()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_peft_export_of_a_classifier_and_a_seq2seq_model_says_what_peft_expects(tmp_path):
     """A BertForSequenceClassification adapter loads in stock PEFT (no SEQ_CLS, whose loader wants the
     head in modules_to_save: colaflow never trains heads); T5 says SEQ_2_SEQ_LM, Llama CAUSAL_LM."""
