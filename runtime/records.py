@@ -45,7 +45,8 @@ class JobRecord:
     state: str = "waiting"  # waiting, running, done, cancelled, failed
     error: str = ""
     losses: list[float] = field(default_factory=list)
-    metrics: list[dict] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)  # one row per step, from step 0 (kept by the store too)
+    metrics_saved: int = 0  # rows the store has
     max_staleness: int = 0
     tenant: str = "default"  # who owns the job: only its tenant (and admin) sees it
     events: list[str] = field(default_factory=list)  # what happened to it since its last step (in the metrics)
@@ -158,6 +159,11 @@ def restored_job(stored: dict) -> JobRecord:
         job.t = job.restart_step()  # recompute from there: same data, same versions, same packets
         for name, wid in progress.get("owners", {}).items():
             job.sites[name].owner = wid
+    for row in stored.get("metrics", []):  # the history up to the restart step; later steps are run again
+        if row["step"] == len(job.metrics) < job.t:
+            job.metrics.append(row)
+    job.losses = [row["loss"] for row in job.metrics]
+    job.max_staleness = max((row.get("staleness", 0) for row in job.metrics), default=0)
     return job
 
 

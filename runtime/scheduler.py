@@ -191,7 +191,9 @@ class Scheduler:
             elif rec.applied != need:
                 apply.append(Update(job_id, name, need, self._params(job, rec, need), 0.0))
                 rec.applied = need
-        newest = max(r.received for r in job.sites.values())  # what the step could have used, at its start
+        # what the step could have used at its start; a step run again (after a restart) does not count
+        # the versions its own fits made the first time
+        newest = min(max(r.received for r in job.sites.values()), job.t // job.spec.fit_interval)
         return StepPlan(job_id, job.t, need, apply, waiting, max(0, newest - need))
 
     def arrived(self, plan: StepPlan, site: str) -> Update | None:
@@ -621,6 +623,9 @@ class Scheduler:
             for job_id in sorted(self._dirty):
                 job = self.jobs[job_id]
                 owners = {n: r.owner for n, r in job.sites.items() if r.owner is not None}
+                if len(job.metrics) > job.metrics_saved:  # first: progress never gets ahead of the history
+                    self.store.save_metrics(job_id, job.metrics[job.metrics_saved:])
+                    job.metrics_saved = len(job.metrics)
                 self.store.save_progress(job_id, {
                     "t": job.t, "state": job.state, "error": job.error, "owners": owners,
                     "credentials": {w: self.workers[w].credential for w in set(owners.values()) if w in self.workers}})
@@ -645,6 +650,9 @@ class Scheduler:
         """Bring back every stored job (a restarted server): it resumes at its restart step."""
         for stored in self.store.load():
             job = restored_job(stored)
+            if len(stored.get("metrics", [])) != len(job.metrics):  # drop the rows of steps that run again
+                self.store.save_metrics(job.job_id, job.metrics, replace=True)
+            job.metrics_saved = len(job.metrics)
             credentials = (stored.get("progress") or {}).get("credentials", {})
             for wid in {r.owner for r in job.sites.values() if r.owner is not None} - set(self.workers):
                 # it holds the newest state: it has `reassign_after` seconds to come back for its sites

@@ -19,8 +19,12 @@ class Store:
     def save_site(self, job_id: str, site: str, rec: SiteRecord) -> None:
         """Before an update is acknowledged: the site's received version, versions and learner state."""
 
+    def save_metrics(self, job_id: str, rows: list[dict], replace: bool = False) -> None:
+        """With the progress: the steps' metric rows since the last call (all of them, if `replace`)."""
+
     def load(self) -> list[dict]:
-        """Every stored job: {job: {...}, progress: {...} | None, sites: {name: {received, versions, state}}}."""
+        """Every stored job: {job: {...}, progress: {...} | None, sites: {name: {received, versions, state}},
+        metrics: [row, ...]}."""
         return []
 
 
@@ -31,7 +35,7 @@ class MemoryStore(Store):
         self.jobs: dict[str, dict] = {}
 
     def save_job(self, job_id, record):
-        self.jobs[job_id] = {"job": dict(record), "progress": None, "sites": {}}
+        self.jobs[job_id] = {"job": dict(record), "progress": None, "sites": {}, "metrics": []}
 
     def save_progress(self, job_id, progress):
         self.jobs[job_id]["progress"] = dict(progress)
@@ -40,5 +44,9 @@ class MemoryStore(Store):
         self.jobs[job_id]["sites"][site] = {"received": rec.received, "versions": dict(rec.versions),
                                             "state": rec.state}
 
+    def save_metrics(self, job_id, rows, replace=False):
+        kept = [] if replace else self.jobs[job_id]["metrics"]
+        self.jobs[job_id]["metrics"] = kept + [dict(r) for r in rows]
+
     def load(self):
-        return [dict(v) for v in self.jobs.values()]
+        return [dict(v, metrics=[dict(r) for r in v["metrics"]]) for v in self.jobs.values()]

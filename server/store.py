@@ -2,6 +2,7 @@
 
     DIR/<job>/job.msgpack                spec, sites, steps, data map (written once, at submit)
     DIR/<job>/progress.json              next step, state, error, owners (after every step)
+    DIR/<job>/metrics.jsonl              one metric row per step, appended with the progress
     DIR/<job>/sites/<site>/v<N>.safetensors   the parameters of each version a restart can need
     DIR/<job>/sites/<site>/state.safetensors  the newest learner state (optimizer moments, schedule)
                                               both written before the update is acknowledged
@@ -39,6 +40,14 @@ class DirStore(Store):
     def save_progress(self, job_id: str, progress: dict) -> None:
         atomic_write(self.root / job_id / "progress.json", json.dumps(progress).encode())
 
+    def save_metrics(self, job_id: str, rows: list[dict], replace: bool = False) -> None:
+        lines = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+        if replace:
+            atomic_write(self.root / job_id / "metrics.jsonl", lines)
+        else:  # a crash mid-append leaves a torn last line, which `load` skips
+            with open(self.root / job_id / "metrics.jsonl", "ab") as f:
+                f.write(lines)
+
     def save_site(self, job_id: str, site: str, rec: SiteRecord) -> None:
         """Write what is new (a version's parameters once, the learner state when it changes), then
         drop the versions the scheduler no longer keeps: each fit writes its update, not the history."""
@@ -63,8 +72,22 @@ class DirStore(Store):
             progress = d / "progress.json"
             out.append({"job": serde.unpack((d / "job.msgpack").read_bytes(), f"{d}/job.msgpack"),
                         "progress": json.loads(progress.read_text()) if progress.exists() else None,
-                        "sites": {f.name: _load_site(f) for f in sorted(d.glob("sites/*")) if f.is_dir()}})
+                        "sites": {f.name: _load_site(f) for f in sorted(d.glob("sites/*")) if f.is_dir()},
+                        "metrics": _load_metrics(d / "metrics.jsonl")})
         return out
+
+
+def _load_metrics(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_bytes().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # torn by a crash mid-append; its step is recomputed
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    return rows
 
 
 def _cpu(tensors: dict) -> dict:

@@ -220,6 +220,30 @@ def test_restart_from_the_store_resumes_at_the_first_step_not_covered(kind, tmp_
         assert all(torch.equal(back.versions[v][k], rec.versions[v][k]) for v in rec.versions for k in rec.versions[v])
         assert all(torch.equal(back.state.optimizer.tensors[k], t) for k, t in rec.state.optimizer.tensors.items())
         assert _jsonish(back.state.optimizer.meta) == _jsonish(rec.state.optimizer.meta)
+    # the metrics history survives, up to the restart step (steps 4 on run again and report anew)
+    assert job.metrics == _jsonish(before.metrics[:4]) and job.losses == before.losses[:4]
+    assert job.max_staleness == max(m["staleness"] for m in before.metrics[:4])
+    third = Scheduler(DirStore(tmp_path) if kind == "dir" else store, 10.0, rig.clock).job("j")
+    assert third.metrics == job.metrics  # the rows of the steps to run again were dropped from the store
+
+
+def test_a_step_run_again_after_a_restart_is_not_counted_stale():
+    """S = 0: a restart reruns steps whose fits already made newer versions; those steps still used
+    the newest version that could exist before them, so their staleness is 0, as in the first run."""
+    store = MemoryStore()
+    rig = Rig(JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1", "l2"], state_every=2), store=store)
+    rig.deliver()
+    for _ in range(3):
+        rig.step()
+        rig.deliver()
+    rig.sched = Scheduler(store, 10.0, rig.clock)  # the server restarts; the worker comes back
+    rig.stream = rig.connect("w", rig.worker)
+    job = rig.sched.job("j")
+    assert job.t == 2 and max(r.received for r in job.sites.values()) == 3  # version 3 exists already
+    for _ in range(2):
+        rig.step()
+        rig.deliver()
+    assert [m["step"] for m in job.metrics] == [0, 1, 2, 3] and job.max_staleness == 0
 
 
 def _jsonish(meta):

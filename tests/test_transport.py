@@ -166,6 +166,8 @@ def test_server_restarted_from_its_state_dir_finishes_exactly(tmp_path):
         assert wait_done(client, "restart", timeout=180).state == "done"
         assert max_err(exported(client, "restart", tmp_path), reference(spec, ex, 24)) == 0.0
         assert "restored at step" in (tmp_path / "server.log").read_text()
+        # the history from before the kill is kept: one row per step, none twice
+        assert [m["step"] for m in client.metrics_so_far("restart")] == list(range(24))
     finally:
         client.close()
         stop(*edges, server)
