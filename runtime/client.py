@@ -76,7 +76,7 @@ class Client:
         except grpc.RpcError as e:
             raise from_rpc(e, what) from None
 
-    def submit(self, spec: JobSpec, examples: object, steps: int, batch_size: int = 8, seed: int = 0,
+    def submit(self, spec: JobSpec, examples: object, steps: int, batch_size: int | None = None, seed: int = 0,
                tokenizer=None, init: str | Path | None = None) -> str:
         """Submit a job on any data `colaflow.datasets.rows` reads (a path, rows, a datasets.Dataset).
 

@@ -52,8 +52,12 @@ def _shuffled(examples: list[dict], size: int, seed: int) -> Iterator[dict]:
             yield stack([examples[j] for j in order[i:i + size]])
 
 
-def to_map(examples, batch_size: int = 8, seed: int = 0) -> dict:
-    """The data map of token-id rows (dicts with `input_ids`, optional `labels`): what travels to a server."""
+DEFAULT_BATCH = 8
+
+
+def to_map(examples, batch_size: int | None = None, seed: int = 0) -> dict:
+    """The data map of token-id rows (dicts with `input_ids`, optional `labels`): what travels to a server.
+    `batch_size` None: 8 rows, or every row when there are fewer."""
     rows = []
     for i, e in enumerate(examples):
         if not isinstance(e, dict) or "input_ids" not in e:
@@ -65,6 +69,8 @@ def to_map(examples, batch_size: int = 8, seed: int = 0) -> dict:
         rows.append(row)
     if not rows:
         raise ValueError("no examples to train on")
+    if batch_size is None:
+        batch_size = min(DEFAULT_BATCH, len(rows))
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
     return {"examples": rows, "batch_size": batch_size, "seed": seed}

@@ -122,11 +122,12 @@ class Session:
 
     def submit(self, examples: Iterable[dict] | str | Path, *, steps: int, adapter: AdapterSpec | None = None,
                optimizer: OptimizerSpec | None = None, targets: list[str] | str | None = None,
-               batch_size: int = 8, seed: int = 0, job_id: str | None = None, staleness: int = 0,
+               batch_size: int | None = None, seed: int = 0, job_id: str | None = None, staleness: int = 0,
                fit_interval: int = 1, codec_x: str = "raw", codec_g: str = "raw", state_every: int = 1,
                init: str | Path | None = None, eval_data: object = None, eval_prompts: object = None,
                eval_every: int = 10, patience: int | None = None, metric: Metric | None = None) -> Job:
         """Start fine-tuning on `examples` for `steps` steps; the defaults are the ColA paper's.
+        `batch_size` rows make a batch: by default 8, or every example when there are fewer.
 
         `init`: a native export (`job.export(dir, format="native")`) whose weights the adapters start
         from; `adapter` defaults to the export's. The optimizer and LR schedule start fresh (an export

@@ -361,3 +361,14 @@ def test_classification_rows_carry_one_class_id(tok):
         rows([{"text": "a", "label": 2}, {"text": "b", "label": -1}], tok)
     with pytest.raises(InvalidArgument, match=r"row 1: a text row in a classification dataset"):
         rows([{"text": "a", "label": 2}, {"text": "b"}], tok)
+
+
+def test_the_default_batch_is_8_rows_or_all_of_them_when_fewer():
+    """The README's two-example snippets run as written; a batch size asked for is kept, and checked."""
+    from colaflow.data import batches, from_map, to_map
+
+    two = [{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}]
+    assert to_map(two)["batch_size"] == 2 and next(from_map(to_map(two)))["input_ids"].shape[0] == 2
+    assert to_map(two * 10)["batch_size"] == 8
+    with pytest.raises(ValueError, match="`batch_size` 8 is larger than the 2 examples"):
+        batches(to_map(two, batch_size=8)["examples"], 8)
