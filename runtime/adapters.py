@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .optim import check_number
 from .sites import Site
 
 _REGISTRY: dict[str, tuple[type, type]] = {}
@@ -102,6 +103,7 @@ class AdapterSpec:
 
 
 def _check_dropout(p: float) -> None:
+    check_number("dropout", p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1), got {p}")
 
@@ -119,6 +121,7 @@ class LowRank(AdapterSpec):
         super().__post_init__()
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"`r` must be a positive int, got {self.r!r}")
+        check_number("alpha", self.alpha)
         if not self.alpha > 0:
             raise ValueError(f"`alpha` must be > 0, got {self.alpha!r}")
         _check_dropout(self.dropout)

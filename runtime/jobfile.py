@@ -45,12 +45,25 @@ def load_job(path: str | os.PathLike) -> dict:
 
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.load(path.read_text(), _loader())
     except OSError as e:
         raise InvalidArgument(f"cannot read job file {str(path)!r}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise InvalidArgument(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     return job_kwargs(doc, path.parent, str(path))
+
+
+def _loader():
+    """PyYAML's safe loader, reading `1e-3` as the float YAML 1.2 says it is (1.1: a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
 
 
 def job_kwargs(doc, base: Path, where: str = "job") -> dict:

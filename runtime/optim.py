@@ -28,6 +28,15 @@ def optimizer_kinds() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_number(name: str, value) -> None:
+    """Raise unless `value` is a finite real number: a string (YAML 1.1 reads `1e-3` as one), a bool,
+    NaN or inf is refused here, with its name, rather than failing a comparison or a fit later."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Learning-rate multiplier per fit: constant, or linear warm-up then linear / cosine decay to 0."""
@@ -39,6 +48,8 @@ class Schedule:
     def __post_init__(self):
         if self.kind not in SCHEDULES:
             raise ValueError(f"`schedule` kind must be one of {SCHEDULES}, got {self.kind!r}")
+        check_number("warmup", self.warmup)
+        check_number("total", self.total)
         if self.warmup < 0 or self.total < 0:
             raise ValueError(f"`warmup` and `total` must be >= 0, got {self.warmup}, {self.total}")
         if self.kind != "constant" and self.total <= self.warmup:
@@ -66,6 +77,8 @@ class OptimizerSpec:
     schedule: Schedule = field(default_factory=Schedule)
 
     def _check(self):
+        for name in ("lr", "weight_decay") + (("clip_norm",) if self.clip_norm is not None else ()):
+            check_number(name, getattr(self, name))
         if not self.lr > 0:
             raise ValueError(f"`lr` must be > 0, got {self.lr!r}")
         if self.weight_decay < 0:
@@ -108,6 +121,15 @@ class AdamW(OptimizerSpec):
 
     def __post_init__(self):
         self._check()
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
+            raise ValueError(f"`betas` must be two numbers in [0, 1), got {self.betas!r}")
+        for b in self.betas:
+            check_number("betas", b)
+            if not 0 <= b < 1:
+                raise ValueError(f"`betas` must be two numbers in [0, 1), got {self.betas!r}")
+        check_number("eps", self.eps)
+        if not self.eps > 0:
+            raise ValueError(f"`eps` must be > 0, got {self.eps!r}")
 
     def _build(self, params):
         return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps,
@@ -132,6 +154,7 @@ class SGD(OptimizerSpec):
 
     def __post_init__(self):
         self._check()
+        check_number("momentum", self.momentum)
         if not 0 <= self.momentum < 1:
             raise ValueError(f"`momentum` must be in [0, 1), got {self.momentum!r}")
         if self.nesterov and self.momentum == 0:

@@ -27,12 +27,13 @@ def test_a_job_file_maps_onto_session_submit(tmp_path):
     f = tmp_path / "sub" / "job.yaml"
     f.write_text("id: yaml-job\nsteps: 3\nbatch_size: 2\ntargets: [q_proj]\nstaleness: 1\n"
                  "adapter: {kind: lowrank, r: 4, alpha: 16}\n"
-                 "optimizer: {kind: adamw, lr: 1.0e-2, betas: [0.8, 0.9], schedule: {kind: linear, warmup: 1, total: 3}}\n"
+                 "optimizer: {kind: adamw, lr: 1e-2, betas: [0.8, 0.9], schedule: {kind: linear, warmup: 1, total: 3}}\n"
                  "data: rows.jsonl\ninit: ../exported\n")
     kw = colaflow.load_job(f)
     assert kw["job_id"] == "yaml-job" and kw["steps"] == 3 and kw["targets"] == ["q_proj"] and kw["staleness"] == 1
     assert kw["adapter"] == LowRank(r=4, alpha=16)
     assert isinstance(kw["optimizer"], AdamW) and kw["optimizer"].betas == (0.8, 0.9)
+    assert kw["optimizer"].lr == 0.01  # `1e-2` is a number, as YAML 1.2 has it (PyYAML alone: a string)
     assert kw["optimizer"].schedule.kind == "linear" and kw["optimizer"].schedule.total == 3
     assert kw["examples"] == str(tmp_path / "sub" / "rows.jsonl")  # relative to the file, handed on as a path
     assert kw["init"] == str(tmp_path / "exported")
@@ -52,6 +53,10 @@ def test_a_job_file_maps_onto_session_submit(tmp_path):
     ("id: a\njob_id: b\nsteps: 1\ndata: []\n", "`id` and `job_id` are the same key"),
     ("- 1\n- 2\n", "a job file is a map"),
     ("steps: [1\n", "not valid YAML"),
+    ("steps: 2\ndata: []\noptimizer: {kind: adamw, lr: '1e-3'}\n", "`lr` must be a number, got str '1e-3'"),
+    ("steps: 2\ndata: []\noptimizer: {kind: sgd, lr: .inf}\n", "`lr` must be finite"),
+    ("steps: 2\ndata: []\noptimizer: {kind: adamw, betas: [0.9, 1.5]}\n", "`betas` must be two numbers in"),
+    ("steps: 2\ndata: []\nadapter: {kind: lowrank, dropout: yes}\n", "`dropout` must be a number, got bool"),
 ])
 def test_a_bad_job_file_says_what_is_wrong(tmp_path, text, error):
     f = tmp_path / "job.yaml"
