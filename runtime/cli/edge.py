@@ -16,10 +16,11 @@ def add_parser(sub) -> None:
     p.add_argument("--server", required=True, help="HOST:PORT of the colaflow server")
     p.add_argument("--token-file", help="file holding this worker's bearer token")
     p.add_argument("--tls-ca", help="CA certificate that signed the server's certificate")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
-    p.add_argument("--state-dir", help="checkpoints live here; a restarted daemon resumes from them")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="where the adapters fit")
+    p.add_argument("--state-dir", help="checkpoints live here; a restarted daemon resumes from them (default: "
+                   "none kept: a restarted daemon starts afresh, and the server moves its sites)")
     p.add_argument("--worker-id", help="stable id (default: kept in the state dir, else the host name)")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads for fitting (0: torch's default)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,13 +42,20 @@ def run(args: argparse.Namespace) -> int:
     tune_allocator()
     state = Path(args.state_dir).expanduser() if args.state_dir else None
     worker_id = args.worker_id or _stable_id(state)
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
-    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    token = _read(args.token_file, "--token-file").decode().strip() if args.token_file else None
+    ca = _read(args.tls_ca, "--tls-ca") if args.tls_ca else None
     if hasattr(signal, "SIGXFSZ"):  # a quota'd disk makes checkpoint writes fail (and retry), not the daemon die
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     daemon = Daemon(args.server, token, worker_id, state, args.device, ca)
     install_sigterm(daemon)
     return daemon.run()
+
+
+def _read(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise SystemExit(f"colaflow edge: cannot read {flag} {path!r}: {e.strerror}") from None
 
 
 def _stable_id(state: Path | None) -> str:

@@ -1,11 +1,12 @@
 """The `colaflow` console command; each subcommand lives in its own module.
 
-Operator commands (submit, jobs, status, logs, cancel, workers, export, plot) exit 0 on success, 1 on an
-error (one line `colaflow: error: ...`; --debug adds the traceback) and 2 on a usage error.
+Every command exits 0 on success, 1 on an error (one line `colaflow: error: ...`; --debug adds the
+traceback) and 2 on a usage error.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import bench, cancel, demo, edge, export, jobs, logs, plot, serve, status, submit, workers
@@ -15,7 +16,16 @@ from ._control import UsageError, err, explain
 COMMANDS = {"demo": demo, "bench": bench, "serve": serve, "edge": edge, "submit": submit, "jobs": jobs,
             "status": status, "logs": logs, "cancel": cancel, "workers": workers, "export": export,
             "plot": plot, "eval": eval_}
-OPERATOR = {"submit", "jobs", "status", "logs", "cancel", "workers", "export", "plot"}
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its default, where it has one that its help does not already name."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,14 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         module.add_parser(sub)
+        p = sub.choices[name]
+        p.formatter_class = _Help
+        if not any("--debug" in a.option_strings for a in p._actions):
+            p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command].run(args) or 0
     except KeyboardInterrupt:
         print("colaflow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `colaflow logs JOB | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except Exception as e:
-        if args.command not in OPERATOR or args.debug:
+        if getattr(args, "debug", False):
             raise
         err(f"colaflow: error: {explain(e, args)}")
         return 2 if isinstance(e, UsageError) else 1

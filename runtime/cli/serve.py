@@ -18,9 +18,11 @@ import threading
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the adaptation server")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, tiny-gpt2, or an HF directory")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (a non-loopback one needs TLS "
+                   "and --tokens, or --insecure)")
     p.add_argument("--port", type=int, default=7000, help="0 picks a free port (printed)")
-    p.add_argument("--tls-cert"), p.add_argument("--tls-key")
+    p.add_argument("--tls-cert", help="the server's certificate (PEM); serve TLS, with --tls-key")
+    p.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     p.add_argument("--tokens", help="file of `TOKEN ROLE` lines; without it every caller is admin")
     p.add_argument("--state-dir", help="jobs and a per-step snapshot live here; a restarted server resumes them")
@@ -41,7 +43,7 @@ def add_parser(sub) -> None:
                    help="serve sequence-classification jobs with N classes (colaflow.classifier: frozen body, "
                         "pooling, a head every job trains on its devices); rows carry `label`")
     p.add_argument("--pooling", choices=["last", "mean", "cls"], help="with --classes (default: by architecture)")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: torch's default)")
     p.add_argument("--max-upload-mb", type=int, default=256,
                    help="the largest data map a client may upload for one job (MiB); all uploads held at once "
                         "are capped at 4x this, one tenant's at 2x")
@@ -101,6 +103,24 @@ def _check_port_free(host: str, port: int, flag: str = "--port") -> None:
                          f"(another colaflow serve? pick another {flag})") from None
 
 
+def _read(path: str, flag: str) -> bytes:
+    try:
+        return open(path, "rb").read()
+    except OSError as e:
+        raise SystemExit(f"colaflow serve: cannot read {flag} {path!r}: {e.strerror}") from None
+
+
+def _check_key_pair(cert: str, key: str) -> None:
+    """Refuse now a certificate and key that do not match (swapped, say): gRPC would only fail to listen."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise SystemExit(f"colaflow serve: --tls-cert {cert!r} and --tls-key {key!r} are not a PEM certificate and "
+                         f"its private key ({e.reason or e}): swapped, or another pair?") from None
+
+
 def _status_page(args: argparse.Namespace, coordinator, tokens, grpc_port: int):
     """Start the HTTP status page, /metrics and JSON API (None with `--http-port off`); print its URL."""
     if args.http_port == "off":
@@ -137,11 +157,14 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("colaflow serve: --tls-cert and --tls-key go together")
     tls = None
     if args.tls_cert:
-        ca = open(args.tls_client_ca, "rb").read() if args.tls_client_ca else None
-        tls = (open(args.tls_key, "rb").read(), open(args.tls_cert, "rb").read(), ca)
+        ca = _read(args.tls_client_ca, "--tls-client-ca") if args.tls_client_ca else None
+        tls = (_read(args.tls_key, "--tls-key"), _read(args.tls_cert, "--tls-cert"), ca)
+        _check_key_pair(args.tls_cert, args.tls_key)
     from colaflow.wire import tune_allocator
 
     tune_allocator()
+    if args.tokens:
+        _read(args.tokens, "--tokens")
     tokens = Tokens.load(args.tokens)
     if not _loopback(args.host) and not (tls and tokens.enabled):
         missing = " and ".join(x for x, ok in (("TLS (--tls-cert/--tls-key)", tls), ("tokens (--tokens)", tokens.enabled))
