@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapters import AdapterSpec, Linear, LowRank, build_adapter, register_adapter
 from .job import JobSpec
-from .sites import DEFAULT_TARGETS, Site, family_of
+from .sites import Site, default_targets, family_of
 
 HEAD = "score"
 POOLINGS = ("last", "mean", "cls")
@@ -150,9 +150,6 @@ def classification_job(job_id: str, model: nn.Module, adapter: AdapterSpec | Non
         sites = list(spec.head_sites)
     else:
         if targets is None:
-            family = family_of(model)
-            if family not in DEFAULT_TARGETS:
-                raise ValueError(f"no default `targets` for model family {family!r}; pass them explicitly")
-            targets = DEFAULT_TARGETS[family]
+            targets = default_targets(model)
         sites = [*targets, *spec.head_sites]
     return JobSpec(job_id, spec, target_modules=sites, **job)

@@ -13,12 +13,35 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# Default target modules per model family, as PEFT and the ColA paper use them.
+# Default target modules per model family (HF `model_type`), as PEFT's LoRA defaults and the ColA paper have them.
+_QV, _QUERY_VALUE, _FUSED = ["q_proj", "v_proj"], ["query", "value"], ["query_key_value"]
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
+    **dict.fromkeys(["llama", "llama4", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                     "gemma2", "gemma3_text", "stablelm", "opt", "gptj", "gpt_neo", "bart", "mbart", "olmo", "olmo2",
+                     "granite", "cohere", "starcoder2", "smollm3"], _QV),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "layoutlm", "camembert", "distilroberta"],
+                    _QUERY_VALUE),
+    **dict.fromkeys(["bloom", "gpt_neox", "falcon", "chatglm", "RefinedWeb", "RefinedWebModel"], _FUSED),
+    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "t5": ["q", "v"], "mt5": ["q", "v"], "mpt": ["Wqkv"],
+    "codegen": ["qkv_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"], "phi3": ["qkv_proj"],
+    "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"],
 }
+# An unknown family: the first of these whose every suffix names a module of the model.
+_FALLBACK = [_QV, _QUERY_VALUE, _FUSED, ["c_attn"], ["qkv_proj"], ["Wqkv"], ["q", "v"]]
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The family's default target modules; for a family not in the table, the first usual attention
+    projection names the model has; else an error listing the names it has."""
+    family = family_of(model)
+    if family in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[family]
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _adaptable(m)}
+    for targets in _FALLBACK:
+        if set(targets) <= leaves:
+            return targets
+    raise ValueError(f"no default `target_modules` for model family {family!r}: pass them explicitly; this model's "
+                     f"adaptable modules end in {sorted(leaves)[:16]}")
 
 KINDS = ("linear", "conv1d", "conv2d", "embedding")
 
@@ -70,14 +93,14 @@ def site_of(name: str, module: nn.Module) -> Site:
                     "HF Conv1D, nn.Conv2d and nn.Embedding modules")
 
 
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or type(module).__name__ == "Conv1D"
+
+
 def find_sites(model: nn.Module, target_modules: list[str] | str | None = None) -> list[Site]:
     """The sites of `model` selected by PEFT-style `target_modules` (suffixes or one regex)."""
     if target_modules is None:
-        family = family_of(model)
-        if family not in DEFAULT_TARGETS:
-            raise ValueError(f"no default `target_modules` for model family {family!r}; "
-                             f"pass them explicitly (known families: {sorted(DEFAULT_TARGETS)})")
-        target_modules = DEFAULT_TARGETS[family]
+        target_modules = default_targets(model)
     names = [n for n, _ in model.named_modules() if n]
     modules = dict(model.named_modules())
     if isinstance(target_modules, str):

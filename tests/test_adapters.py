@@ -28,6 +28,26 @@ def test_default_sites_per_family():
     assert {s.name.rsplit(".", 1)[1] for s in find_sites(tiny("bert"))} == {"query", "value"}
 
 
+@pytest.mark.parametrize("family, config, suffixes", [
+    ("qwen2", dict(intermediate_size=64, num_attention_heads=4, num_key_value_heads=2), {"q_proj", "v_proj"}),
+    ("opt", dict(ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32), {"q_proj", "v_proj"}),
+    ("gpt_neox", dict(intermediate_size=64, num_attention_heads=4), {"query_key_value"}),
+    ("phi3", dict(intermediate_size=64, num_attention_heads=4, pad_token_id=0), {"qkv_proj"}),
+])
+def test_default_sites_of_other_families_and_of_a_family_colaflow_does_not_name(family, config, suffixes):
+    """PEFT's LoRA defaults for the families it names; for any other, the usual attention projections
+    the model has (here: a Qwen2 under an unknown `model_type`); else an error listing what it has."""
+    import transformers as tf
+
+    cfg = tf.AutoConfig.for_model(family, vocab_size=64, hidden_size=32, num_hidden_layers=1, **config)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    assert {s.name.rsplit(".", 1)[1] for s in find_sites(model)} == suffixes
+    model.config.model_type = "not-a-family"
+    assert {s.name.rsplit(".", 1)[1] for s in find_sites(model)} == suffixes
+    with pytest.raises(ValueError, match=r"no default `target_modules` for model family None.*end in \['0', '1'\]"):
+        find_sites(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+
+
 def test_regex_targets():
     sites = find_sites(tiny("llama"), r"model\.layers\.1\.mlp\.(up|down)_proj")
     assert [s.name for s in sites] == ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
