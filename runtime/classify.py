@@ -138,6 +138,26 @@ def classifier(model: nn.Module, classes: int, pooling: str | None = None, seed:
     return SequenceClassifier(body, classes, pooling, seed).eval()
 
 
+def classification_spec(spec: JobSpec, model: nn.Module | None) -> JobSpec:
+    """`spec` as a job on `model` runs it: on a classifier, its head trains too (a plain adapter
+    becomes the `body` of a `WithHead`, and listed targets that name no head site get the head's);
+    a target regex is kept as given. On any other model: `spec` unchanged."""
+    from dataclasses import replace
+
+    from .blackbox import is_blackbox
+
+    if not isinstance(model, SequenceClassifier) or is_blackbox(spec):
+        return spec
+    adapter = spec.adapter if isinstance(spec.adapter, WithHead) else WithHead(body=spec.adapter)
+    targets = spec.target_modules
+    if targets is None:
+        targets = [*(adapter.body.default_targets(model) or default_targets(model)), *adapter.head_sites]
+    elif not isinstance(targets, str) and not set(adapter.head_sites) & set(targets):
+        targets = [*targets, *adapter.head_sites]
+    return spec if (adapter, targets) == (spec.adapter, spec.target_modules) else \
+        replace(spec, adapter=adapter, target_modules=targets)
+
+
 def classification_job(job_id: str, model: nn.Module, adapter: AdapterSpec | None = None,
                        targets: list[str] | None = None, probe: bool = False, **job) -> JobSpec:
     """A JobSpec that trains `adapter` on the body's sites (the family's defaults unless `targets`)

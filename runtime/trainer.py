@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .blackbox import BlackBoxHost
+from .classify import classification_spec
 from .data import collate
 from .evaluate import EvalSet, evaluate
 from .host import Host
@@ -54,6 +55,7 @@ class Trainer:
                 init: dict[str, dict] | None = None) -> None:
         """Add a job (open-ended, or done after `steps` steps), its adapters from `init` ({site: params}) if
         given, evaluated on `evals` while it trains."""
+        spec = classification_spec(spec, getattr(self.host, "model", None))  # a classifier's head trains too
         sites = self.host.add_job(spec, init)
         try:
             self.scheduler.add_job(spec, sites, steps, init=init)

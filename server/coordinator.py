@@ -20,6 +20,7 @@ from typing import Iterator
 
 from colaflow.adapters import Adapter
 from colaflow import evaluate
+from colaflow.classify import classification_spec
 from colaflow.data import check_limits, collate, from_map
 from colaflow.host import Host
 from colaflow.loss import causal_lm
@@ -112,6 +113,7 @@ class Coordinator:
         `init` ({site: params}, see `colaflow.export.init_params`): where its adapters start."""
         batches = from_map(data)  # refuse bad data before anything is allocated
         check_limits(data, *self.host.limits())
+        spec = classification_spec(spec, self.host.model)  # a classifier's head trains too
         ev = evaluate.parse(data.get("eval"), *self.host.limits(), causal=self.host.loss_fn is causal_lm)
         with self.lock:
             if spec.job_id in self.scheduler.jobs:

@@ -159,3 +159,23 @@ def test_a_session_trains_a_classification_job_and_exports_its_head(tmp_path):
     assert isinstance(spec.adapter, WithHead) and len(adapters) == 5
     head = adapters["score"]
     assert isinstance(head.spec, Linear) and head.weight.shape == (CLASSES, 32) and head.bias.abs().max() > 0
+
+
+def test_a_plain_job_on_a_classifier_trains_the_head_too():
+    """A job submitted as for any model (a plain adapter, default or listed targets) trains the head as
+    `classification_job` would: the same sites, kinds and adapters, bit for bit (before, the head was
+    left untrained: a server started with --classes learnt only its body)."""
+    model = classifier(tiny("llama"), CLASSES)
+    batches = from_map(to_map(cls_examples(24, seed=3), batch_size=4))
+    kw = dict(optimizer=AdamW(lr=1e-2))
+    for targets in (None, ["q_proj"]):
+        plain = JobSpec("plain", LowRank(r=2), target_modules=targets, **kw)
+        made = classification_job("made", model, LowRank(r=2), targets=targets, **kw)
+        trainer = Trainer(model, [plain, made], loss_fn=seq_cls)
+        for _ in range(3):
+            b = next(batches)
+            trainer.step({"plain": b, "made": b})
+        a, b = trainer.adapters("plain"), trainer.adapters("made")
+        assert list(a) == list(b) and any(s.endswith("score") for s in a)
+        assert isinstance(a[next(s for s in a if s.endswith("score"))], type(b[next(s for s in b if s.endswith("score"))]))
+        assert all(torch.equal(p, q) for s in a for p, q in zip(a[s].parameters(), b[s].parameters()))

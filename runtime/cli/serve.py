@@ -194,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
 
         host = Host(classifier(model, args.classes, args.pooling).to(args.device), seq_cls, mix_rows=args.mix_rows)
     else:
+        if getattr(model, "get_output_embeddings", lambda: None)() is None:  # e.g. an encoder (AutoModel)
+            raise SystemExit(f"colaflow serve: {args.model!r} ({type(model).__name__}) has no language-model head to "
+                             "train against: serve it for sequence classification with --classes N")
         host = Host(model.to(args.device), mix_rows=args.mix_rows)
     coordinator = Coordinator(host, reassign_after=args.reassign_after, store=store,
                               mix=args.mix, layered=args.layered)
