@@ -69,7 +69,13 @@ def save_peft(adapters: dict[str, Adapter], path: str | os.PathLike, base_model:
     if not adapters:
         raise ValueError("no adapters to export")
     specs = {a.spec for a in adapters.values()}
-    if len(specs) != 1 or not isinstance(next(iter(specs)), LowRank):
+    other = sorted(n for n, a in adapters.items() if not isinstance(a.spec, LowRank))
+    if other:  # e.g. a classification job's head (`score`), a linear adapter with its bias
+        kinds = sorted({adapters[n].spec.kind for n in other})
+        raise ValueError(f"PEFT export needs lowrank adapters; {', '.join(other[:3])}{' ...' if len(other) > 3 else ''} "
+                         f"{'has' if len(other) == 1 else 'have'} {'/'.join(kinds)} adapters, which a PEFT LoRA "
+                         "directory cannot hold: export with format='native' (colaflow.export.load reads it)")
+    if len(specs) != 1:
         raise ValueError(f"PEFT export needs lowrank adapters of one spec, got {sorted(map(str, specs))}")
     spec: LowRank = next(iter(specs))
     if spec.attach != "parallel":

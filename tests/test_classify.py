@@ -179,3 +179,7 @@ def test_a_plain_job_on_a_classifier_trains_the_head_too():
         assert list(a) == list(b) and any(s.endswith("score") for s in a)
         assert isinstance(a[next(s for s in a if s.endswith("score"))], type(b[next(s for s in b if s.endswith("score"))]))
         assert all(torch.equal(p, q) for s in a for p, q in zip(a[s].parameters(), b[s].parameters()))
+    from colaflow.export import save_peft
+
+    with pytest.raises(ValueError, match="score has linear adapters.*format='native'"):
+        save_peft(a, "unused")
