@@ -106,6 +106,7 @@ class Worker:
 
     def _assign(self, a: Assign) -> list[ToServer]:
         out: list[ToServer] = []
+        fresh: list[str] = []  # sites that start from parameters alone (an `init` export, a state_every=0 move)
         for start in a.sites:
             key = (a.job, start.site.name)
             have = self.learners.get(key)
@@ -120,12 +121,14 @@ class Worker:
                     out.append(Refusal(a.job, start.site.name, version, f"{type(e).__name__}: {e}"))
                     continue
                 if start.state.optimizer is None:
-                    log.warning("job %s site %s: continuing from v%d with a fresh optimizer", a.job,
-                                start.site.name, version)
+                    fresh.append(start.site.name)
             self.learners[key] = learner
             self.unacked[key] = []
             if a.job in self.held:
                 self.held[a.job] = [u for u in self.held[a.job] if (u.job, u.site) != key]
+        if fresh:  # one line, not one per site: `init=` (an export) starts every site so, as documented
+            log.info("job %s: %d site%s continue from their given weights with a fresh optimizer (%s%s)", a.job,
+                     len(fresh), "s" if len(fresh) > 1 else "", ", ".join(fresh[:2]), ", ..." if len(fresh) > 2 else "")
         log.info("assigned job %s: %d sites", a.job, len(a.sites))
         return out
 
