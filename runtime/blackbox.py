@@ -50,13 +50,17 @@ def model_logprobs(model: nn.Module) -> LogProbs:
     """A `LogProbs` over a causal LM: one forward under no_grad, then top-k of log_softmax."""
 
     def logprobs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, k: int):
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        device = next(model.parameters()).device  # the batch may be on the host: ids go to the model,
+        with torch.no_grad():                      # the answer comes back to the batch's device
+            mask = None if attention_mask is None else attention_mask.to(device)
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask).logits  # (B, T, V)
             lp = torch.log_softmax(logits.float(), -1)
             del logits
             if k >= lp.shape[-1]:  # exact: every token, in vocabulary order
-                return lp, torch.arange(lp.shape[-1], device=lp.device).expand(lp.shape)
-            return lp.topk(k, dim=-1)  # (B, T, k) each, largest first
+                values, indices = lp, torch.arange(lp.shape[-1], device=lp.device).expand(lp.shape)
+            else:
+                values, indices = lp.topk(k, dim=-1)  # (B, T, k) each, largest first
+            return values.to(input_ids.device), indices.to(input_ids.device)
     return logprobs
 
 

@@ -62,7 +62,7 @@ class CoDAAdapter(HoulsbyAdapter):
                              f"got shape {tuple(x.shape)}")
         B, T, _ = x.shape
         with torch.no_grad():
-            scores = self.router(x).squeeze(-1).float()  # (B, T)
+            scores = self.router(x.to(self.router.weight.dtype)).squeeze(-1).float()  # (B, T); fp32 router, bf16 model
             n = torch.full((B,), T, device=x.device) if mask is None else mask.sum(1)  # (B,) real tokens
             if mask is not None:
                 scores = scores.masked_fill(mask == 0, -math.inf)  # padding is never chosen

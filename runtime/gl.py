@@ -118,8 +118,8 @@ def fit(adapter: Adapter, optimizer: torch.optim.Optimizer, scheduler, pairs: li
         x = x.to(dtype) if x.is_floating_point() else x
         delta = adapter(x) if not route or route[0] is None else adapter(x, route[0])  # (N, out): f(x)
         delta.backward(g.to(delta.dtype))  # grad of 0.5||f - sg(f - g)||^2 is J^T g
-        loss += 0.5 * float(g.double().pow(2).sum())
-    grads = [p.grad.detach().double() for p in adapter.parameters() if p.grad is not None]
+        loss += 0.5 * float(g.to(_wide(g)).pow(2).sum())
+    grads = [p.grad.detach().to(_wide(p.grad)) for p in adapter.parameters() if p.grad is not None]
     grad_norm = float(sum(g.pow(2).sum() for g in grads)) ** 0.5  # before clipping, as PEFT users log it
     if clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(adapter.parameters(), clip_norm)
@@ -220,3 +220,8 @@ def site_seed(spec: JobSpec, site: Site) -> int:
     for ch in f"{spec.seed}:{site.name}":
         h = (h * 131 + ord(ch)) % (2**31 - 1)
     return h
+
+
+def _wide(t: torch.Tensor) -> torch.dtype:
+    """float64 for the logged loss and norm, where the device has it (MPS has none)."""
+    return torch.float32 if t.device.type == "mps" else torch.float64

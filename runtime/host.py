@@ -211,7 +211,7 @@ class Host:
             self._check_labels(batch)  # (before the copy to the device: no host sync for it)
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         inputs = {k: v for k, v in batch.items() if k not in ("jobs", "labels")}
-        ctx = self._context(jobs, capture=True)
+        ctx = self._context(jobs, capture=True, device=device)
         ctx.gate, ctx.mask = gate, batch.get("attention_mask")
         ctx.grid = next((tuple(v.shape[:2]) for k in ("input_ids", "attention_mask", "labels")
                          if isinstance(v := batch.get(k), torch.Tensor) and v.dim() >= 2), None)
@@ -221,7 +221,7 @@ class Host:
         head = self._fused_head()  # (looked up once per model, before the step's hooks are live)
         self._ctx = ctx
         try:
-            rows = {j: torch.arange(len(jobs)) if r is None else r for j, r in ctx.rows.items()}
+            rows = {j: torch.arange(len(jobs), device=device) if r is None else r for j, r in ctx.rows.items()}
             with torch.enable_grad():
                 if head is not None:  # the loss's gradient is made with the logits, a chunk at a time
                     with fused(head, batch["labels"], rows) as f:
@@ -307,7 +307,7 @@ class Host:
             hook.remove()
             self._ctx = None
 
-    def _context(self, jobs: list[str], capture: bool) -> _Ctx:
+    def _context(self, jobs: list[str], capture: bool, device: torch.device | None = None) -> _Ctx:
         order = list(dict.fromkeys(jobs))
         for j in order:
             self._job(j)
@@ -316,7 +316,8 @@ class Host:
             merged = {n for n, a in job.adapters.items() if job.spec.merge and self._mergeable(job, n)}
             return _Ctx({order[0]: None}, order, merged, capture)
         row_job = torch.tensor([order.index(j) for j in jobs])
-        rows = {j: (row_job == i).nonzero().squeeze(1) for i, j in enumerate(order)}
+        # on the model's device: an index on the host would make every `t[rows]` in the backward a sync
+        rows = {j: (row_job == i).nonzero().squeeze(1).to(device) for i, j in enumerate(order)}
         runs, start = [], 0
         for i in range(1, len(jobs) + 1):
             if i == len(jobs) or jobs[i] != jobs[start]:

@@ -28,11 +28,12 @@ def merged_weights(model: nn.Module, adapters: dict[str, Adapter]) -> dict[str, 
         mod = site_module(model, name)
         dw, db = adapter.delta_weight()
         with torch.no_grad():
-            out[f"{name}.weight"] = (mod.weight.float() + dw.float()).to(mod.weight.dtype)
+            # adapters may live on the host (an export, `Trainer.adapters`) and the model on a GPU
+            out[f"{name}.weight"] = (mod.weight.float() + dw.to(mod.weight.device).float()).to(mod.weight.dtype)
             if db is not None:
                 if mod.bias is None:
                     raise ValueError(f"site `{name}` has no bias to merge the adapter's bias into")
-                out[f"{name}.bias"] = (mod.bias.float() + db.float()).to(mod.bias.dtype)
+                out[f"{name}.bias"] = (mod.bias.float() + db.to(mod.bias.device).float()).to(mod.bias.dtype)
     return out
 
 

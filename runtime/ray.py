@@ -140,6 +140,8 @@ class RayServer:
             options["resources"] = {"server": 1}
         elif total.get("GPU", 0) >= 1:
             options["num_gpus"] = 1
+            if "--device" not in args:  # the GPU it reserves is the one it serves on
+                args = [*args, "--device", "cuda"]
         self.name, self.timeout = name, timeout
         self.actor = ray.remote(_ServerActor).options(**options).remote(model, list(args), host, timeout)
         try:

@@ -80,10 +80,11 @@ class PacketStream:
                 self.grads.pop(n, None)
         if x.is_cuda:  # copy out without waiting; a host thread checks, cuts and emits the copy, so
             # the backward's thread goes on launching kernels (no synchronisation per site)
-            x, gs = _to_host(x), {n: _to_host(g) for n, g in gs.items()}
-            rs = {n: _to_host(r) for n, r in rs.items()}
-            event = torch.cuda.Event()
-            event.record()
+            with torch.cuda.device(x.device):  # `finish` runs on a thread whose current device may be 0
+                x, gs = _to_host(x), {n: _to_host(g) for n, g in gs.items()}
+                rs = {n: _to_host(r) for n, r in rs.items()}
+                event = torch.cuda.Event()
+                event.record()
             self.copying.append(self.host._packer().submit(self._emit_copied, event, job_id, group, x, gs, rs))
         else:
             self._emit(job_id, group, x, gs, rs)

@@ -452,6 +452,21 @@ def test_a_bf16_model_steps_with_float32_adapters_as_peft_does():
     assert abs(result.losses["a"] - expect) <= 1e-6 * expect  # (adapters in bf16 would be ~3e-5 off)
 
 
+def test_every_adapter_kind_steps_on_a_bf16_model():
+    """bf16 is how a GPU serves: each kind's float32 adapter (a conditional kind's router included)
+    reads the bf16 hidden states (CoDA's router once refused them: "mat1 and mat2 must have the same dtype")."""
+    from colaflow import CoDA, Houlsby, Linear
+
+    model = tiny("llama").to(torch.bfloat16)
+    host = Host(model)
+    kinds = {"low": LowRank(r=2), "lin": Linear(), "houl": Houlsby(hidden=4), "coda": CoDA(hidden=4, reduction=2)}
+    for job, spec in kinds.items():
+        host.add_job(JobSpec(job, spec))
+    for job in kinds:
+        result = host.step(random_batch(96, 2, 8, 0) | {"jobs": [job, job]})
+        assert result.packets and all(torch.isfinite(p.g.float()).all() for p in result.packets), job
+
+
 def test_tokens_without_an_attention_mask_count_each_jobs_rows():
     host = Host(tiny("llama"), mix_rows=8)
     for j in "ab":
@@ -460,3 +475,32 @@ def test_tokens_without_an_attention_mask_count_each_jobs_rows():
     del batch["attention_mask"]
     assert host.step(batch | {"jobs": ["a", "b", "b", "b"]}).tokens == {"a": 6, "b": 18}
     assert host.step(batch | {"jobs": ["a"] * 4}).tokens == {"a": 24}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_the_paths_with_host_side_pieces_run_on_the_models_device(device):
+    """What meets the model's device from the host: a mixed batch's row indices, a black-box job's
+    token ids, adapters merged from host memory (an export). On CPU this checks the test itself;
+    `benchmarks/gpu.sh` runs it on CUDA, where each once failed or synchronised."""
+    import copy
+
+    from colaflow import SmallLM
+    from colaflow.merge import merged
+
+    model = tiny("llama").to(device)
+    host = Host(model)
+    for j in "ab":
+        host.add_job(JobSpec(j, LowRank(r=4), seed=ord(j)))
+    host.add_job(JobSpec("bb", SmallLM(top_k=8, hidden=8)))
+    mixed = host.step(random_batch(96, 4, 8, 0) | {"jobs": ["a", "a", "b", "b"]})
+    assert {p.job for p in mixed.packets} == {"a", "b"} and all(p.g.device.type == "cpu" for p in mixed.packets)
+    blackbox = host.step(random_batch(96, 2, 8, 1) | {"jobs": ["bb", "bb"]})
+    assert blackbox.packets and all(p.x.device.type == "cpu" for p in blackbox.packets)
+    on_host = {n: copy.deepcopy(a).cpu() for n, a in host.jobs["a"].adapters.items()}
+    for a in on_host.values():
+        a.B.data.fill_(0.01)
+    before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    with merged(model, on_host):
+        assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)

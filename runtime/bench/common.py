@@ -41,12 +41,13 @@ def peak_during(fn: Callable[[], None], device: str = "cpu") -> int:
     if device.startswith("cuda"):
         import torch
 
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        dev = torch.device(device)  # `cuda:N`: that device's counters, not the current one's
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
         fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev) - base
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     base = _status("VmRSS")
@@ -96,7 +97,7 @@ def synced(fn: Callable[[], None], device: str) -> Callable[[], None]:
 
     def run() -> None:
         fn()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
     return run
 
 
