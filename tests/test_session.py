@@ -111,7 +111,7 @@ def test_in_process_failures_are_colaflows_own_too(tmp_path):
         with pytest.raises(InvalidArgument, match="row 0: `input_ids` must be a list of token ids, got str"):
             session.submit([{"input_ids": "abc"}], steps=2, batch_size=1)
         with pytest.raises(InvalidArgument, match="`batch_size` 8 is larger than the 4 examples"):
-            session.submit(examples(96, 4, seed=0), job_id="leak", steps=2)
+            session.submit(examples(96, 4, seed=0), job_id="leak", steps=2, batch_size=8)
         job = session.submit(examples(96, 8, seed=0), job_id="leak", steps=2, batch_size=4)  # nothing leaked
         assert job.wait(timeout=60)["state"] == "done"
         a, b = (session.submit(examples(96, 8, seed=0), steps=1, batch_size=4) for _ in range(2))

@@ -5,11 +5,12 @@ input sent once) go out through `WorkerService.Work` exactly as in a run — ser
 chunks, credits — to a client that reassembles and decodes them as the edge daemon does. The
 same bytes also cross a raw TCP socket on loopback in the same run (the physical limit here),
 bare sync gRPC (one prebuilt message sent again and again), and, for raw, a bare `grpc.aio`
-server building each message anew (what colaflow's path could reach at most).
+server building each message anew (what colaflow's path could reach at most) and bare sync gRPC
+copying each message anew from memory as large as the frames (a bare sender of the same new bytes).
 Each gRPC pair runs twice: with the client in the server's process (where its decoding takes the
 server's GIL) and with the client apart in a process of its own, as every edge daemon is.
 Last line: {"raw_vs_socket", "int8_bytes_per_elem", "int8_rel_err", ..., "raw_vs_bare_grpc",
-"raw_vs_bare_aio_fresh", "raw_vs_bare_grpc_apart"}.
+"raw_vs_bare_aio_fresh", "raw_vs_bare_grpc_apart", "raw_vs_bare_grpc_fresh_apart"}.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import torch
 
 from .common import report
@@ -210,8 +212,10 @@ def socket_round(nbytes: int) -> float:
     return elapsed
 
 
-def grpc_bytes_round(nbytes: int, apart: Apart | None = None) -> float:
-    """Seconds for plain gRPC (no colaflow code) to stream `nbytes` as 4 MiB raw-bytes messages."""
+def grpc_bytes_round(nbytes: int, apart: Apart | None = None, source=None) -> float:
+    """Seconds for plain gRPC (no colaflow code) to stream `nbytes` as 4 MiB raw-bytes messages: one
+    prebuilt message sent again and again, or, given `source` (a buffer of `nbytes`, touched once
+    before), each message copied anew from it, as any sender of new data must."""
     from concurrent import futures
 
     from colaflow.wire import CHANNEL_OPTIONS
@@ -220,8 +224,8 @@ def grpc_bytes_round(nbytes: int, apart: Apart | None = None) -> float:
     n = -(-nbytes // len(payload))
 
     def stream(request, context):
-        for _ in range(n):
-            yield payload
+        for i in range(n):
+            yield payload if source is None else bytes(source[i * len(payload):(i + 1) * len(payload)])
     server = grpc.server(futures.ThreadPoolExecutor(2), options=CHANNEL_OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Bytes", {
         "S": grpc.unary_stream_rpc_method_handler(stream)}),))
@@ -250,8 +254,6 @@ def grpc_aio_round(nbytes: int) -> float:
     """The same for a bare `grpc.aio` server (the API `colaflow serve` runs) that builds each
     4 MiB message anew with one copy, as any sender of new data must: the ceiling of colaflow's path."""
     import asyncio
-
-    import numpy as np
 
     from colaflow.wire import CHANNEL_OPTIONS
 
@@ -303,7 +305,7 @@ def main(args: argparse.Namespace) -> int:
     apart = Apart()
     res = {}
     for codec in CODECS:
-        t, link = {k: [] for k in ("grpc", "socket", "bare", "aio", "grpc_apart", "bare_apart")}, []
+        t, link = {k: [] for k in ("grpc", "socket", "bare", "aio", "grpc_apart", "bare_apart", "fresh_apart")}, []
         grpc_round(codec, 1)  # warm-up: first-touch of buffers, codec kernels
         grpc_round(codec, 1, apart)
         for _ in range(args.repeats):  # alternate the sides round by round
@@ -315,6 +317,9 @@ def main(args: argparse.Namespace) -> int:
             t["bare_apart"].append(grpc_bytes_round(wire, apart))
             if codec == "raw":
                 t["aio"].append(grpc_aio_round(wire))
+                source = memoryview(np.ones(wire, np.uint8))  # as big as the frames: as cold in the cache
+                t["fresh_apart"].append(grpc_bytes_round(wire, apart, source))
+                del source
             if args.mbit:  # a real link's rate: does encoding keep up with it? (raw: 2 steps, ~1 s each at 1 Gbit/s)
                 el, link_bytes, _ = grpc_round(codec, 2 if codec == "raw" else steps, apart, args.mbit)
                 link.append(link_bytes / el / 1e9)
@@ -329,7 +334,9 @@ def main(args: argparse.Namespace) -> int:
               f"        client apart: {r['grpc_apart']:6.2f} GB/s (bare gRPC {r['bare_apart']:5.2f})  "
               f"{r['grpc_apart'] / r['bytes_per_elem'] / elems * 1e9:6.2f} steps/s", flush=True)
         if r["aio"]:
-            print(f"        bare grpc.aio, each message built anew: {r['aio']:5.2f} GB/s", flush=True)
+            print(f"        bare grpc.aio, each message built anew: {r['aio']:5.2f} GB/s; bare sync gRPC, each "
+                  f"message copied anew from memory as large as the frames, client apart: {r['fresh_apart']:5.2f} GB/s",
+                  flush=True)
         if r["link"]:
             print(f"        through a {args.mbit:g} Mbit/s link, 20 ms RTT: {r['link'] * 8e3 / args.mbit:5.3f} of its rate, "
                   f"{r['link'] / r['bytes_per_elem'] / elems * 1e9:5.2f} steps/s", flush=True)
@@ -348,7 +355,9 @@ def main(args: argparse.Namespace) -> int:
             "bare_aio_fresh_GBps": round(raw["aio"], 3),
             "raw_vs_bare_aio_fresh": round(raw["grpc"] / raw["aio"], 3),
             "raw_apart_GBps": round(raw["grpc_apart"], 3), "bare_grpc_apart_GBps": round(raw["bare_apart"], 3),
-            "raw_vs_bare_grpc_apart": round(raw["grpc_apart"] / raw["bare_apart"], 3)}
+            "raw_vs_bare_grpc_apart": round(raw["grpc_apart"] / raw["bare_apart"], 3),
+            "bare_grpc_fresh_apart_GBps": round(raw["fresh_apart"], 3),
+            "raw_vs_bare_grpc_fresh_apart": round(raw["grpc_apart"] / raw["fresh_apart"], 3)}
            | ({f"{c}_link_use": round(res[c]["link"] * 8e3 / args.mbit, 3) for c in CODECS} if args.mbit else {}))
     return 0
 
