@@ -160,12 +160,18 @@ class Learner:
         device = next(self.adapter.parameters()).device
         pairs = [(p.x.to(device), p.g.to(device), None if p.route is None else p.route.to(device))
                  for p in self.buffer]
+        prev = params_of(self.adapter)
         stats = fit(self.adapter, self.optimizer, self.scheduler, pairs, self.spec.optimizer.clip_norm)
+        params = params_of(self.adapter)
+        why = update_fault(params, prev)
+        if why:  # sent, it would get an honest worker quarantined (and its other jobs moved) for the spec's fault
+            raise ValueError(f"site `{self.site.name}`: the fit of version {self.version + 1} gave {why} "
+                             f"(is the learning rate {self.spec.optimizer.lr:g} too high?)")
         self.buffer.clear()
         self.version += 1
         every = self.spec.state_every
         state = self.optimizer_state() if every and self.version % every == 0 else None
-        return Update(self.spec.job_id, self.site.name, self.version, params_of(self.adapter), stats.loss,
+        return Update(self.spec.job_id, self.site.name, self.version, params, stats.loss,
                       self.fitted_through, state, stats.grad_norm, stats.lr)
 
     # state that outlives the device
@@ -212,6 +218,28 @@ class Learner:
             raise ValueError(f"site `{self.site.name}` of job {self.spec.job_id!r}: the optimizer state of "
                              f"version {state.version} does not fit a {self.spec.optimizer.kind} optimizer "
                              f"({type(e).__name__}: {e})") from None
+
+
+MAX_PARAM_ABS = 1e4  # no adapter an honest worker trains gets near this; 1e30 is an attack or a blow-up
+MAX_STEP_RATIO = 100.0  # nor does one fit move the parameters by 100x their norm (+1)
+
+
+def update_fault(params: dict[str, torch.Tensor], prev: dict[str, torch.Tensor] | None) -> str:
+    """Why `params` cannot be a fit from `prev` (non-finite, or finite but absurd), or "". The worker
+    checks its own fit with it (and refuses the step: its job fails with the reason, as a too-high
+    learning rate deserves); the server checks what arrives (and quarantines the sender)."""
+    for name, v in params.items():
+        if v.numel() and not torch.isfinite(v).all():
+            return f"non-finite values in `{name}`"
+    biggest = max((float(v.abs().max()) for v in params.values() if v.numel()), default=0.0)
+    if biggest > MAX_PARAM_ABS:
+        return f"a parameter of magnitude {biggest:.3g} (bound {MAX_PARAM_ABS:g})"
+    if prev is not None:
+        step = sum(float((params[k].double() - prev[k].double()).pow(2).sum()) for k in prev) ** 0.5
+        norm = sum(float(prev[k].double().pow(2).sum()) for k in prev) ** 0.5
+        if step > MAX_STEP_RATIO * (norm + 1.0):
+            return f"a step of norm {step:.3g} from parameters of norm {norm:.3g}"
+    return ""
 
 
 def site_seed(spec: JobSpec, site: Site) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import build_adapter
-from .gl import LearnerState, Packet, Update
+from .gl import LearnerState, Packet, Update, update_fault
 from .job import JobSpec
 from .sites import Site
 
@@ -234,22 +234,9 @@ def check_update(spec: JobSpec, rec: SiteRecord, u: Update) -> None:
             raise ValueError(f"site `{site}`: optimizer value `{key}` = {value!r} is not a per-parameter scalar")
 
 
-MAX_PARAM_ABS = 1e4  # no adapter an honest worker trains gets near this; 1e30 is an attack or a blow-up
-MAX_STEP_RATIO = 100.0  # nor does one fit move the parameters by 100x their norm (+1)
-
-
 def out_of_bounds(rec: SiteRecord, u: Update) -> str:
     """Why an update is too far from the last version to be a fit (finite is not enough), or ""."""
-    biggest = max((float(v.abs().max()) for v in u.params.values() if v.numel()), default=0.0)
-    if biggest > MAX_PARAM_ABS:
-        return f"a parameter of magnitude {biggest:.3g} (bound {MAX_PARAM_ABS:g})"
-    prev = rec.versions.get(rec.received)
-    if prev is not None:
-        step = sum(float((u.params[k].double() - prev[k].double()).pow(2).sum()) for k in prev) ** 0.5
-        norm = sum(float(prev[k].double().pow(2).sum()) for k in prev) ** 0.5
-        if step > MAX_STEP_RATIO * (norm + 1.0):
-            return f"a step of norm {step:.3g} from parameters of norm {norm:.3g}"
-    return ""
+    return update_fault(u.params, rec.versions.get(rec.received))
 
 
 def optimizer_skeleton(spec: JobSpec, site: Site) -> dict:

@@ -437,7 +437,12 @@ class Scheduler:
         if u.fitted_through != want:
             raise ValueError(f"update of `{u.site}` v{u.version} says it fitted through step "
                              f"{u.fitted_through}; expected {want}")
-        check_update(job.spec, rec, u)
+        try:
+            check_update(job.spec, rec, u)
+        except ValueError as e:  # the job's own update cannot be used: it fails, with why; the stream and
+            # the worker's other jobs go on, and the Revoke stops the worker sending it again on reconnect
+            self.fail(u.job, f"worker {worker_id} sent an update it cannot have fitted: {e}")
+            return
         why = out_of_bounds(rec, u)
         if why:  # finite but absurd: refuse it, and give this worker no more work
             self._quarantine(worker_id, f"update v{u.version} of `{u.site}` of job {u.job} is out of bounds: {why}")

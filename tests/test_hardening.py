@@ -101,6 +101,19 @@ def test_an_absurd_update_quarantines_its_worker_and_the_job_resumes_exactly():
     assert all(torch.equal(got[s][n], want[s][n]) for s in want for n in want[s])
 
 
+def test_a_learning_rate_that_blows_up_fails_its_job_not_the_honest_worker():
+    """A tenant's lr = 1e5 makes absurd parameters on the first fit: the worker refuses that step (the
+    job fails, saying why) instead of sending it, which once got every honest worker quarantined in
+    turn (and their other tenants' jobs stalled)."""
+    rig = Rig(JobSpec("j", LowRank(r=2), AdamW(lr=1e5), target_modules=["l1", "l2"]), steps=4)
+    rig.deliver()
+    rig.step()
+    rig.deliver()
+    job = rig.sched.job("j")
+    assert job.state == "failed" and "is the learning rate 100000 too high?" in job.error, job.error
+    assert "a parameter of magnitude" in job.error and not rig.sched.workers["w"].quarantined
+
+
 # memory an attacker controls
 
 def test_a_frame_that_declares_more_than_arrived_allocates_nothing():

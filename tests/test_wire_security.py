@@ -14,7 +14,7 @@ from colaflow import AdamW, JobSpec, LowRank, Update, serde
 from colaflow.client import Client
 from colaflow.errors import PermissionDenied, Unavailable
 from colaflow.framing import frame_message, to_chunks
-from colaflow.protocol import Ack, Assign
+from colaflow.protocol import Ack, Assign, Revoke
 from colaflow.v1 import worker_pb2, worker_pb2_grpc
 from colaflow.wire import work_call
 from procs import examples, start_edge, start_server, stop, wait_done, wait_workers
@@ -119,10 +119,6 @@ def test_bad_frames_are_refused_and_other_jobs_are_untouched(secured, tmp_path):
     cases = [
         (update("good", next(iter(foreign)), 99, 98, ok), grpc.StatusCode.PERMISSION_DENIED, "not assigned"),
         (update("nope", site, 1, 0, ok), grpc.StatusCode.PERMISSION_DENIED, "not assigned"),
-        (update("mine", site, 1, 0, {"A": torch.randn(4, 32), "B": torch.zeros(31, 4)}),
-         grpc.StatusCode.INVALID_ARGUMENT, "parameter `B` has shape (31, 4)"),
-        (update("mine", site, 1, 0, {"A": torch.full((4, 32), float("nan")), "B": torch.zeros(32, 4)}),
-         grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
         (update("mine", site, 3, 2, ok), grpc.StatusCode.INVALID_ARGUMENT, "expected 1"),
     ]
     frame, parts = update("mine", site, 1, 0, ok)
@@ -151,6 +147,17 @@ def test_bad_frames_are_refused_and_other_jobs_are_untouched(secured, tmp_path):
     client.cancel("mine")
     kept = exported(client, "mine", tmp_path)[site]
     assert torch.equal(kept["A"], ok["A"]) and torch.equal(kept["B"], ok["B"])  # the replay changed nothing
+    # parameters of the wrong shape, or NaN: that job fails with why, and the worker is told to drop its
+    # sites (before, the stream ended and a worker resent its saved update on every reconnect, for ever)
+    for n, params, why in ((1, {"A": torch.randn(4, 32), "B": torch.zeros(31, 4)}, "parameter `B` has shape (31, 4)"),
+                           (2, {"A": torch.full((4, 32), float("nan")), "B": torch.zeros(32, 4)}, "non-finite")):
+        client.submit(JobSpec(f"bad{n}", LowRank(r=4), state_every=0), examples(96, 8, seed=6), steps=5, batch_size=4)
+        bad_site = rogue.next(Assign).sites[0].site.name
+        rogue.send_update(update(f"bad{n}", bad_site, 1, 0, params))
+        assert rogue.next(Revoke).job == f"bad{n}"  # on the same stream: it was not ended
+        status = wait_done(client, f"bad{n}")
+        assert status.state == "failed" and "worker rogue sent an update it cannot have fitted" in status.error
+        assert why in status.error
     # meanwhile the good job ran on; its result is exactly what it would have been alone
     assert wait_done(client, "good").state == "done"
     assert max_err(exported(client, "good", tmp_path), reference(good, ex, 30)) <= 1e-6
