@@ -15,6 +15,7 @@ server's coordinator runs the same object on its device.
 from __future__ import annotations
 
 import contextlib
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,6 +32,7 @@ from .lmhead import fused, head_of
 from .loss import IGNORE, LossFn, causal_lm, per_job, token_cls
 from .merge import merged_weights
 from .mixed import micro_batches, stackable, stacked_delta, sub_batch
+from .records import param_shapes
 from .sites import Site, find_sites, site_module
 from .stream import PacketStream
 
@@ -83,6 +85,7 @@ class Host:
         if not isinstance(mix_rows, int) or mix_rows < 1:
             raise ValueError(f"`mix_rows` must be a positive int, got {mix_rows!r}")
         self.model = model
+        self._model_size: int | None = None  # parameters (at least 2**20): what one job's adapters may hold
         self.loss_fn = loss_fn
         self.mix_rows = mix_rows  # a mixed batch runs as micro-batches of whole jobs, this many rows each
         for p in model.parameters():
@@ -101,18 +104,32 @@ class Host:
 
     # jobs and updates
 
-    def add_job(self, spec: JobSpec, init: dict[str, dict] | None = None) -> list[Site]:
-        """Host a job: resolve its sites, build its adapter copies (from `init` {site: params} if given;
-        the scheduler checks it), hook its sites."""
+    def resolve(self, spec: JobSpec) -> list[Site] | None:
+        """The job's sites as its adapters see them, checked; None for a black-box job. A server calls
+        it before taking its lock: a target regex is matched against every module name."""
+        if is_blackbox(spec):
+            return None
+        targets = spec.target_modules if spec.target_modules is not None else spec.adapter.default_targets(self.model)
+        # the sites as the adapters see them: a sequential adapter's site reads the module's output
+        sites = [spec.adapter.view(s) for s in find_sites(self.model, targets)]
+        size = sum(math.prod(shape) for s in sites for shape in param_shapes(spec, s).values())  # (meta: no memory)
+        if self._model_size is None:
+            self._model_size = max(sum(p.numel() for p in self.model.parameters()), 1 << 20)
+        if size > self._model_size:  # memory a tenant could take: no adapter needs more than the model it adapts
+            raise ValueError(f"job {spec.job_id!r}: its adapters would hold {size:,} parameters, more than the frozen "
+                             f"model's {self._model_size:,}: choose a smaller size (`r`, `hidden`) or fewer targets")
+        return sites
+
+    def add_job(self, spec: JobSpec, init: dict[str, dict] | None = None, sites: list[Site] | None = None) -> list[Site]:
+        """Host a job: resolve its sites (unless given: `resolve`'s), build its adapter copies (from `init`
+        {site: params} if given; the scheduler checks it), hook its sites."""
         if spec.job_id in self.jobs:
             raise ValueError(f"job {spec.job_id!r} is already hosted")
         if is_blackbox(spec):  # black-box output mode: one `<output>` site, forward only (colaflow.blackbox)
             if self._blackbox is None:
                 self._blackbox = BlackBoxHost(model_logprobs(self.model), *self.limits(), jobs=self.jobs)
             return self._blackbox.add_job(spec, init)
-        targets = spec.target_modules if spec.target_modules is not None else spec.adapter.default_targets(self.model)
-        # the sites as the adapters see them: a sequential adapter's site reads the module's output
-        sites = [spec.adapter.view(s) for s in find_sites(self.model, targets)]
+        sites = self.resolve(spec) if sites is None else sites
         adapters = {}
         for s in sites:
             a = build_adapter(spec.adapter, s, seed=site_seed(spec, s))

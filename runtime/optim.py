@@ -86,7 +86,12 @@ class OptimizerSpec:
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"`clip_norm` must be > 0 or None, got {self.clip_norm!r}")
         if isinstance(self.schedule, dict):
-            object.__setattr__(self, "schedule", Schedule(**self.schedule))
+            try:
+                object.__setattr__(self, "schedule", Schedule(**self.schedule))
+            except TypeError as e:
+                raise ValueError(f"bad `schedule` {self.schedule}: {e}") from None
+        elif not isinstance(self.schedule, Schedule):
+            raise ValueError(f"`schedule` must be a map {{kind, warmup, total}}, got {self.schedule!r}")
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, **asdict(self)}

@@ -32,12 +32,13 @@ from .gl import LearnerState, Packet, Update, site_seed
 from .job import JobSpec
 from .protocol import Ack, Assign, Hello, Packets, Refusal, Revoke, SiteStart, ToServer, ToWorker
 from .records import (LIVE, Best, JobRecord, SiteRecord, StepPlan, WorkerRecord, check_init, check_update,
-                      out_of_bounds, param_shapes, restored_job)
+                      optimizer_skeleton, out_of_bounds, param_shapes, restored_job)
 from .sites import Site
 from .errors import ResourceExhausted
 from .store import Store
 
 log = logging.getLogger("colaflow.scheduler")
+MAX_FIT_INTERVAL = 256
 
 
 class Abandoned(Exception):
@@ -72,7 +73,17 @@ class Scheduler:
             raise ValueError(f"`steps` must be an int >= 1, got {steps!r}")
         if not sites:
             raise ValueError(f"job {spec.job_id!r} has no sites")
+        if steps is not None and spec.fit_interval > steps:  # its adapters would never change, and the packets
+            raise ValueError(f"`fit_interval` {spec.fit_interval} is more than the job's {steps} steps: "  # pile up
+                             "its adapters would never be fitted")
+        if spec.fit_interval > MAX_FIT_INTERVAL:  # every step's packets are kept until a fit's state covers them
+            raise ValueError(f"`fit_interval` {spec.fit_interval} is over {MAX_FIT_INTERVAL}: the server keeps "
+                             "each step's packets until a fit covers them")
         recs = {s.name: SiteRecord(s, param_shapes(spec, s)) for s in sites}
+        try:  # what every worker will build: a spec none can build is refused now, not on each device
+            optimizer_skeleton(spec, sites[0])
+        except Exception as e:
+            raise ValueError(f"job {spec.job_id!r}: its optimizer cannot be built: {type(e).__name__}: {e}") from None
         if init is not None:
             check_init(recs, init)
         record = {"spec": spec.to_dict(), "sites": [s.to_dict() for s in sites], "steps": steps, "data": data,

@@ -108,11 +108,18 @@ def find_sites(model: nn.Module, target_modules: list[str] | str | None = None) 
             pattern = re.compile(target_modules)
         except re.error as e:
             raise ValueError(f"`target_modules` {target_modules!r} is not a valid regex: {e}") from None
+        why = _slow_regex(target_modules)
+        if why:  # the server matches it against every module name: it must not take exponential time
+            raise ValueError(f"`target_modules` regex {target_modules[:80]!r} {why}: list module-name suffixes, "
+                             "or write a simpler pattern (e.g. r'.*\\.(q|v)_proj')")
         chosen = [n for n in names if pattern.fullmatch(n)]
         if not chosen:
             raise ValueError(f"`target_modules` regex {target_modules!r} matches no module; "
                              f"module names look like {_near(target_modules, names)}")
     else:
+        if not isinstance(target_modules, (list, tuple)) or not all(isinstance(t, str) for t in target_modules):
+            raise ValueError(f"`target_modules` must be a list of module-name suffixes or one regex string, "
+                             f"got {str(target_modules)[:80]}")
         if not target_modules:
             raise ValueError("`target_modules` is empty")
         chosen = []
@@ -124,6 +131,48 @@ def find_sites(model: nn.Module, target_modules: list[str] | str | None = None) 
             chosen += hits
         chosen = sorted(set(chosen), key=names.index)
     return [site_of(n, modules[n]) for n in chosen]
+
+
+MAX_REGEX_CHARS, MAX_REGEX_REPEATS = 256, 3
+
+
+def _slow_regex(pattern: str) -> str:
+    """Why matching `pattern` could take exponential (or high-polynomial) time, or "": a repeat inside
+    a repeat or around an alternation (`(a+)+`, `(a|a)*`), more than a few repeats (`.*.*.*.*x`)."""
+    if len(pattern) > MAX_REGEX_CHARS:
+        return f"is longer than {MAX_REGEX_CHARS} characters"
+    try:
+        from re import _constants as c, _parser as p  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_constants as c
+        import sre_parse as p
+    repeats = (c.MAX_REPEAT, c.MIN_REPEAT) + ((c.POSSESSIVE_REPEAT,) if hasattr(c, "POSSESSIVE_REPEAT") else ())
+
+    def walk(items, inside: bool) -> int:
+        count = 0
+        for op, av in items:
+            if op in repeats:
+                lo, hi, sub = av
+                if hi > 1:
+                    if inside:
+                        raise ValueError("repeats a group that itself repeats")
+                    count += 1 + walk(sub, True)
+                else:
+                    count += walk(sub, inside)
+            elif op is c.BRANCH:
+                if inside:
+                    raise ValueError("repeats an alternation")
+                count += sum(walk(b, inside) for b in av[1])
+            elif op is c.SUBPATTERN:
+                count += walk(av[-1], inside)
+            elif op in (c.ASSERT, c.ASSERT_NOT):
+                count += walk(av[1], inside)
+        return count
+    try:
+        n = walk(p.parse(pattern), False)
+    except ValueError as e:
+        return str(e)
+    return f"has {n} repeats (at most {MAX_REGEX_REPEATS})" if n > MAX_REGEX_REPEATS else ""
 
 
 def _near(target: str, names: list[str]) -> list[str]:

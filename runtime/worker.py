@@ -113,7 +113,11 @@ class Worker:
             version = start.state.version if start.state is not None else 0
             if have is not None and have.version >= version:
                 continue  # ours is as new or newer: keep it (and its unacknowledged updates)
-            learner = Learner(a.spec, start.site, self.device)
+            try:
+                learner = Learner(a.spec, start.site, self.device)
+            except Exception as e:  # a spec this worker cannot build fails its job, not the worker (or its stream)
+                out.append(Refusal(a.job, start.site.name, version, f"cannot build its learner: {type(e).__name__}: {e}"))
+                continue
             if start.state is not None:
                 try:
                     learner.restore(start.state)

@@ -115,10 +115,11 @@ class Coordinator:
         check_limits(data, *self.host.limits())
         spec = classification_spec(spec, self.host.model)  # a classifier's head trains too
         ev = evaluate.parse(data.get("eval"), *self.host.limits(), causal=self.host.loss_fn is causal_lm)
+        resolved = self.host.resolve(spec)  # before the lock: a target regex takes time, other tenants none
         with self.lock:
             if spec.job_id in self.scheduler.jobs:
                 raise ValueError(f"job {spec.job_id!r} already exists")
-            sites = self.host.add_job(spec, init)
+            sites = self.host.add_job(spec, init, resolved)
             try:
                 self.scheduler.add_job(spec, sites, steps, data, tenant, init)
             except BaseException:

@@ -77,7 +77,7 @@ def test_every_kind_starts_as_identity_on_every_site_kind(spec):
         assert delta.shape == net.get_submodule(site.name)(inputs[site.name]).shape
         assert torch.count_nonzero(delta) == 0
         # and it is trainable: one fit on a random gradient moves the output
-        learner = Learner(JobSpec("j", spec, SGD(lr=0.5)), site)
+        learner = Learner(JobSpec("j", spec, SGD(lr=0.01)), site)
         g = torch.randn_like(delta)
         learner.consume(Packet("j", site.name, 0, 0, inputs[site.name], g))
         learner.consume(Packet("j", site.name, 1, 1, inputs[site.name], g))

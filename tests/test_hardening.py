@@ -22,7 +22,7 @@ from colaflow.protocol import Packets
 from colaflow.store import MemoryStore
 from colaflow.v1 import worker_pb2
 from procs import examples
-from sim import Clock, Toy, final_params, reference, toy_batches, toy_loss
+from sim import Clock, Toy, final_params, reference, toy_loss
 from test_scheduler import SPEC, Rig
 
 
@@ -239,3 +239,43 @@ def test_serving_off_loopback_needs_tls_and_tokens_or_says_insecure():
                           "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "0.0.0.0 is not a loopback address" in out.stderr
     assert "TLS (--tls-cert/--tls-key) and tokens (--tokens)" in out.stderr and "--insecure" in out.stderr
+
+
+# specs a hostile tenant could send
+
+@pytest.mark.parametrize("spec, steps, match", [
+    (JobSpec("re", LowRank(r=2), target_modules=r"^([\w.]|[\w.]){0,25}!"), 4, "repeats an alternation"),
+    (JobSpec("re2", LowRank(r=2), target_modules=r".*.*.*.*!"), 4, "has 4 repeats"),
+    (JobSpec("ty", LowRank(r=2), target_modules=5), 4, "must be a list of module-name suffixes"),
+    (JobSpec("big", LowRank(r=1_000_000)), 4, "would hold .* parameters, more than the frozen model's"),
+    (JobSpec("fi", LowRank(r=2), fit_interval=8), 4, "`fit_interval` 8 is more than the job's 4 steps"),
+    (JobSpec("fi2", LowRank(r=2), fit_interval=2**40), 2**41, "is over 256"),
+])
+def test_a_spec_that_would_stall_or_exhaust_the_server_is_refused_at_submit(spec, steps, match):
+    """Each once got through: a backtracking regex held the coordinator's lock for minutes, r = 4e6
+    took gigabytes, a fit interval past the steps kept every step's packets for ever."""
+    from colaflow.server.coordinator import Coordinator
+
+    c = Coordinator(Host(tiny("llama")))
+    with pytest.raises(ValueError, match=match):
+        c.submit(spec, {"examples": examples(96, 8, 0), "batch_size": 4}, steps=steps)
+    assert not c.scheduler.jobs and not c.host.jobs
+
+
+def test_an_optimizer_no_worker_can_build_is_refused_and_a_worker_refuses_one_it_cannot():
+    """A schedule that is not a map once passed the server and broke every worker's stream in a loop."""
+    from colaflow.protocol import Refusal
+
+    with pytest.raises(ValueError, match="`schedule` must be a map"):
+        AdamW(lr=1e-3, schedule=[1, 2])
+    with pytest.raises(ValueError, match="bad `schedule`"):
+        AdamW(lr=1e-3, schedule={"kind": "linear", "steps": 3})
+    rig = Rig(steps=4)
+    bad = JobSpec("bad", LowRank(r=2), AdamW(lr=1e-3), target_modules=["l1", "l2"])
+    object.__setattr__(bad.optimizer, "schedule", [1, 2])  # past the checks, as a peer of another version might
+    with pytest.raises(ValueError, match="its optimizer cannot be built"):
+        rig.sched.add_job(bad, rig.host.add_job(bad), 4)
+    from colaflow.protocol import Assign, SiteStart
+
+    out = rig.worker.handle(Assign("bad", bad, [SiteStart(next(iter(rig.host.jobs["bad"].sites.values())), None)]))
+    assert len(out) == 1 and isinstance(out[0], Refusal) and "cannot build its learner" in out[0].reason
