@@ -39,6 +39,7 @@ from .store import Store
 
 log = logging.getLogger("colaflow.scheduler")
 MAX_FIT_INTERVAL = 256
+MIN_SILENCE_S = 10.0  # a live worker beats every second; a busy machine may delay a few: never less than this
 
 
 class Abandoned(Exception):
@@ -593,8 +594,16 @@ class Scheduler:
         self._assign()
 
     def _reassign_lost(self) -> None:
-        """Sites of a worker gone longer than `reassign_after` move to connected workers."""
+        """Sites of a worker gone longer than `reassign_after` move to connected workers. A worker whose
+        stream is open but silent that long (no frame, no heartbeat: stopped, hung, or cut off without
+        a reset) counts as gone since it was last heard from; if it wakes, it reconnects as any other."""
         now = self.clock()
+        silent_after = max(self.reassign_after, MIN_SILENCE_S)
+        for w in self.workers.values():
+            if w.connected and w.last_seen is not None and now - w.last_seen >= silent_after:
+                log.warning("worker %s silent for %.0f s (no frame or heartbeat): it counts as gone", w.worker_id,
+                            now - w.last_seen)
+                w.connected, w.left_at = False, w.last_seen
         for w in [w for w in self.workers.values() if not w.connected and w.left_at is None
                   and now - w.registered_at > max(60.0, self.reassign_after) and not self._load(w.worker_id)]:
             del self.workers[w.worker_id]  # registered, never connected: forgotten (its id is free again)

@@ -236,6 +236,12 @@ class Coordinator:
                             "bytes_in": w.bytes_in, "bytes_out": w.bytes_out})
             return out
 
+    def heard(self, worker_id: str) -> None:
+        """A frame (a chunk of a long upload, say) came from the worker: it is alive. No lock: one store."""
+        w = self.scheduler.workers.get(worker_id)
+        if w is not None:
+            w.last_seen = self.scheduler.clock()
+
     def _seen(self, worker_id: str, bytes_in: int = 0, bytes_out: int = 0) -> None:
         """Under the lock: the worker was heard from now (and moved these wire bytes)."""
         w = self.scheduler.workers.get(worker_id)

@@ -201,6 +201,7 @@ class WorkerService:
             nbytes = 0  # of the message being reassembled
             async for raw in request_iterator:
                 nbytes += len(raw)
+                self.c.heard(worker_id)  # an update longer than `--reassign-after` on a slow link is not silence
                 inbox.max_bytes = self.c.max_update_bytes()  # what an honest update can be, no more
                 msg = inbox.feed(raw)
                 if msg is None:

@@ -173,6 +173,29 @@ def test_a_lost_worker_sites_move_once_with_its_learner_state(caplog):
     assert isinstance(assign, Assign) and all(s.state.version == 3 and s.state.optimizer for s in assign.sites)
 
 
+def test_a_worker_connected_but_silent_counts_as_gone_and_its_sites_move():
+    """A stopped (SIGSTOP) or hung worker keeps its stream open: once nothing (no frame, no heartbeat)
+    came from it for `reassign_after` seconds (at least 10), its sites move as a lost worker's do; one
+    heard from stays."""
+    rig = Rig()
+    rig.deliver()
+    rig.step()
+    rig.deliver()
+    spare = Worker("spare")
+    spare_stream = rig.connect("spare", spare)
+    rig.sched.workers["w"].last_seen = rig.clock.now  # as the server's frames and heartbeats set it
+    for _ in range(11):
+        rig.clock.now += 1.0
+        rig.sched.workers["spare"].last_seen = rig.clock.now  # the spare keeps beating; w is silent
+        rig.sched.ready()
+        if rig.clock.now < 10.0:
+            assert rig.sched.job("j").sites["l1"].owner == "w"
+    assert "w" not in rig.sched.workers and rig.sched.job("j").sites["l1"].owner == "spare"
+    assert not rig.sched.current("w", rig.stream)  # its stream ends; if it wakes, it connects anew
+    (assign,) = rig.messages("spare", spare_stream)
+    assert isinstance(assign, Assign) and all(s.state.version == 1 for s in assign.sites)
+
+
 def test_packets_are_kept_until_durable_state_covers_them():
     spec = JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1", "l2"], state_every=3)
     rig = Rig(spec)
