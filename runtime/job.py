@@ -41,6 +41,10 @@ class JobSpec:
             raise ValueError(f"`staleness` must be an int >= 0, got {self.staleness!r}")
         if not isinstance(self.state_every, int) or self.state_every < 0:
             raise ValueError(f"`state_every` must be an int >= 0, got {self.state_every!r}")
+        if not isinstance(self.merge, bool):
+            raise ValueError(f"`merge` must be true or false, got {self.merge!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"`seed` must be an int, got {self.seed!r}")
         for name in ("codec_x", "codec_g"):
             if getattr(self, name) not in CODECS:
                 raise ValueError(f"`{name}` must be one of {CODECS}, got {getattr(self, name)!r}")

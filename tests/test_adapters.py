@@ -119,6 +119,8 @@ def test_registry_refuses_duplicates_and_roundtrips_specs():
     (lambda: Schedule("linear", warmup=5, total=5), "needs `total` > `warmup`"),
     (lambda: JobSpec("bad id!"), "`job_id`"),
     (lambda: JobSpec("j", fit_interval=0), "`fit_interval`"),
+    (lambda: JobSpec("j", merge="yes"), "`merge` must be true or false"),
+    (lambda: JobSpec("j", seed="x"), "`seed` must be an int"),
 ])
 def test_specs_refuse_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
