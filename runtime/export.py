@@ -74,7 +74,8 @@ def save_peft(adapters: dict[str, Adapter], path: str | os.PathLike, base_model:
         kinds = sorted({adapters[n].spec.kind for n in other})
         raise ValueError(f"PEFT export needs lowrank adapters; {', '.join(other[:3])}{' ...' if len(other) > 3 else ''} "
                          f"{'has' if len(other) == 1 else 'have'} {'/'.join(kinds)} adapters, which a PEFT LoRA "
-                         "directory cannot hold: export with format='native' (colaflow.export.load reads it)")
+                         "directory cannot hold: export in the native format (format='native'; the CLI's --format native), "
+                         "which colaflow.export.load reads")
     if len(specs) != 1:
         raise ValueError(f"PEFT export needs lowrank adapters of one spec, got {sorted(map(str, specs))}")
     spec: LowRank = next(iter(specs))
