@@ -44,8 +44,12 @@ class DirStore(Store):
         lines = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
         if replace:
             atomic_write(self.root / job_id / "metrics.jsonl", lines)
-        else:  # a crash mid-append leaves a torn last line, which `load` skips
-            with open(self.root / job_id / "metrics.jsonl", "ab") as f:
+        else:  # a crash (or a full disk) mid-append leaves a torn last line, which `load` skips
+            with open(self.root / job_id / "metrics.jsonl", "ab+") as f:
+                if f.tell():
+                    f.seek(-1, 2)
+                    if f.read(1) != b"\n":  # that torn line ends here, so the rows after it stay whole
+                        lines = b"\n" + lines
                 f.write(lines)
 
     def save_site(self, job_id: str, site: str, rec: SiteRecord) -> None:

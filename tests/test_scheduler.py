@@ -259,6 +259,21 @@ def test_restart_from_the_store_resumes_at_the_first_step_not_covered(kind, tmp_
     assert third.metrics == job.metrics  # the rows of the steps to run again were dropped from the store
 
 
+def test_a_torn_metrics_line_loses_only_itself(tmp_path):
+    """A crash or a full disk mid-append tears the last row; the rows appended after it stay readable."""
+    from colaflow.server.store import DirStore
+
+    store = DirStore(tmp_path)
+    (tmp_path / "j").mkdir()
+    store.save_metrics("j", [{"step": 0, "loss": 1.0}])
+    with open(tmp_path / "j" / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 1, "lo')
+    store.save_metrics("j", [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}])
+    from colaflow.server.store import _load_metrics
+
+    assert [r["step"] for r in _load_metrics(tmp_path / "j" / "metrics.jsonl")] == [0, 1, 2]
+
+
 def test_a_step_run_again_after_a_restart_is_not_counted_stale():
     """S = 0: a restart reruns steps whose fits already made newer versions; those steps still used
     the newest version that could exist before them, so their staleness is 0, as in the first run."""
