@@ -334,7 +334,7 @@ class Host:
             return _Ctx({order[0]: None}, order, merged, capture)
         row_job = torch.tensor([order.index(j) for j in jobs])
         # on the model's device: an index on the host would make every `t[rows]` in the backward a sync
-        rows = {j: (row_job == i).nonzero().squeeze(1).to(device) for i, j in enumerate(order)}
+        rows = {j: (row_job == i).nonzero().squeeze(1).to(device or "cpu") for i, j in enumerate(order)}
         runs, start = [], 0
         for i in range(1, len(jobs) + 1):
             if i == len(jobs) or jobs[i] != jobs[start]:
