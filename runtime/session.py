@@ -72,7 +72,12 @@ class Job:
     def wait(self, timeout: float | None = None, progress: bool | None = None) -> dict:
         """Until the job ends; its final status. Raises JobFailed, NoWorkers, TimeoutError."""
         show = sys.stderr.isatty() if progress is None else progress
-        status = self.session._backend.wait(self.id, timeout, show, self.session.connect_timeout)
+        try:
+            status = self.session._backend.wait(self.id, timeout, show, self.session.connect_timeout)
+        except KeyboardInterrupt:  # say what became of the job: Ctrl-C stops the waiting, not always the job
+            where = ("it pauses here until the next wait()" if isinstance(self.session._backend, _Local)
+                     else "it goes on on the server")
+            raise KeyboardInterrupt(f"job {self.id}: {where}; job.cancel() ends it") from None
         if status["state"] != "done":
             raise JobFailed(f"job {self.id} ended {status['state']}: {status['error'] or 'no reason given'}")
         return status
