@@ -144,3 +144,15 @@ def test_a_job_whose_workers_all_die_says_so(tmp_path):
                 job.wait(timeout=60)
     finally:
         stop(edge, server)
+
+
+def test_ctrl_c_while_waiting_says_what_became_of_the_job(monkeypatch):
+    with Session("tiny-llama") as session:
+        job = session.submit(examples(96, 8, seed=0), steps=2, batch_size=4)
+
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(session._backend, "wait", interrupted)
+        with pytest.raises(KeyboardInterrupt, match=f"job {job.id}: it pauses here until the next wait\\(\\); "
+                                                    "job.cancel\\(\\) ends it"):
+            job.wait()
