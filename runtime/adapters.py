@@ -102,6 +102,9 @@ class AdapterSpec:
         return Site(site.name, "linear", site.out_features, site.out_features)
 
 
+MAX_LAYERS = 16  # layers of one adapter (mlp; smalllm's GRU layers too)
+
+
 def _check_dropout(p: float) -> None:
     check_number("dropout", p)
     if not 0.0 <= p < 1.0:
@@ -165,8 +168,9 @@ class MLP(AdapterSpec):
         super().__post_init__()
         if not isinstance(self.hidden, int) or self.hidden < 1:
             raise ValueError(f"`hidden` must be a positive int, got {self.hidden!r}")
-        if not isinstance(self.layers, int) or self.layers < 2:
-            raise ValueError(f"`layers` must be an int >= 2, got {self.layers!r}")
+        if not isinstance(self.layers, int) or not 2 <= self.layers <= MAX_LAYERS:
+            # deep chains are cheap in parameters but not in time: every step of every tenant pays them
+            raise ValueError(f"`layers` must be an int in [2, {MAX_LAYERS}], got {self.layers!r}")
         if self.activation not in _ACTIVATIONS:
             raise ValueError(f"`activation` must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
         _check_dropout(self.dropout)

@@ -77,9 +77,14 @@ class Scheduler:
         if steps is not None and spec.fit_interval > steps:  # its adapters would never change, and the packets
             raise ValueError(f"`fit_interval` {spec.fit_interval} is more than the job's {steps} steps: "  # pile up
                              "its adapters would never be fitted")
-        if spec.fit_interval > MAX_FIT_INTERVAL:  # every step's packets are kept until a fit's state covers them
-            raise ValueError(f"`fit_interval` {spec.fit_interval} is over {MAX_FIT_INTERVAL}: the server keeps "
-                             "each step's packets until a fit covers them")
+        # the server keeps each step's packets until a learner state covers them (`fit_interval` x
+        # `state_every` steps), and each version a step within `staleness` may need
+        for name, value in (("fit_interval", spec.fit_interval), ("staleness", spec.staleness),
+                            ("state_every", spec.state_every),
+                            ("fit_interval x state_every", spec.fit_interval * spec.state_every)):
+            if value > MAX_FIT_INTERVAL:
+                raise ValueError(f"`{name}` {value} is over {MAX_FIT_INTERVAL}: the server would keep that many "
+                                 "steps of packets or versions")
         recs = {s.name: SiteRecord(s, param_shapes(spec, s)) for s in sites}
         try:  # what every worker will build: a spec none can build is refused now, not on each device
             optimizer_skeleton(spec, sites[0])

@@ -133,12 +133,14 @@ def find_sites(model: nn.Module, target_modules: list[str] | str | None = None) 
     return [site_of(n, modules[n]) for n in chosen]
 
 
-MAX_REGEX_CHARS, MAX_REGEX_REPEATS = 256, 3
+MAX_REGEX_CHARS, MAX_REGEX_REPEATS, MAX_REGEX_PATHS = 256, 3, 4
 
 
 def _slow_regex(pattern: str) -> str:
     """Why matching `pattern` could take exponential (or high-polynomial) time, or "": a repeat inside
-    a repeat or around an alternation (`(a+)+`, `(a|a)*`), more than a few repeats (`.*.*.*.*x`)."""
+    a repeat or around an alternation (`(a+)+`, `(a|a)*`), more than a few variable repeats (`?`
+    included: `.?.?.?.?x`, `.*.*.*.*x`), or alternations whose choices multiply past a few (`(.|.)(.|.)(.|.)x`).
+    Python's engine holds the GIL through a match, so the shape, not a timer, must bound it."""
     if len(pattern) > MAX_REGEX_CHARS:
         return f"is longer than {MAX_REGEX_CHARS} characters"
     try:
@@ -148,20 +150,23 @@ def _slow_regex(pattern: str) -> str:
         import sre_parse as p
     repeats = (c.MAX_REPEAT, c.MIN_REPEAT) + ((c.POSSESSIVE_REPEAT,) if hasattr(c, "POSSESSIVE_REPEAT") else ())
 
+    paths = [1]  # the product of the alternations' choices
+
     def walk(items, inside: bool) -> int:
         count = 0
         for op, av in items:
             if op in repeats:
                 lo, hi, sub = av
-                if hi > 1:
-                    if inside:
+                if hi != lo:  # a choice of how many: `?`, `*`, `+`, `{m,n}`
+                    if inside and hi > 1:
                         raise ValueError("repeats a group that itself repeats")
-                    count += 1 + walk(sub, True)
+                    count += 1 + walk(sub, inside or hi > 1)
                 else:
                     count += walk(sub, inside)
             elif op is c.BRANCH:
                 if inside:
                     raise ValueError("repeats an alternation")
+                paths[0] *= len(av[1])
                 count += sum(walk(b, inside) for b in av[1])
             elif op is c.SUBPATTERN:
                 count += walk(av[-1], inside)
@@ -172,7 +177,9 @@ def _slow_regex(pattern: str) -> str:
         n = walk(p.parse(pattern), False)
     except ValueError as e:
         return str(e)
-    return f"has {n} repeats (at most {MAX_REGEX_REPEATS})" if n > MAX_REGEX_REPEATS else ""
+    if n > MAX_REGEX_REPEATS:
+        return f"has {n} variable repeats (at most {MAX_REGEX_REPEATS})"
+    return f"has alternations of {paths[0]} paths (at most {MAX_REGEX_PATHS})" if paths[0] > MAX_REGEX_PATHS else ""
 
 
 def _near(target: str, names: list[str]) -> list[str]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import Adapter, AdapterSpec, register_adapter
+from .adapters import MAX_LAYERS, Adapter, AdapterSpec, register_adapter
 from .blackbox import LogProbs, decode, encode, model_logprobs
 from .sites import Site
 
@@ -35,10 +35,10 @@ class SmallLM(AdapterSpec):
     dropout: float = 0.0  # kept for the AdapterSpec contract; black-box fits are deterministic, so 0
 
     def __post_init__(self):
-        for name, low in (("top_k", 0), ("hidden", 1), ("layers", 0)):
+        for name, low, high in (("top_k", 0, 1 << 20), ("hidden", 1, 1 << 13), ("layers", 0, MAX_LAYERS)):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ValueError(f"`{name}` must be an int >= {low}, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+                raise ValueError(f"`{name}` must be an int in [{low}, {high}], got {v!r}")
         if self.dropout != 0.0:
             raise ValueError(f"`dropout` must be 0 for smalllm (the server has no adapter input to drop), "
                              f"got {self.dropout!r}")

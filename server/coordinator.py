@@ -22,6 +22,7 @@ from colaflow.adapters import Adapter
 from colaflow import evaluate
 from colaflow.classify import classification_spec
 from colaflow.data import check_limits, collate, from_map
+from colaflow.errors import ResourceExhausted
 from colaflow.host import Host
 from colaflow.loss import causal_lm
 from colaflow.job import JobSpec
@@ -69,10 +70,12 @@ class Closed(Exception):
 
 class Coordinator:
     def __init__(self, host: Host, reassign_after: float = 30.0, store: Store | None = None, mix: bool = False,
-                 layered: bool = True):
+                 layered: bool = True, max_tenant_jobs: int = 32):
         self.host, self.mix, self.layered = host, mix, layered
+        self.max_tenant_jobs = max_tenant_jobs  # live jobs one tenant may hold: each holds server memory
         self.layer_wait = 60.0  # seconds a layered step waits for its versions before it starts over
         self._unused: dict[str, tuple[int, dict]] = {}  # job -> (step, batch) of a step that was abandoned
+        self._abandoned: dict[str, int] = {}  # job -> the step last said to be abandoned (said once)
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.listeners: list = []  # called (under the lock) whenever workers may have something new
@@ -119,6 +122,10 @@ class Coordinator:
         with self.lock:
             if spec.job_id in self.scheduler.jobs:
                 raise ValueError(f"job {spec.job_id!r} already exists")
+            live = sum(j.tenant == tenant and j.state in LIVE for j in self.scheduler.jobs.values())
+            if live >= self.max_tenant_jobs:
+                raise ResourceExhausted(f"tenant {tenant!r} has {live} live jobs, the server's limit "
+                                        "(--max-tenant-jobs): wait for one to end, or cancel one")
             sites = self.host.add_job(spec, init, resolved)
             try:
                 self.scheduler.add_job(spec, sites, steps, data, tenant, init)
@@ -410,7 +417,10 @@ class Coordinator:
                                     emit=None if alone is None else (lambda p: self._publish(alone, p)),
                                     gate=None if alone is None or not alone.waiting else self._gate(alone))
         except Abandoned as e:
-            log.info("%s", e)
+            if self._abandoned.get(alone.job if alone else "") != (alone.step if alone else None):
+                log.info("%s", e)  # once per step: a job waiting on a device is retried many times a second
+            if alone is not None:
+                self._abandoned[alone.job] = alone.step
             with self.lock:
                 for plan, batch in work:
                     self._unused[plan.job] = (plan.step, batch)

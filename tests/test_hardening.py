@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from colaflow import AdamW, JobSpec, LowRank, Scheduler, Update, Worker
+from colaflow import MLP, AdamW, JobSpec, LowRank, Scheduler, Update, Worker
 from colaflow.checkpoint import Checkpoints
 from colaflow.codec import Encoded, decode
 from colaflow.errors import ResourceExhausted
@@ -245,21 +245,43 @@ def test_serving_off_loopback_needs_tls_and_tokens_or_says_insecure():
 
 @pytest.mark.parametrize("spec, steps, match", [
     (JobSpec("re", LowRank(r=2), target_modules=r"^([\w.]|[\w.]){0,25}!"), 4, "repeats an alternation"),
-    (JobSpec("re2", LowRank(r=2), target_modules=r".*.*.*.*!"), 4, "has 4 repeats"),
+    (JobSpec("re2", LowRank(r=2), target_modules=r".*.*.*.*!"), 4, "has 4 variable repeats"),
     (JobSpec("ty", LowRank(r=2), target_modules=5), 4, "must be a list of module-name suffixes"),
     (JobSpec("big", LowRank(r=1_000_000)), 4, "would hold .* parameters, more than the frozen model's"),
     (JobSpec("fi", LowRank(r=2), fit_interval=8), 4, "`fit_interval` 8 is more than the job's 4 steps"),
-    (JobSpec("fi2", LowRank(r=2), fit_interval=2**40), 2**41, "is over 256"),
+    (JobSpec("fi2", LowRank(r=2), fit_interval=2**40), 2**41, "`fit_interval` 1099511627776 is over 256"),
+    (JobSpec("opt", LowRank(r=2), target_modules=".?" * 30 + "!"), 4, "has 30 variable repeats"),
+    (JobSpec("alt", LowRank(r=2), target_modules="(.|.)" * 30 + "!"), 4, "alternations of 1073741824 paths"),
+    (JobSpec("st", LowRank(r=2), staleness=10**9), 10**10, "`staleness` 1000000000 is over 256"),
+    (JobSpec("se", LowRank(r=2), state_every=10**9), 10**10, "`state_every` 1000000000 is over 256"),
+    (JobSpec("fs", LowRank(r=2), fit_interval=64, state_every=8), 10**4, "`fit_interval x state_every` 512"),
 ])
 def test_a_spec_that_would_stall_or_exhaust_the_server_is_refused_at_submit(spec, steps, match):
-    """Each once got through: a backtracking regex held the coordinator's lock for minutes, r = 4e6
-    took gigabytes, a fit interval past the steps kept every step's packets for ever."""
+    """Each once got through: a backtracking regex held the server (its GIL) for minutes, r = 4e6
+    took gigabytes, a fit interval past the steps, or a huge staleness or `state_every`, kept every
+    step's packets or versions for ever."""
     from colaflow.server.coordinator import Coordinator
 
     c = Coordinator(Host(tiny("llama")))
     with pytest.raises(ValueError, match=match):
         c.submit(spec, {"examples": examples(96, 8, 0), "batch_size": 4}, steps=steps)
     assert not c.scheduler.jobs and not c.host.jobs
+    with pytest.raises(ValueError, match=r"`layers` must be an int in \[2, 16\]"):  # cheap in parameters, not in time
+        MLP(hidden=1, layers=100_000)
+
+
+def test_a_tenant_holds_at_most_its_share_of_live_jobs():
+    from colaflow.server.coordinator import Coordinator
+
+    c = Coordinator(Host(tiny("llama")), max_tenant_jobs=2)
+    data = {"examples": examples(96, 8, 0), "batch_size": 4}
+    for j in ("a1", "a2"):
+        c.submit(JobSpec(j, LowRank(r=2)), data, steps=4, tenant="acme")
+    with pytest.raises(ResourceExhausted, match="tenant 'acme' has 2 live jobs, the server's limit"):
+        c.submit(JobSpec("a3", LowRank(r=2)), data, steps=4, tenant="acme")
+    c.submit(JobSpec("b1", LowRank(r=2)), data, steps=4, tenant="globex")  # another tenant is not held up
+    c.cancel("a1")
+    c.submit(JobSpec("a3", LowRank(r=2)), data, steps=4, tenant="acme")  # an ended job frees its place
 
 
 def test_an_optimizer_no_worker_can_build_is_refused_and_a_worker_refuses_one_it_cannot():

@@ -60,7 +60,7 @@ def _server(codec: str):
     sites = [Site(f"model.layers.{layer}.self_attn.{name}", "linear", HIDDEN, out)
              for layer in range(LAYERS) for name, out in (("q_proj", HIDDEN), ("v_proj", KV))]
     # a staleness bound past the bench's steps: every step is ready without any update
-    coord.scheduler.add_job(JobSpec("bench", codec_x=codec, codec_g=codec, staleness=1 << 20, state_every=0), sites)
+    coord.scheduler.add_job(JobSpec("bench", codec_x=codec, codec_g=codec, staleness=256, state_every=0), sites)
     server, port = make_server(coord, Tokens(None))
     server.start()
     return coord, server, f"127.0.0.1:{port}"

@@ -44,6 +44,8 @@ def add_parser(sub) -> None:
                         "pooling, a head every job trains on its devices); rows carry `label`")
     p.add_argument("--pooling", choices=["last", "mean", "cls"], help="with --classes (default: by architecture)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: torch's default)")
+    p.add_argument("--max-tenant-jobs", type=int, default=32,
+                   help="live (waiting or running) jobs one tenant may hold; each holds server memory")
     p.add_argument("--max-upload-mb", type=int, default=256,
                    help="the largest data map a client may upload for one job (MiB); all uploads held at once "
                         "are capped at 4x this, one tenant's at 2x")
@@ -185,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
     store = DirStore(args.state_dir) if args.state_dir else None
     if args.mix_rows < 1:
         raise SystemExit(f"colaflow serve: --mix-rows must be >= 1, got {args.mix_rows}")
+    if args.max_tenant_jobs < 1:
+        raise SystemExit(f"colaflow serve: --max-tenant-jobs must be >= 1, got {args.max_tenant_jobs}")
     if args.max_upload_mb < 1:
         raise SystemExit(f"colaflow serve: --max-upload-mb must be >= 1, got {args.max_upload_mb}")
     model, tokenizer = load_model(args.model)
@@ -199,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
                              "train against: serve it for sequence classification with --classes N")
         host = Host(model.to(args.device), mix_rows=args.mix_rows)
     coordinator = Coordinator(host, reassign_after=args.reassign_after, store=store,
-                              mix=args.mix, layered=args.layered)
+                              mix=args.mix, layered=args.layered, max_tenant_jobs=args.max_tenant_jobs)
     mb = args.max_upload_mb << 20
     limits = UploadLimits(max_bytes=mb, max_total=4 * mb, max_per_tenant=2 * mb)
     try:
