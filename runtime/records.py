@@ -59,6 +59,8 @@ class JobRecord:
     best: "Best | None" = None  # the adapters of the best eval so far (in memory: a restart tracks afresh)
     stale_evals: int = 0  # evals since the best one
     fit_stats: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)  # version -> site -> (grad norm, lr)
+    stall: "tuple[tuple[int, int], float] | None" = None  # ((step, versions received), since when) while it waits
+    slow: set[str] = field(default_factory=set)  # workers that held it up past the fit timeout: others first
 
     @property
     def job_id(self) -> str:

@@ -39,6 +39,7 @@ from .store import Store
 
 log = logging.getLogger("colaflow.scheduler")
 MAX_FIT_INTERVAL = 256
+FIT_TIMEOUT_S = 300.0  # at least: no honest device takes this long to fit one step's packets
 MIN_SILENCE_S = 10.0  # a live worker beats every second; a busy machine may delay a few: never less than this
 
 
@@ -51,6 +52,7 @@ class Scheduler:
                  clock: Callable[[], float] = time.monotonic, max_workers: int = 10_000):
         self.store = store if store is not None else Store()
         self.reassign_after, self.max_workers = reassign_after, max_workers
+        self.fit_timeout = max(FIT_TIMEOUT_S, 10 * reassign_after)  # a connected worker's, per job (see _move_stalled)
         self.clock = clock
         self.jobs: dict[str, JobRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
@@ -180,6 +182,7 @@ class Scheduler:
         waits at each site for its own; see `begin`), but not those that merge their weights.
         """
         self._reassign_lost()
+        self._move_stalled()
         if not self._flush():
             return []  # no step runs while the store cannot keep what steps change
         return [j.job_id for j in list(self.jobs.values()) if self._advance(j, layered and self._startable(j))]
@@ -555,8 +558,9 @@ class Scheduler:
             for name, rec in job.sites.items():
                 if rec.owner is None:
                     groups.setdefault(name.rpartition(".")[0] or name, []).append(name)
+            pool = [k for k in live if k not in job.slow] or live  # one that held it up: last resort
             for names in groups.values():
-                wid = min(live, key=lambda k: (load[k], k))
+                wid = min(pool, key=lambda k: (load[k], k))
                 for name in names:
                     job.sites[name].owner = wid
                 load[wid] += len(names)
@@ -627,6 +631,40 @@ class Scheduler:
             del self.workers[w.worker_id]  # forgotten: if it returns, it registers anew
             log.warning("worker %s gone for %.0f s: moving its %d sites", w.worker_id, now - w.left_at, moved)
         self._assign()
+
+    def _move_stalled(self) -> None:
+        """Sites whose worker is connected (it beats) but has sent no version the job waits for in
+        `fit_timeout` seconds (a hung fit, a worker that takes packets and never fits or never grants
+        credit) move to another worker, from the last durable state: exact, only time is lost."""
+        now, moved = self.clock(), False
+        for job in self.jobs.values():
+            if job.state != "running":
+                job.stall = None
+                continue
+            target = job.need(job.t) if job.steps is None or job.t < job.steps else job.final_version()
+            lagging = [n for n, r in job.sites.items() if r.received < target and r.owner in self.workers
+                       and self.workers[r.owner].connected]  # a disconnected owner is `_reassign_lost`'s
+            mark = (job.t, sum(r.received for r in job.sites.values()))
+            if not lagging or job.stall is None or job.stall[0] != mark:
+                job.stall = (mark, now)  # moving: the clock starts again
+                continue
+            if now - job.stall[1] < self.fit_timeout:
+                continue
+            by_owner: dict[str, list[str]] = {}
+            for name in lagging:
+                by_owner.setdefault(job.sites[name].owner, []).append(name)
+            for wid, names in by_owner.items():
+                why = f"worker {wid} sent no fit of {len(names)} sites in {now - job.stall[1]:.0f} s"
+                log.warning("job %s: %s; they move", job.job_id, why)
+                job.events.append(f"{why}; they move")
+                for name in names:
+                    job.sites[name].owner = None
+                job.former.add(wid)
+                job.slow.add(wid)
+                self.workers[wid].control.append(Revoke(job.job_id, names, why))
+            job.stall, moved = (mark, now), True
+        if moved:
+            self._assign()
 
     def _revoke(self, job: JobRecord, reason: str) -> None:
         by_owner: dict[str, list[str]] = {}

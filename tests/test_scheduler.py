@@ -196,6 +196,29 @@ def test_a_worker_connected_but_silent_counts_as_gone_and_its_sites_move():
     assert isinstance(assign, Assign) and all(s.state.version == 1 for s in assign.sites)
 
 
+def test_a_worker_that_beats_but_never_fits_loses_the_sites_it_holds_up():
+    """Connected, heartbeating, taking packets, sending no fit: after `fit_timeout` (300 s at least)
+    the sites the job waits for move, from the last durable state, and the job says why."""
+    rig = Rig()
+    rig.deliver()
+    rig.step()
+    rig.deliver()
+    rig.step()
+    rig.messages()  # w takes step 1's packets and fits nothing
+    spare = Worker("spare")
+    spare_stream = rig.connect("spare", spare)
+    job = rig.sched.job("j")
+    for _ in range(30):  # 0 .. 290 s: it waits
+        assert rig.sched.ready() == [] and job.sites["l1"].owner == "w"
+        rig.clock.now += 10.0
+    rig.sched.ready()  # 300 s
+    assert {r.owner for r in job.sites.values()} == {"spare"}
+    assert any(isinstance(m, Revoke) and "sent no fit of 2 sites" in m.reason for m in rig.messages())
+    assert any("sent no fit" in e for e in job.events)
+    (assign, *_) = rig.messages("spare", spare_stream)
+    assert isinstance(assign, Assign) and all(s.state.version == 1 for s in assign.sites)
+
+
 def test_packets_are_kept_until_durable_state_covers_them():
     spec = JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1", "l2"], state_every=3)
     rig = Rig(spec)
