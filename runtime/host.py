@@ -268,6 +268,10 @@ class Host:
                 stream.finish()  # sites no loss depends on: zero gradients
         finally:
             self._ctx = None
+            # each site's grad hook holds ctx, and autograd holds the hooks where Python's collector cannot
+            # see: ctx must let go of the step's tensors, or every step's x, g and graph stay (a leak)
+            ctx.leaves, ctx.inputs, ctx.routes, ctx.selected, ctx.detached = [], {}, {}, {}, {}
+            ctx.stream = ctx.gate = ctx.mask = None
         mask, per_row = batch.get("attention_mask"), ctx.grid[1] if ctx.grid else 1
         tokens = {}
         for job_id, rows in ctx.rows.items():
