@@ -30,6 +30,7 @@ HOULSBY_TARGETS: dict[str, list[str]] = {
     "bert": ["output.dense"],
 }
 MAX_TOKEN_TYPES = 255  # a route travels as one byte per token
+MAX_RANGES = 16  # token-type ranges of one adapter: each costs a pass per step, whatever its size
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,8 @@ class AdaLink(AdapterSpec):
             ranges = tuple((int(lo), int(hi)) for lo, hi in self.token_types)
         except (TypeError, ValueError):
             raise ValueError(f"`token_types` must be (lo, hi) token-id ranges, got {self.token_types!r}") from None
-        if len(ranges) >= MAX_TOKEN_TYPES:
-            raise ValueError(f"`token_types` has {len(ranges)} ranges; at most {MAX_TOKEN_TYPES - 1}")
+        if len(ranges) > MAX_RANGES:  # each type is one more masked pass per step, on the server and the device
+            raise ValueError(f"`token_types` has {len(ranges)} ranges; at most {MAX_RANGES}")
         for lo, hi in ranges:
             if not 0 <= lo < hi:
                 raise ValueError(f"`token_types` range ({lo}, {hi}) must satisfy 0 <= lo < hi")

@@ -152,17 +152,16 @@ def _slow_regex(pattern: str) -> str:
 
     paths = [1]  # the product of the alternations' choices
 
+    simple = (c.LITERAL, c.NOT_LITERAL, c.ANY, c.IN, c.AT)
+
     def walk(items, inside: bool) -> int:
         count = 0
         for op, av in items:
             if op in repeats:
                 lo, hi, sub = av
-                if hi != lo:  # a choice of how many: `?`, `*`, `+`, `{m,n}`
-                    if inside and hi > 1:
-                        raise ValueError("repeats a group that itself repeats")
-                    count += 1 + walk(sub, inside or hi > 1)
-                else:
-                    count += walk(sub, inside)
+                if hi != lo and inside:  # a choice of how many (`?`, `*`, `{m,n}`) inside a repeat, `{n}` included
+                    raise ValueError("repeats a group that itself repeats")
+                count += (hi != lo) + walk(sub, inside or hi > 1)
             elif op is c.BRANCH:
                 if inside:
                     raise ValueError("repeats an alternation")
@@ -172,6 +171,8 @@ def _slow_regex(pattern: str) -> str:
                 count += walk(av[-1], inside)
             elif op in (c.ASSERT, c.ASSERT_NOT):
                 count += walk(av[1], inside)
+            elif op not in simple:  # atomic groups, conditionals, back-references: no module name needs them
+                raise ValueError(f"uses {str(op).lower()}, which target regexes do not take")
         return count
     try:
         n = walk(p.parse(pattern), False)

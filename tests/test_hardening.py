@@ -252,6 +252,10 @@ def test_serving_off_loopback_needs_tls_and_tokens_or_says_insecure():
     (JobSpec("fi2", LowRank(r=2), fit_interval=2**40), 2**41, "`fit_interval` 1099511627776 is over 256"),
     (JobSpec("opt", LowRank(r=2), target_modules=".?" * 30 + "!"), 4, "has 30 variable repeats"),
     (JobSpec("alt", LowRank(r=2), target_modules="(.|.)" * 30 + "!"), 4, "alternations of 1073741824 paths"),
+    (JobSpec("fix", LowRank(r=2), target_modules="(?:.?){40}!"), 4, "repeats a group that itself repeats"),
+    (JobSpec("fxa", LowRank(r=2), target_modules="(?:.|.){18}!"), 4, "repeats an alternation"),
+    (JobSpec("atom", LowRank(r=2), target_modules="(?>" + ".?" * 20 + "!)"), 4, "uses atomic_group"),
+    (JobSpec("cond", LowRank(r=2), target_modules="()(?(1)" + ".?" * 20 + "!|x)"), 4, "uses groupref_exists"),
     (JobSpec("st", LowRank(r=2), staleness=10**9), 10**10, "`staleness` 1000000000 is over 256"),
     (JobSpec("se", LowRank(r=2), state_every=10**9), 10**10, "`state_every` 1000000000 is over 256"),
     (JobSpec("fs", LowRank(r=2), fit_interval=64, state_every=8), 10**4, "`fit_interval x state_every` 512"),
@@ -268,6 +272,10 @@ def test_a_spec_that_would_stall_or_exhaust_the_server_is_refused_at_submit(spec
     assert not c.scheduler.jobs and not c.host.jobs
     with pytest.raises(ValueError, match=r"`layers` must be an int in \[2, 16\]"):  # cheap in parameters, not in time
         MLP(hidden=1, layers=100_000)
+    from colaflow import AdaLink
+
+    with pytest.raises(ValueError, match="`token_types` has 254 ranges; at most 16"):  # a masked pass per type
+        AdaLink(r=1, token_types=[(i, i + 1) for i in range(254)])
 
 
 def test_a_tenant_holds_at_most_its_share_of_live_jobs():
