@@ -89,7 +89,7 @@ class Scheduler:
                                  "steps of packets or versions")
         recs = {s.name: SiteRecord(s, param_shapes(spec, s)) for s in sites}
         try:  # what every worker will build: a spec none can build is refused now, not on each device
-            optimizer_skeleton(spec, sites[0])
+            recs[sites[0].name].skeleton = optimizer_skeleton(spec, sites[0])  # (check_update would build it)
         except Exception as e:
             raise ValueError(f"job {spec.job_id!r}: its optimizer cannot be built: {type(e).__name__}: {e}") from None
         if init is not None:

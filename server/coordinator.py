@@ -417,7 +417,7 @@ class Coordinator:
                                     emit=None if alone is None else (lambda p: self._publish(alone, p)),
                                     gate=None if alone is None or not alone.waiting else self._gate(alone))
         except Abandoned as e:
-            if self._abandoned.get(alone.job if alone else "") != (alone.step if alone else None):
+            if alone is None or self._abandoned.get(alone.job) != alone.step:
                 log.info("%s", e)  # once per step: a job waiting on a device is retried many times a second
             if alone is not None:
                 self._abandoned[alone.job] = alone.step
