@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.colaflow-installed
 
-.PHONY: demo test bench proto venv clean
+.PHONY: demo test lint bench proto venv clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the house style (pyproject.toml [tool.ruff]); CI runs it before the tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff check runtime server edge_client tests examples benchmarks docs
 
 bench: $(STAMP)
 	$(VENV)/bin/colaflow bench server-step

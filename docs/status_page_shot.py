@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from colaflow import AdamW, JobSpec, LowRank
-from colaflow.client import Client
 from colaflow.local import start_edge, start_server, stop
+from colaflow.wire.client import Client
 
 ADMIN = "admin-token-for-the-screenshot"
 TENANTS = {"acme": "acme-token-for-the-screenshot", "globex": "globex-token-for-the-screenshot",

@@ -14,9 +14,9 @@ import signal
 import socket
 from pathlib import Path
 
-from colaflow.checkpoint import Checkpoints
-from colaflow.link import WorkerLink
-from colaflow.worker import Worker
+from colaflow.control.checkpoints import Checkpoints
+from colaflow.control.worker import Worker
+from colaflow.wire.link import WorkerLink
 
 
 class Daemon:

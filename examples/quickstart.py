@@ -13,8 +13,8 @@ import sys
 import torch
 
 from colaflow import AdamW, JobSpec, LowRank, Trainer
+from colaflow.data.batches import IGNORE
 from colaflow.export import save_peft
-from colaflow.loss import IGNORE
 from colaflow.models import load, tiny
 
 

@@ -8,10 +8,10 @@ on the GPU (or `server`) node, one worker actor per `edge` node.
 import argparse
 
 import colaflow
+from colaflow.adapters.merge import merged
 from colaflow.export import load
-from colaflow.merge import merged
 from colaflow.models import load as load_model
-from colaflow.tasks.knowledge import eval_pairs, exact_match, make_facts, train_examples
+from colaflow.studies.tasks.knowledge import eval_pairs, exact_match, make_facts, train_examples
 
 
 def main() -> None:
@@ -28,12 +28,14 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model)
     facts = make_facts(args.facts)
-    examples = [{k: v.tolist() for k, v in e.items() if k != "attention_mask"} for e in train_examples(tokenizer, facts)]
+    examples = [{k: v.tolist() for k, v in e.items() if k != "attention_mask"}
+                for e in train_examples(tokenizer, facts)]
     workers = args.workers if args.workers == "all-edge-nodes" else int(args.workers)
     server_args = ("--insecure",) if args.insecure else ()
     with colaflow.Session(args.model, ray=args.address or True, workers=workers, server_args=server_args) as session:
         print(f"server {session.ray.address}; worker actors: {[w['worker'] for w in session.ray.pool.info()]}")
-        job = session.submit(examples, steps=args.steps, batch_size=min(8, len(examples)), adapter=colaflow.LowRank(r=8, alpha=16),
+        job = session.submit(examples, steps=args.steps, batch_size=min(8, len(examples)),
+                             adapter=colaflow.LowRank(r=8, alpha=16),
                              optimizer=colaflow.AdamW(lr=3e-3, schedule=colaflow.Schedule("linear", args.steps // 10,
                                                                                           args.steps)))
         status = job.wait()

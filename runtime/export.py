@@ -3,6 +3,7 @@
     save_peft(trainer.adapters("acme"), "out/acme-peft", model=model)   # task type from the model
     PeftModel.from_pretrained(base, "out/acme-peft")      # loads in stock PEFT
     save(trainer.adapters("acme"), spec, "out/acme")       # adapter.safetensors + adapter.json
+    write(scheduler.weights("acme"), "out/acme", "native")  # a job's weights as the scheduler holds them
     spec, adapters = load("out/acme")
     with attached(model, spec, adapters):                   # any kind (Houlsby, AdaLink, ...) for inference
         model.generate(...)
@@ -12,19 +13,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import msgpack
 import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
-from safetensors.torch import save as safetensors_save
 
-from .adapters import Adapter, LowRank, build_adapter, load_params, params_of
+from .adapters.base import Adapter, build_adapter, load_params, params_of
+from .adapters.lowrank import LowRank
 from .files import atomic_dir
 from .job import JobSpec
 from .sites import Site
+
+if TYPE_CHECKING:
+    from .control.records import JobWeights
 
 FORMAT = "colaflow-adapter"
 FORMAT_VERSION = 1
@@ -72,9 +77,11 @@ def save_peft(adapters: dict[str, Adapter], path: str | os.PathLike, base_model:
     other = sorted(n for n, a in adapters.items() if not isinstance(a.spec, LowRank))
     if other:  # e.g. a classification job's head (`score`), a linear adapter with its bias
         kinds = sorted({adapters[n].spec.kind for n in other})
-        raise ValueError(f"PEFT export needs lowrank adapters; {', '.join(other[:3])}{' ...' if len(other) > 3 else ''} "
+        named = ", ".join(other[:3]) + (" ..." if len(other) > 3 else "")
+        raise ValueError(f"PEFT export needs lowrank adapters; {named} "
                          f"{'has' if len(other) == 1 else 'have'} {'/'.join(kinds)} adapters, which a PEFT LoRA "
-                         "directory cannot hold: export in the native format (format='native'; the CLI's --format native), "
+                         "directory cannot hold: export in the native format (format='native'; the CLI's "
+                         "--format native), "
                          "which colaflow.export.load reads")
     if len(specs) != 1:
         raise ValueError(f"PEFT export needs lowrank adapters of one spec, got {sorted(map(str, specs))}")
@@ -107,6 +114,27 @@ def save(adapters: dict[str, Adapter], spec: JobSpec, path: str | os.PathLike,
             "sites": [a.site.to_dict() for a in adapters.values()], "versions": versions or {}}
     tensors = {f"{name}::{p}": v for name, a in adapters.items() for p, v in a.named_parameters()}
     return _write_dir(path, {"adapter.json": meta, "adapter.safetensors": tensors})
+
+
+def adapters_of(weights: JobWeights) -> dict[str, Adapter]:
+    """A job's weights as adapter modules, by site (what `save` and `save_peft` write)."""
+    out = {}
+    for name, site in weights.sites.items():
+        adapter = build_adapter(weights.spec.adapter, site)
+        load_params(adapter, weights.params[name])
+        out[name] = adapter.requires_grad_(False)
+    return out
+
+
+def write(weights: JobWeights, path: str | os.PathLike, format: str = "native", model=None,
+          base_model: str | None = None) -> Path:
+    """Write a job's weights (`Scheduler.weights`) as `native` or `peft` (`model`: the base, for PEFT's
+    task type and name)."""
+    if format == "native":
+        return save(adapters_of(weights), weights.spec, path, weights.versions)
+    if format == "peft":
+        return save_peft(adapters_of(weights), path, base_model=base_model, model=model)
+    raise ValueError(f"`format` must be native or peft, got {format!r}")
 
 
 def load(path: str | os.PathLike) -> tuple[JobSpec, dict[str, Adapter]]:
@@ -166,24 +194,11 @@ def _sans_dropout(d: dict) -> dict:
     return {k: v for k, v in d.items() if k != "dropout"}
 
 
-def pack_params(params: dict[str, dict[str, torch.Tensor]]) -> bytes:
-    """{site: {name: tensor}} as safetensors bytes (a job's starting weights in the server's state dir)."""
-    return safetensors_save({f"{site}::{n}": v.contiguous().cpu() for site, ps in params.items() for n, v in ps.items()})
-
-
-def unpack_params(data: bytes) -> dict[str, dict[str, torch.Tensor]]:
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, v in safetensors_load(data).items():
-        site, name = key.split("::", 1)
-        out.setdefault(site, {})[name] = v
-    return out
-
-
 @contextlib.contextmanager
 def attached(model: torch.nn.Module, spec: JobSpec, adapters: dict[str, Adapter]) -> Iterator[torch.nn.Module]:
     """Run `model` with `adapters` (as `load` returns them) on its sites, the way training did: parallel
     or sequential, token types included; e.g. `model.generate(...)` inside. Nothing stays behind."""
-    from .host import Host  # the same site hooks as the server's forward: one way to apply an adapter
+    from .engine.host import Host  # the same site hooks as the server's forward: one way to apply an adapter
 
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     host = Host(model)

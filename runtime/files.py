@@ -5,8 +5,8 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None] | bytes) -> Path:

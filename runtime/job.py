@@ -4,11 +4,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .adapters import AdapterSpec, LowRank
-from .codec import CODECS
-from .optim import AdamW, OptimizerSpec
+from .adapters.base import AdapterSpec
+from .adapters.lowrank import LowRank
+from .learn.optim import AdamW, OptimizerSpec
+from .wire.codec import CODECS
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_STEPS = 1 << 40
+
+
+def check_steps(steps) -> int:
+    """A job's step count, checked once for every way in (Session, the server, the scheduler)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"`steps` must be an int in [1, {MAX_STEPS}], got {steps!r}")
+    return steps
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,7 @@ class JobSpec:
                 "state_every": self.state_every}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "JobSpec":
+    def from_dict(cls, d: dict) -> JobSpec:
         if not isinstance(d, dict):
             raise ValueError(f"a job spec must be a map, got {type(d).__name__}")
         known = set(cls.__dataclass_fields__)

@@ -19,7 +19,8 @@ from pathlib import Path
 COLAFLOW = [sys.executable, "-m", "colaflow.cli.main"]
 
 
-def start_server(workdir: Path, *args: str, model: str = "tiny-llama", threads: int = 1) -> tuple[subprocess.Popen, str]:
+def start_server(workdir: Path, *args: str, model: str = "tiny-llama",
+                 threads: int = 1) -> tuple[subprocess.Popen, str]:
     """`colaflow serve` on a free loopback port; returns (process, "127.0.0.1:PORT"). Logs: workdir/server.log."""
     log = open(workdir / "server.log", "a")
     proc = subprocess.Popen([*COLAFLOW, "serve", "--model", model, "--port", "0", "--threads", str(threads), *args],
@@ -67,7 +68,7 @@ class LocalCluster:
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="colaflow-"))
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         # SIGTERM (a CI timeout, `kill`) ends this process through `__exit__`, which stops the daemons:
         # the default action would leave them running with no parent
         self._sigterm = None
@@ -79,8 +80,8 @@ class LocalCluster:
             self.__exit__(*sys.exc_info())  # what started before the failure stops with it
             raise
 
-    def _start(self) -> "LocalCluster":
-        from .client import Client
+    def _start(self) -> LocalCluster:
+        from .wire.client import Client
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.procs["server"], self.address = start_server(self.workdir, *self.server_args, model=self.model,

@@ -1,5 +1,5 @@
 """Schema-flexible maps on the wire (specs, data, metrics): msgpack, never pickle. No torch here, so
-the control client (and the operator CLI) load fast; `colaflow.serde` re-exports these."""
+the control client (and the operator CLI) load fast; `colaflow.wire.control_serde` re-exports these."""
 from __future__ import annotations
 
 import msgpack

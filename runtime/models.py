@@ -41,7 +41,8 @@ def packaged_dir(name: str) -> Path:
 def gguf_path(name: str = DEFAULT) -> Path:
     """The GGUF file a pip package ships, found through its metadata (never by importing it)."""
     if name not in _GGUF:
-        raise ValueError(f"unknown model {name!r}; known: {sorted(_GGUF) + sorted(_DIRS)} (or pass a local HF directory)")
+        raise ValueError(f"unknown model {name!r}; known: {sorted(_GGUF) + sorted(_DIRS)} "
+                         "(or pass a local HF directory)")
     dist, filename = _GGUF[name]
     try:
         files = importlib.metadata.files(dist) or []

@@ -17,11 +17,9 @@ move to another actor, the job continues exactly. Every call here has a timeout.
 """
 from __future__ import annotations
 
+import importlib
 import logging
-import subprocess
-import sys
 import threading
-import time
 
 try:
     import ray
@@ -32,6 +30,7 @@ from .errors import Unavailable
 
 NAMESPACE = "colaflow"
 SERVER_NAME = "colaflow-server"
+SERVER_ACTOR = "colaflow.server.ray"  # the server actor lives with the service
 log = logging.getLogger("colaflow.ray")
 
 
@@ -41,9 +40,9 @@ class _WorkerActor:
     def __init__(self, worker_id: str, address: str, server_name: str | None, token: str | None, threads: int):
         import torch
 
-        from .link import WorkerLink
-        from .wire import tune_allocator
-        from .worker import Worker
+        from .control.worker import Worker
+        from .wire.channel import tune_allocator
+        from .wire.link import WorkerLink
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         torch.set_num_threads(threads)
@@ -77,58 +76,16 @@ class _WorkerActor:
         return not self.thread.is_alive()
 
 
-class _ServerActor:
-    """A Ray actor hosting `colaflow serve` as a child process on its node."""
-
-    def __init__(self, model: str, args: list[str], host: str | None, timeout: float):
-        self.host = host or ray.util.get_node_ip_address()
-        self.log = open(f"/tmp/colaflow-server-{int(time.time())}.log", "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "colaflow.cli.main", "serve", "--model", model,
-                                      "--host", self.host, "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = _readline(self.proc, timeout)
-        if "listening on" not in line:
-            self.proc.kill()
-            self.proc.wait()
-            self.log.flush()
-            tail = open(self.log.name).read()[-2000:]
-            raise RuntimeError(f"`colaflow serve` did not start on {self.host}: {tail or line!r}")
-        self._address = line.rsplit(" ", 1)[-1].strip()
-
-    def address(self) -> str:
-        return self._address
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def logs(self, lines: int) -> str:
-        self.log.flush()
-        with open(self.log.name) as f:
-            return "".join(f.readlines()[-lines:])
-
-    def stop(self, timeout: float) -> int | None:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
-def _readline(proc: subprocess.Popen, timeout: float) -> str:
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return out[0] if out else ""
-
-
 def _nodes_with(resource: str) -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(resource, 0) >= 1)
 
 
 class RayServer:
-    """`colaflow serve` in a Ray actor, on the node with the `server` resource, else a GPU, else anywhere."""
+    """`colaflow serve` in a Ray actor, on the node with the `server` resource, else a GPU, else anywhere.
+
+    The server runs in the actor's own process (`colaflow.server.ray.ServerActor`, named here: the
+    library never imports the service): if it dies, so does the actor, and its log is the actor's.
+    """
 
     def __init__(self, model: str = "smollm2-135m", *, args: tuple[str, ...] = (), host: str | None = None,
                  resources: dict | None = None, name: str = SERVER_NAME, timeout: float = 600.0):
@@ -143,7 +100,8 @@ class RayServer:
             if "--device" not in args:  # the GPU it reserves is the one it serves on
                 args = [*args, "--device", "cuda"]
         self.name, self.timeout = name, timeout
-        self.actor = ray.remote(_ServerActor).options(**options).remote(model, list(args), host, timeout)
+        actor_cls = importlib.import_module(SERVER_ACTOR).ServerActor
+        self.actor = ray.remote(actor_cls).options(**options).remote(model, list(args), host)
         try:
             self.address: str = ray.get(self.actor.address.remote(), timeout=timeout)
         except Exception as e:
@@ -152,15 +110,24 @@ class RayServer:
         log.info("colaflow server on Ray at %s", self.address)
 
     def alive(self) -> bool:
-        return ray.get(self.actor.alive.remote(), timeout=30)
+        """Whether the server answers (its actor lives, and serves or says why not)."""
+        try:
+            ray.get(self.actor.health.remote(), timeout=30)
+            return True
+        except Exception:
+            return False
+
+    def health(self) -> str:
+        """"serving", or why not."""
+        return ray.get(self.actor.health.remote(), timeout=30)
 
     def logs(self, lines: int = 200) -> str:
-        """The last `lines` of the server's log (it lives on the server's node)."""
+        """The last `lines` of the server's log (the whole of it is the actor's: `ray logs`)."""
         return ray.get(self.actor.logs.remote(lines), timeout=30)
 
     def stop(self) -> None:
         try:
-            ray.get(self.actor.stop.remote(30.0), timeout=60)
+            ray.get(self.actor.stop.remote(), timeout=60)
         finally:
             ray.kill(self.actor)
 

@@ -8,7 +8,7 @@
     job.wait()                     # a progress bar with ETA in a terminal, quiet in logs; raises JobFailed
     job.metrics()                  # per step: loss, tokens, staleness, time; .ended / .error say how it ended
     job.export("out/", format="peft")
-    session.submit(**colaflow.load_job("job.yaml"))   # a YAML job file (see colaflow.jobfile)
+    session.submit(**colaflow.load_job("job.yaml"))   # a YAML job file (see colaflow.data.jobfile)
     session.submit(examples, steps=50, init="out/native")  # continue from a native export
 
 `examples` is data as people have it (see `colaflow.datasets.rows` and README "Data formats"): a
@@ -24,19 +24,18 @@ from __future__ import annotations
 import secrets
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from .adapters import AdapterSpec, LowRank
-from .data import to_map
-from .datasets import rows
-from .evaluate import Metric, eval_map
-from .errors import ColaflowError, InvalidArgument, JobFailed, NoWorkers, NotFound, Unavailable
-from .job import JobSpec
-from .optim import AdamW, OptimizerSpec
-
-ENDED = ("done", "cancelled", "failed")
-MAX_STEPS = 1 << 40
+from .adapters.base import AdapterSpec
+from .adapters.lowrank import LowRank
+from .control.status import ENDED, LIVE
+from .data.batches import to_map
+from .data.sources import rows
+from .engine.evaluate import Metric, eval_map
+from .errors import ColaflowError, InvalidArgument, JobFailed, NotFound, NoWorkers, Unavailable
+from .job import JobSpec, check_steps
+from .learn.optim import AdamW, OptimizerSpec
 
 
 class Metrics(list):
@@ -51,7 +50,7 @@ class Metrics(list):
 class Job:
     """A submitted job, wherever it runs."""
 
-    def __init__(self, session: "Session", job_id: str, steps: int):
+    def __init__(self, session: Session, job_id: str, steps: int):
         self.session, self.id, self.steps = session, job_id, steps
 
     def __repr__(self) -> str:
@@ -162,8 +161,7 @@ class Session:
                 data["eval"] = evals
             if metric is not None and (evals is None or "prompts" not in evals):
                 raise ValueError("`metric` needs `eval_prompts`: it scores greedy answers to them")
-            if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-                raise ValueError(f"`steps` must be an int in [1, {MAX_STEPS}], got {steps!r}")
+            check_steps(steps)
         except ValueError as e:
             raise e if isinstance(e, ColaflowError) else InvalidArgument(str(e)) from None
         self._backend.submit(spec, data, steps, init, metric)
@@ -192,7 +190,7 @@ class Session:
             if self.ray is not None:
                 self.ray.stop()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -217,8 +215,8 @@ class _Local:
     """In this process: the reference Trainer (Host + Scheduler + Worker), driven inside `wait()`."""
 
     def __init__(self, model, loss: str):
-        from . import loss as losses
-        from .trainer import Trainer
+        from .control.trainer import Trainer
+        from .engine import loss as losses
 
         self.name, self._tokenizer = model if isinstance(model, str) else type(model).__name__, None
         if isinstance(model, str):
@@ -240,23 +238,15 @@ class _Local:
 
     def submit(self, spec: JobSpec, data: dict, steps: int, init: str | Path | None = None,
                metric: Metric | None = None) -> None:
-        from .data import check_limits, from_map
-        from .evaluate import parse
         from .export import init_blob, init_params
-        from .loss import causal_lm
 
         if spec.job_id in self.trainer.specs:
             raise InvalidArgument(f"job {spec.job_id!r} already exists")
-        try:
-            batches = from_map(data)
-            check_limits(data, *self.trainer.host.limits())  # as a server refuses them
-            evals = parse(data.get("eval"), *self.trainer.host.limits(), causal=self.trainer.host.loss_fn is causal_lm)
-            if evals is not None:
-                evals.metric = metric
-            self.trainer.add_job(spec, steps, evals, init_params(spec, init_blob(init)) if init is not None else None)
+        try:  # the server's one submit path (colaflow.control.admission), in this process
+            params = init_params(spec, init_blob(init)) if init is not None else None
+            self.data[spec.job_id] = self.trainer.add_job(spec, steps, init=params, data=data, metric=metric)
         except (ValueError, TypeError) as e:  # the same refusals a server answers with INVALID_ARGUMENT
             raise InvalidArgument(f"submit {spec.job_id}: {e}") from None
-        self.data[spec.job_id] = batches
 
     def _job(self, job_id: str):
         if job_id not in self.trainer.specs:
@@ -264,11 +254,8 @@ class _Local:
         return self.trainer.scheduler.job(job_id)
 
     def status(self, job_id: str) -> dict:
-        from .client import JobInfo
-
-        job = self._job(job_id)
-        return JobInfo(job_id, job.state, job.t, job.steps or 0, job.losses[-1] if job.losses else 0.0, job.error,
-                       job.max_staleness, sorted({r.owner for r in job.sites.values() if r.owner})).as_dict()
+        self._job(job_id)
+        return self.trainer.scheduler.status(job_id).as_dict()
 
     def statuses(self) -> list[dict]:
         return [self.status(j) for j in self.trainer.specs]
@@ -280,7 +267,7 @@ class _Local:
         job, deadline = self._job(job_id), None if timeout is None else time.monotonic() + timeout
         with _bar(show, job.steps, job_id) as bar:
             bar.update(job.t)
-            while job.state in ("waiting", "running") and job.t < job.steps:
+            while job.state in LIVE and job.t < job.steps:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"job {job_id} still at step {job.t}/{job.steps} after {timeout} s")
                 try:
@@ -299,16 +286,14 @@ class _Local:
         return self.status(job_id)
 
     def export(self, job_id: str, path: Path, format: str, which: str = "last") -> Path:
-        from .export import save, save_peft
+        from .export import write
 
-        job = self._job(job_id)
+        self._job(job_id)
         try:
-            adapters = self.trainer.scheduler.adapters(job_id, which)
+            weights = self.trainer.scheduler.weights(job_id, which)
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
-        if format == "peft":
-            return save_peft(adapters, path, model=self.trainer.host.model)
-        return save(adapters, job.spec, path, self.trainer.scheduler.versions(job_id, which))
+        return write(weights, path, format, model=self.trainer.host.model)
 
     def close(self) -> None:
         pass
@@ -318,7 +303,7 @@ class _Remote:
     """A running `colaflow serve`, through its control service."""
 
     def __init__(self, address: str, token: str | None, tls_ca: bytes | None):
-        from .client import Client
+        from .wire.client import Client
 
         self.client = Client(address, token=token, tls_ca=tls_ca)
 
@@ -351,7 +336,8 @@ class _Remote:
             while status["state"] not in ENDED:
                 now = time.monotonic()
                 if timeout is not None and now - start > timeout:
-                    raise TimeoutError(f"job {job_id} still at step {status['step']}/{status['steps']} after {timeout} s")
+                    raise TimeoutError(f"job {job_id} still at step {status['step']}/{status['steps']} "
+                                       f"after {timeout} s")
                 if now - moved > connect_timeout and self.client.health().workers == 0:
                     raise NoWorkers(f"no workers connected for {connect_timeout:.0f} s (job {job_id} at step "
                                     f"{status['step']}/{status['steps']}): start `colaflow edge --server "

@@ -61,7 +61,7 @@ class Site:
                 "out_features": self.out_features, "conv": dict(self.conv)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Site":
+    def from_dict(cls, d: dict) -> Site:
         conv = {k: tuple(v) if isinstance(v, list) else v for k, v in d.get("conv", {}).items()}
         return cls(d["name"], d["kind"], int(d["in_features"]), int(d["out_features"]), conv)
 
@@ -144,7 +144,8 @@ def _slow_regex(pattern: str) -> str:
     if len(pattern) > MAX_REGEX_CHARS:
         return f"is longer than {MAX_REGEX_CHARS} characters"
     try:
-        from re import _constants as c, _parser as p  # Python 3.11+
+        from re import _constants as c  # Python 3.11+
+        from re import _parser as p
     except ImportError:  # pragma: no cover - Python 3.10
         import sre_constants as c
         import sre_parse as p

@@ -38,7 +38,7 @@ class Tokens:
         self.entries = entries
 
     @classmethod
-    def load(cls, path: str | Path | None) -> "Tokens":
+    def load(cls, path: str | Path | None) -> Tokens:
         if path is None:
             return cls(None)
         entries: dict[str, tuple[str, str | None]] = {}

@@ -15,14 +15,14 @@ import json
 import math
 import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
-from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily)
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from colaflow.records import ENDED, LIVE
+from colaflow.control.status import ENDED, LIVE
+from colaflow.control.views import RATE_WINDOW_S
 
-from .coordinator import RATE_WINDOW_S, Coordinator
+from .coordinator import Coordinator
 
 # the server's compute per step: tiny models take milliseconds, SmolLM2 on CPU seconds
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -72,7 +72,7 @@ class ServerCollector:
     """A Prometheus collector over the coordinator's views (read at each scrape)."""
 
     def __init__(self, coordinator: Coordinator):
-        self.c = coordinator
+        self.coordinator, self.scheduler = coordinator, coordinator.scheduler
         self._lock = threading.Lock()  # scrapes may overlap; the histogram state is ours
         self._seen: dict[str, int] = {}  # job -> metrics already folded into the histogram
         self._buckets = [0] * (len(STEP_BUCKETS) + 1)
@@ -82,7 +82,7 @@ class ServerCollector:
         with self._lock:
             for job in jobs:
                 try:
-                    new, _ = self.c.metrics(job, self._seen.get(job, 0), 0.0)
+                    new, _ = self.scheduler.metrics(job, self._seen.get(job, 0))
                 except KeyError:
                     continue
                 self._seen[job] = self._seen.get(job, 0) + len(new)
@@ -99,7 +99,7 @@ class ServerCollector:
             return h
 
     def collect(self):
-        jobs, workers, health = self.c.jobs_view(), self.c.workers_view(), self.c.health()
+        jobs, workers, health = self.scheduler.jobs_view(), self.scheduler.workers_view(), self.coordinator.health()
         yield GaugeMetricFamily("colaflow_serving", "1 while the step loop can go on, else 0",
                                 value=float(health.status == "serving"))
         by_state = GaugeMetricFamily("colaflow_jobs", "Jobs by state", labels=["state"])

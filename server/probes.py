@@ -19,7 +19,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from colaflow.v1 import control_pb2
-from colaflow.wire import SERVICE as WORKER_SERVICE
+from colaflow.wire.channel import SERVICE as WORKER_SERVICE
 
 from .coordinator import Coordinator
 
@@ -34,7 +34,7 @@ class Probes:
     """Health and reflection on a grpc.aio server; `watch()` keeps health true to the coordinator."""
 
     def __init__(self, coordinator: Coordinator, interval: float = 0.5):
-        self.c, self.interval = coordinator, interval
+        self.coordinator, self.interval = coordinator, interval
         self.health = HealthServicer()
         self.status: int | None = None
 
@@ -45,7 +45,7 @@ class Probes:
 
     async def update(self) -> int:
         """Set every service's status from the coordinator's health now; returns it."""
-        why = (await asyncio.to_thread(self.c.health)).status  # the coordinator's lock: off the event loop
+        why = (await asyncio.to_thread(self.coordinator.health)).status  # the scheduler's lock: off the event loop
         status = SERVING if why == "serving" else NOT_SERVING
         if status != self.status:
             if self.status is not None or status != SERVING:

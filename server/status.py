@@ -56,7 +56,7 @@ class StatusServer:
 
     def __init__(self, coordinator: Coordinator, tokens: Tokens, host: str = "127.0.0.1", port: int = 0,
                  tls: tuple[str, str, str | None] | None = None):
-        self.c, self.tokens, self.host = coordinator, tokens, host
+        self.coordinator, self.scheduler, self.tokens, self.host = coordinator, coordinator.scheduler, tokens, host
         self.registry = metrics_registry(coordinator)
         self.sessions: dict[str, tuple[Identity, float]] = {}
         self.lock = threading.Lock()
@@ -82,7 +82,7 @@ class StatusServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'https' if self.secure else 'http'}://{host}:{self.port}/"
 
-    def start(self) -> "StatusServer":
+    def start(self) -> StatusServer:
         self.thread.start()
         return self
 
@@ -121,8 +121,8 @@ class StatusServer:
     # the JSON API (plain functions of the caller's tenant)
 
     def jobs(self, tenant: str | None) -> dict:
-        health, now, jobs = self.c.health(tenant), time.time(), []
-        for view in self.c.jobs_view(tenant):
+        health, now, jobs = self.coordinator.health(tenant), time.time(), []
+        for view in self.scheduler.jobs_view(tenant):
             rate, eta = job_rate(view, now)
             recent = view.pop("recent")
             jobs.append(dict(view, steps_per_s=rate, eta_s=eta, last=recent[-1] if recent else {}))
@@ -131,16 +131,16 @@ class StatusServer:
     def workers(self, tenant: str | None) -> dict:
         """Admin: every worker. A tenant: the workers holding its jobs' sites, with only those sites;
         their rates and byte counts span every job, so a tenant does not get them."""
-        workers = self.c.workers_view()
+        workers = self.scheduler.workers_view()
         if tenant is not None:
-            mine = {j.job for j in self.c.statuses(tenant)}
+            mine = {j.job for j in self.scheduler.statuses(tenant)}
             workers = [dict(w, sites={j: s for j, s in w["sites"].items() if j in mine},
                             fits_per_s=None, bytes_in=None, bytes_out=None, detail="")
                        for w in workers if mine & set(w["sites"])]
         return {"workers": workers}
 
     def metrics_rows(self, job: str, since: int, tenant: str | None) -> tuple[list[dict], bool]:
-        rows, ended = self.c.metrics(job, since, 0.0, tenant)
+        rows, ended = self.scheduler.metrics(job, since, tenant)
         return rows[:MAX_ROWS], ended
 
 

@@ -26,7 +26,7 @@ class TensorBoardLog:
         self.thread: threading.Thread | None = None
 
     @classmethod
-    def check(cls, directory: str | Path) -> "TensorBoardLog":
+    def check(cls, directory: str | Path) -> TensorBoardLog:
         """A logger into `directory`, or SystemExit saying what to install."""
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -38,10 +38,10 @@ class TensorBoardLog:
     def write(self, coordinator: Coordinator) -> int:
         """Write every metrics row not written yet; returns how many rows."""
         n = 0
-        for view in coordinator.jobs_view():
+        for view in coordinator.scheduler.jobs_view():
             job = view["job"]
             try:
-                rows, _ = coordinator.metrics(job, self.seen.get(job, 0), 0.0)
+                rows, _ = coordinator.scheduler.metrics(job, self.seen.get(job, 0))
             except KeyError:
                 continue
             if not rows:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from colaflow.errors import ResourceExhausted
-from colaflow.framing import MAX_CHUNK_BYTES
+from colaflow.wire.framing import MAX_CHUNK_BYTES
 
 
 @dataclass

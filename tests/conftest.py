@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from colaflow.loss import IGNORE, causal_lm
+from colaflow.data.batches import IGNORE
+from colaflow.engine.loss import causal_lm
 
 torch.set_num_threads(2)
 

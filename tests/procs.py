@@ -5,8 +5,8 @@ import time
 
 import torch
 
+from colaflow.data.batches import IGNORE
 from colaflow.local import start_edge, start_server, stop  # noqa: F401  (re-exported for the tests)
-from colaflow.loss import IGNORE
 
 
 def examples(vocab: int, n: int, seed: int) -> list[dict]:

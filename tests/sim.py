@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from colaflow import Host, JobSpec, Scheduler, Worker
-from colaflow.scheduler import Abandoned
-from colaflow.checkpoint import MemoryCheckpoints
-from colaflow.data import collate
-from colaflow.store import MemoryStore
+from colaflow.control.checkpoints import MemoryCheckpoints
+from colaflow.control.scheduler import Abandoned
+from colaflow.control.store import MemoryStore
+from colaflow.data.batches import collate
 
 REASSIGN_AFTER = 10.0
 # "progress" (deliver everything in flight, then step) is listed thrice: faults should often hit late in a run
@@ -49,7 +49,7 @@ def toy_batches(steps: int, seed: int = 0) -> list[dict]:
 
 
 def final_params(scheduler: Scheduler, job: str) -> dict:
-    return {s: {n: p.detach().clone() for n, p in a.named_parameters()} for s, a in scheduler.adapters(job).items()}
+    return {s: {n: v.detach().clone() for n, v in ps.items()} for s, ps in scheduler.weights(job).params.items()}
 
 
 class Clock:
@@ -187,7 +187,7 @@ class Sim:
             ready = full or self.sched.ready(layered=True)
             if not ready:
                 return False
-            plan = self.sched.begin(ready[0], layered=not full)
+            plan = self.sched.begin(ready[0], layered=not full, held=self.host.versions(ready[0]))
             for u in plan.apply:
                 self.host.apply(u)
             self.running = [plan, list(plan.waiting), None, None]
@@ -208,7 +208,8 @@ class Sim:
             return len(waiting) < len(arrived)
         if groups is None:
             groups = []
-            result = self.host.step(collate([(plan.job, self.batches[plan.step])]), emit=groups.append)
+            result = self.host.step(collate([(plan.job, self.batches[plan.step])]), emit=groups.append,
+                                    steps={plan.job: plan.step})
             self.running[2:] = [groups, result]
             return True
         if groups:

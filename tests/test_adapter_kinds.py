@@ -6,15 +6,15 @@ import copy
 
 import pytest
 import torch
+from conftest import batch_stream, random_batch, rel_err
 
 from colaflow import AdaLink, AdamW, CoDA, Houlsby, JobSpec, Linear, LowRank, Packet, Trainer
-from colaflow.adapters import AdapterSpec
-from colaflow.gl import check_packet
-from colaflow.loss import causal_lm
+from colaflow.adapters.base import AdapterSpec
+from colaflow.control.protocol import Packets
+from colaflow.engine.loss import causal_lm
+from colaflow.learn.fit import check_packet
 from colaflow.models import tiny
-from colaflow.protocol import Packets
-from colaflow import serde
-from conftest import batch_stream, random_batch, rel_err
+from colaflow.wire import serde
 
 TOL = 1e-5
 
@@ -251,9 +251,10 @@ def test_native_export_loads_back_for_generate(tmp_path, spec):
 def test_kinds_train_over_grpc_as_in_process(tmp_path):
     """A real server and edge daemon on loopback: Houlsby, AdaLink with token types (routes on the wire),
     a sequential low-rank adapter and CoDA (selected tokens only) train bit for bit as in-process."""
-    from colaflow.client import Client
-    from procs import examples, start_edge, start_server, stop, wait_done, wait_workers
     from test_transport import exported, max_err, reference
+
+    from colaflow.wire.client import Client
+    from procs import examples, start_edge, start_server, stop, wait_done, wait_workers
 
     server, address = start_server(tmp_path)
     edge = start_edge(tmp_path, address, "a")

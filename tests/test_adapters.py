@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from colaflow import MLP, SGD, AdamW, AdapterSpec, JobSpec, Learner, Linear, LowRank, Packet, Schedule, find_sites
-from colaflow.adapters import build_adapter, load_params, register_adapter
+from colaflow.adapters.base import build_adapter, load_params, register_adapter
+from colaflow.engine.host import Host
 from colaflow.models import tiny
-from colaflow.host import Host
 from colaflow.sites import site_of
 
 
@@ -174,7 +174,8 @@ def test_server_refuses_nan_gradient_naming_the_site():
     ids = torch.randint(1, 96, (2, 6))
     # the top layer's gradients exist first, and the backward stops there
     top = len(model.model.layers) - 1
-    with pytest.raises(FloatingPointError, match=rf"site `model.layers.{top}.self_attn.(q|v)_proj`: gradient of job 'a'"):
+    with pytest.raises(FloatingPointError,
+                       match=rf"site `model.layers.{top}.self_attn.(q|v)_proj`: gradient of job 'a'"):
         host.step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "jobs": ["a", "a"]})
 
 
@@ -196,7 +197,7 @@ def test_a_site_the_forward_never_calls_is_named():
     """T5's `shared` embedding is tied to, but is not, the module its encoder and decoder call."""
     import transformers as tf
 
-    from colaflow.loss import token_cls
+    from colaflow.engine.loss import token_cls
 
     torch.manual_seed(0)
     t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1,

@@ -6,24 +6,26 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from colaflow import AdamW, BlackBoxHost, JobSpec, LowRank, SmallLM, Trainer, serde
-from colaflow.adapters import build_adapter
-from colaflow.blackbox import OUTPUT, model_logprobs
-from colaflow.data import collate
-from colaflow.gl import Learner, Packet, site_seed
-from colaflow.host import Host
-from colaflow.loss import IGNORE
-from colaflow.models import tiny
-from colaflow.protocol import Packets
 from conftest import batch_stream, rel_err
+
+from colaflow import AdamW, BlackBoxHost, JobSpec, LowRank, SmallLM, Trainer
+from colaflow.adapters.base import build_adapter
+from colaflow.adapters.topk import OUTPUT, model_logprobs
+from colaflow.control.protocol import Packets
+from colaflow.data.batches import IGNORE, collate
+from colaflow.engine.host import Host
+from colaflow.learn.fit import site_seed
+from colaflow.learn.learner import Learner
+from colaflow.learn.messages import Packet
+from colaflow.models import tiny
+from colaflow.wire import serde
 
 VOCAB, ROWS, LEN, STEPS = 96, 4, 12, 5
 
 
 def _reference(model, spec: JobSpec, data: list[dict], fit_interval: int = 1) -> dict[str, torch.Tensor]:
     """The same small model trained by ordinary backprop on the combined loss, written out here from
-    the base model's logits (its own top-k and tail, not colaflow.blackbox's code)."""
+    the base model's logits (its own top-k and tail, not colaflow.engine.blackbox's code)."""
     site = Trainer(model, [spec]).host.jobs[spec.job_id].sites[OUTPUT]
     small = build_adapter(spec.adapter, site, seed=site_seed(spec, site))
     opt, sched = spec.optimizer.build(small.parameters())
@@ -102,7 +104,8 @@ def test_server_forward_builds_no_autograd_graph():
     assert len(seen) >= len(list(model.modules())) - 1  # every module ran (the rotary cache may not)
     assert all(p.grad is None for p in model.parameters())
     (p,) = result.packets
-    assert (p.site, p.x.dtype, tuple(p.x.shape), tuple(p.g.shape)) == (OUTPUT, torch.int32, (ROWS, LEN, 10), (ROWS, LEN, 9))
+    assert (p.site, p.x.dtype, tuple(p.x.shape),
+            tuple(p.g.shape)) == (OUTPUT, torch.int32, (ROWS, LEN, 10), (ROWS, LEN, 9))
     assert not p.g.requires_grad
 
 
@@ -180,7 +183,7 @@ def test_bad_black_box_input_is_refused():
 
 def _combined_loss(model, small, examples: list[dict]) -> float:
     """Mean cross-entropy of the combination (large model + small model) on the examples' labels."""
-    from colaflow.smalllm import combined_logprobs
+    from colaflow.adapters.smalllm import combined_logprobs
 
     total, count = 0.0, 0
     for e in examples:
@@ -195,9 +198,9 @@ def _combined_loss(model, small, examples: list[dict]) -> float:
 def test_trains_over_grpc(tmp_path):
     """A black-box job on a real server and edge daemon (separate processes, loopback gRPC): the same
     scheduler, worker and wire as ColA; the small model equals the in-process run's, and the loss falls."""
-    from colaflow.client import Client
-    from colaflow.data import from_map
+    from colaflow.data.batches import from_map
     from colaflow.export import load
+    from colaflow.wire.client import Client
     from procs import examples, start_edge, start_server, stop, wait_done, wait_workers
 
     steps, ex = 16, examples(VOCAB, 24, seed=0)
@@ -245,7 +248,7 @@ def test_staleness_costs_nothing_in_black_box_mode():
 def test_generate_with_the_combination():
     """`generate` decodes greedily from large + small; with a fresh small model it is the large model's
     own greedy decoding, and a small model that learned a bias changes it."""
-    from colaflow.smalllm import generate
+    from colaflow.adapters.smalllm import generate
 
     model = tiny("llama", vocab=VOCAB)
     host = Host(model)

@@ -6,13 +6,14 @@ import copy
 
 import pytest
 import torch
+from conftest import rel_err
 
 from colaflow import AdamW, JobSpec, LowRank, Trainer, WithHead, classification_job, classifier
-from colaflow.adapters import AdapterSpec, Linear
-from colaflow.data import from_map, to_map
-from colaflow.loss import seq_cls
+from colaflow.adapters.base import AdapterSpec
+from colaflow.adapters.linear import Linear
+from colaflow.data.batches import from_map, to_map
+from colaflow.engine.loss import seq_cls
 from colaflow.models import tiny
-from conftest import rel_err
 
 TOL = 1e-5
 CLASSES = 3
@@ -108,9 +109,9 @@ def test_bad_classification_labels_are_refused():
 def test_classification_job_over_grpc_equals_in_process(tmp_path):
     """`colaflow serve --classes` (a real server process holding the classifier) and a real edge daemon
     process: the exported head and body adapters equal the in-process run bit for bit."""
-    from colaflow.client import Client
     from colaflow.export import load
     from colaflow.local import start_edge, start_server, stop
+    from colaflow.wire.client import Client
     from procs import wait_done, wait_workers
 
     steps, ex = 8, cls_examples(24, seed=3)
@@ -177,7 +178,8 @@ def test_a_plain_job_on_a_classifier_trains_the_head_too():
             trainer.step({"plain": b, "made": b})
         a, b = trainer.adapters("plain"), trainer.adapters("made")
         assert list(a) == list(b) and any(s.endswith("score") for s in a)
-        assert isinstance(a[next(s for s in a if s.endswith("score"))], type(b[next(s for s in b if s.endswith("score"))]))
+        assert isinstance(a[next(s for s in a if s.endswith("score"))],
+                          type(b[next(s for s in b if s.endswith("score"))]))
         assert all(torch.equal(p, q) for s in a for p, q in zip(a[s].parameters(), b[s].parameters()))
     from colaflow.export import save_peft
 

@@ -18,7 +18,8 @@ ADMIN, CONTROL, WORKER = "admin-token-0123456789", "acme-token-0123456789ab", "p
 ROWS = examples(96, 8, seed=1)
 
 
-def cli(*args: str, token: str | None = CONTROL, server: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def cli(*args: str, token: str | None = CONTROL, server: str | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COLAFLOW_")}
     if server:
         env["COLAFLOW_SERVER"] = server
@@ -89,7 +90,8 @@ def test_submit_follow_export_load_in_peft_and_continue(served):
         layer = inner.get_submodule(site)
         assert torch.equal(layer.lora_A["default"].weight, adapter.A)
         assert torch.equal(layer.lora_B["default"].weight, adapter.B)
-    assert len(trained) == 4 and all(float(a.B.detach().abs().max()) > 0 for a in trained.values())  # it learned something
+    # it learned something
+    assert len(trained) == 4 and all(float(a.B.detach().abs().max()) > 0 for a in trained.values())
     with torch.no_grad():
         assert not torch.allclose(peft_model(input_ids=ids).logits, before)
 

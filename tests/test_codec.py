@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from colaflow import Packet, framing, serde
-from colaflow.protocol import Packets
-from colaflow.codec import Encoded, decode, encode, layout, travels_as
+from colaflow import Packet
+from colaflow.control.protocol import Packets
 from colaflow.v1 import worker_pb2
+from colaflow.wire import framing, serde
+from colaflow.wire.codec import Encoded, decode, encode, layout, travels_as
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +190,8 @@ def test_large_frames_are_chunked_and_decoded_without_copies():
 
 
 def test_reassembler_refuses_bad_chunk_sequences():
-    frame, parts = serde.packets_to_proto(_frame([Packet("j", "s", 0, 0, torch.randn(3000, 576), torch.randn(3000, 576))]))
+    frame, parts = serde.packets_to_proto(_frame([Packet("j", "s", 0, 0, torch.randn(3000, 576),
+                                                         torch.randn(3000, 576))]))
     msgs = [framing.parse_message(m, worker_pb2.ServerMessage) for m in
             framing.to_chunks(frame, parts, 1, lambda c: worker_pb2.ServerMessage(packet=c))]
     r = framing.Reassembler()
@@ -216,5 +218,6 @@ def test_msgpack_maps_refuse_garbage():
 
 
 def test_generated_code_is_up_to_date():
-    out = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), "--check"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), "--check"], capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr

@@ -1,21 +1,18 @@
-"""The service's coordinator without gRPC (an in-process worker pumps its messages), and the house
-rules that keep the library, the service and the daemon apart."""
+"""The service's coordinator without gRPC (an in-process worker pumps its messages)."""
 from __future__ import annotations
 
-import ast
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from colaflow import AdamW, JobSpec, LowRank, Trainer, Worker
-from colaflow.data import from_map
-from colaflow.host import Host
+from colaflow.data.batches import from_map
+from colaflow.engine.host import Host
+from colaflow.export import adapters_of
 from colaflow.models import tiny
-from colaflow.server.coordinator import Closed, Coordinator
+from colaflow.server.coordinator import Coordinator
 from procs import examples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,16 +29,16 @@ class Pumped:
         # one thread drives both sides, so no update can arrive during a step: no layered start
         self.c = Coordinator(Host(tiny("llama")), mix=mix, layered=False)
         self.worker = Worker("w")
-        self.stream = self.c.connect("w", self.c.register("w", {}), self.worker.hello())
-        self.c.grant("w", self.stream, 1000)
+        self.stream = self.c.scheduler.connect("w", self.c.scheduler.register("w", {}), self.worker.hello())
+        self.c.scheduler.grant("w", self.stream, 1000)
 
     def run(self, rounds: int = 200) -> None:
         for _ in range(rounds):
             busy = self.c.step_once()
-            while (msg := self.c.next_message("w", self.stream, timeout=0)) is not None:
+            while (msg := self.c.scheduler.next_message("w", self.stream)) is not None:
                 busy = True
                 for reply in self.worker.handle(msg):
-                    self.c.receive("w", reply)
+                    self.c.scheduler.receive("w", reply)
             if not busy:
                 return
 
@@ -52,17 +49,18 @@ def test_a_finished_job_frees_the_host_and_still_exports(tmp_path):
     p.c.submit(JobSpec("a", LowRank(r=4), AdamW(lr=1e-2)), data(), steps=4)
     assert len(p.c.host._hooks) > hooks_before
     p.run()
-    assert p.c.status("a").state == "done"
+    assert p.c.scheduler.status("a").state == "done"
     p.c.step_once()  # the loop frees what ended
     assert "a" not in p.c.host.jobs and not p.c.host._hooks and "a" not in p.c.data
-    exported = p.c.export("a")
-    assert set(exported.versions.values()) == {4}
+    weights = p.c.scheduler.weights("a")
+    assert set(weights.versions.values()) == {4}
+    exported = adapters_of(weights)
     trainer = Trainer(tiny("llama"), [JobSpec("a", LowRank(r=4), AdamW(lr=1e-2))])  # the same run in-process
     batches = from_map(data())
     for _ in range(4):
         trainer.step({"a": next(batches)})
     for site, a in trainer.adapters("a").items():
-        assert torch.equal(exported.adapters[site].B, a.B.detach()) and torch.equal(exported.adapters[site].A, a.A.detach())
+        assert torch.equal(exported[site].B, a.B.detach()) and torch.equal(exported[site].A, a.A.detach())
 
 
 def _unlabelled() -> dict:
@@ -79,8 +77,8 @@ def test_a_failing_step_fails_its_job_with_a_traceback_and_the_loop_goes_on(capl
     p.c.submit(JobSpec("good", LowRank(r=4)), data(seed=1), steps=3)
     with caplog.at_level(logging.ERROR, "colaflow"):
         p.run()
-    assert p.c.status("good").state == "done"
-    status = p.c.status("bad")
+    assert p.c.scheduler.status("good").state == "done"
+    status = p.c.scheduler.status("bad")
     assert status.state == "failed" and "carry no labelled token" in status.error
     tracebacks = [r for r in caplog.records if r.exc_info and "bad" in r.getMessage()]
     assert tracebacks, "the failure was logged without its traceback"
@@ -91,54 +89,22 @@ def test_a_mixed_step_that_fails_is_retried_job_by_job():
     p.c.submit(JobSpec("good", LowRank(r=4)), data(seed=1), steps=3)
     p.c.submit(JobSpec("bad", LowRank(r=4)), _unlabelled(), steps=3)
     p.run()
-    assert p.c.status("bad").state == "failed" and p.c.status("good").state == "done"
+    assert p.c.scheduler.status("bad").state == "failed" and p.c.scheduler.status("good").state == "done"
 
 
 def test_a_stale_stream_is_closed():
     p = Pumped()
-    newer = p.c.connect("w", p.c.register("w", {}), p.worker.hello())
-    with pytest.raises(Closed):
-        p.c.next_message("w", p.stream, timeout=0)
-    assert p.c.next_message("w", newer, timeout=0) is None
-
-
-def _attributes_of(tree: ast.AST, owner: str) -> set[str]:
-    return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
-            and n.value.attr == owner}
-
-
-def test_servicers_use_only_the_coordinators_methods():
-    """Thin servicers: every use of the coordinator is a call of its locked API, never its state."""
-    tree = ast.parse((ROOT / "server" / "service.py").read_text())
-    used = _attributes_of(tree, "c")
-    api = {n for n, v in vars(Coordinator).items() if callable(v) and not n.startswith("_")}
-    assert used - api == {"host"} or used <= api, used - api  # the host only for its model's PEFT task type
-
-
-def test_the_library_never_imports_the_service_or_the_daemon():
-    code = ("import sys, colaflow, colaflow.trainer, colaflow.scheduler, colaflow.worker, colaflow.serde, "
-            "colaflow.client, colaflow.local;"
-            "print([m for m in sys.modules if m.startswith(('colaflow.server', 'colaflow.edge_client'))])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-    for path in (ROOT / "server").glob("*.py"):
-        assert "edge_client" not in path.read_text(), path
-    for path in (ROOT / "edge_client").glob("*.py"):
-        assert "colaflow.server" not in path.read_text(), path
-
-
-def test_one_place_each_for_atomic_writes_and_the_message_limit():
-    sources = {p: p.read_text() for d in ("runtime", "server", "edge_client") for p in (ROOT / d).rglob("*.py")
-               if "/v1/" not in str(p)}
-    assert [p.name for p, s in sources.items() if "os.replace(" in s] == ["files.py"]
-    assert [p.name for p, s in sources.items() if "64 << 20" in s] == ["wire.py"]
+    newer = p.c.scheduler.connect("w", p.c.scheduler.register("w", {}), p.worker.hello())
+    assert not p.c.scheduler.current("w", p.stream)  # the Work servicer ends a stream that is not current
+    assert p.c.scheduler.next_message("w", p.stream) is None
+    assert p.c.scheduler.current("w", newer) and p.c.scheduler.next_message("w", newer) is None
 
 
 def test_optimizers_register_like_adapters():
     from dataclasses import dataclass
     from typing import ClassVar
 
-    from colaflow.optim import OptimizerSpec, optimizer_kinds, register_optimizer
+    from colaflow.learn.optim import OptimizerSpec, optimizer_kinds, register_optimizer
 
     @dataclass(frozen=True)
     class Lion(OptimizerSpec):  # stands in for a user's optimizer; built as SGD for the test
@@ -183,8 +149,8 @@ def test_a_layered_step_starts_before_its_lower_layers_are_fitted_and_stays_exac
 
     c = Coordinator(Host(tiny("llama")))  # layered by default
     worker = Worker("w")
-    stream = c.connect("w", c.register("w", {}), worker.hello())
-    c.grant("w", stream, 1000)
+    stream = c.scheduler.connect("w", c.scheduler.register("w", {}), worker.hello())
+    c.scheduler.grant("w", stream, 1000)
     plans = []
     begin = c.scheduler.begin
     c.scheduler.begin = lambda *a, **k: plans.append(begin(*a, **k)) or plans[-1]
@@ -194,35 +160,36 @@ def test_a_layered_step_starts_before_its_lower_layers_are_fitted_and_stays_exac
 
     def device():  # slow fits: each frame takes 20 ms more
         while not done.is_set():
-            try:
-                msg = c.next_message("w", stream, timeout=0.05)
-            except Closed:
+            if c.stopping or not c.scheduler.current("w", stream):
                 return
+            msg = c.scheduler.next_message("w", stream)
+            if msg is None:
+                time.sleep(0.05)
             if msg is not None:
                 time.sleep(0.02)
                 for reply in worker.handle(msg):
-                    c.receive("w", reply)
+                    c.scheduler.receive("w", reply)
     threads = [threading.Thread(target=c.run, kwargs={"poll": 0.01}), threading.Thread(target=device)]
     for t in threads:
         t.start()
     try:
         end = time.monotonic() + 60
-        while c.status("a").state != "done" and time.monotonic() < end:
+        while c.scheduler.status("a").state != "done" and time.monotonic() < end:
             time.sleep(0.05)
     finally:
         done.set()
         c.stop()
         for t in threads:
             t.join(10)
-    assert c.status("a").state == "done"
+    assert c.scheduler.status("a").state == "done"
     assert any(p.waiting for p in plans), "no step started before its versions were in"
     trainer = Trainer(tiny("llama"), [spec])
     batches = from_map(data())
     for _ in range(5):
         trainer.step({"a": next(batches)})
-    exported = c.export("a")
+    exported = adapters_of(c.scheduler.weights("a"))
     for site, a in trainer.adapters("a").items():
-        assert torch.equal(exported.adapters[site].A, a.A.detach()) and torch.equal(exported.adapters[site].B, a.B.detach())
+        assert torch.equal(exported[site].A, a.A.detach()) and torch.equal(exported[site].B, a.B.detach())
 
 
 def test_an_abandoned_layered_step_keeps_its_batch_and_the_run_stays_exact():
@@ -235,23 +202,23 @@ def test_an_abandoned_layered_step_keeps_its_batch_and_the_run_stays_exact():
     taken = []
     source = p.c.data["a"]
     p.c.data["a"] = (taken.append(1) or b for b in source)
-    while (msg := p.c.next_message("w", p.stream, timeout=0)) is not None:
+    while (msg := p.c.scheduler.next_message("w", p.stream)) is not None:
         for reply in p.worker.handle(msg):  # the assignment only
-            p.c.receive("w", reply)
+            p.c.scheduler.receive("w", reply)
     assert p.c.step_once()  # step 0: every version is in
     for _ in range(2):  # step 1 starts layered; its versions never come (no one pumps the worker)
         assert p.c.step_once()
-    assert p.c.status("a").step == 1 and len(taken) == 2  # batch 1 was taken once, kept, reused
+    assert p.c.scheduler.status("a").step == 1 and len(taken) == 2  # batch 1 was taken once, kept, reused
     p.c.layered = False
     p.run()
-    assert p.c.status("a").state == "done" and len(taken) == 4
+    assert p.c.scheduler.status("a").state == "done" and len(taken) == 4
     trainer = Trainer(tiny("llama"), [spec])
     batches = from_map(data())
     for _ in range(4):
         trainer.step({"a": next(batches)})
-    exported = p.c.export("a")
+    exported = adapters_of(p.c.scheduler.weights("a"))
     for site, a in trainer.adapters("a").items():
-        assert torch.equal(exported.adapters[site].B, a.B.detach())
+        assert torch.equal(exported[site].B, a.B.detach())
 
 
 def test_a_job_waiting_in_a_layered_step_never_holds_up_another_job():
@@ -263,13 +230,13 @@ def test_a_job_waiting_in_a_layered_step_never_holds_up_another_job():
     p = Pumped()
     p.c.layered, p.c.layer_wait = True, 60.0
     p.c.submit(JobSpec("a", LowRank(r=4), AdamW(lr=1e-2)), data(), steps=4)
-    while (msg := p.c.next_message("w", p.stream, timeout=0)) is not None:
+    while (msg := p.c.scheduler.next_message("w", p.stream)) is not None:
         for reply in p.worker.handle(msg):
-            p.c.receive("w", reply)
+            p.c.scheduler.receive("w", reply)
     assert p.c.step_once()  # a's step 0; a's step 1 will start layered and wait (nobody pumps the worker)
     threading.Timer(0.3, lambda: p.c.submit(JobSpec("b", LowRank(r=4), AdamW(lr=1e-2)), data(seed=1), steps=2)).start()
     t = time.monotonic()
     assert p.c.step_once()
     assert time.monotonic() - t < 20  # gave way, rather than waiting out layer_wait
-    assert p.c.status("a").step == 1
-    assert p.c.step_once() and p.c.status("b").step == 1  # b ran
+    assert p.c.scheduler.status("a").step == 1
+    assert p.c.step_once() and p.c.scheduler.status("b").step == 1  # b ran

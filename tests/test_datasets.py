@@ -14,18 +14,17 @@ import pytest
 import torch
 
 from colaflow import LowRank, Session
-from colaflow.data import to_map
-from colaflow.datasets import rows
+from colaflow.data.batches import IGNORE, to_map
+from colaflow.data.sources import rows
+from colaflow.engine.host import Host
 from colaflow.errors import InvalidArgument, ResourceExhausted
-from colaflow.host import Host
 from colaflow.job import JobSpec
-from colaflow.loss import IGNORE
 from colaflow.models import load_tokenizer, tiny
 from colaflow.server.auth import Tokens
 from colaflow.server.coordinator import Coordinator
 from colaflow.server.service import make_server
 from colaflow.server.uploads import UploadLimits, Uploads
-from colaflow.tokenizer import from_files, to_files
+from colaflow.wire.tokenizer import from_files, to_files
 from procs import start_edge, stop, wait_workers
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
@@ -117,9 +116,11 @@ def test_one_format_per_dataset_no_empty_data_and_a_clear_rule_for_length(tok):
 
 def test_jsonl_names_the_row_and_line(tok, tmp_path):
     path = tmp_path / "data.jsonl"
-    lines = [{"prompt": "a", "completion": "b"}, {}, {"prompt": "c", "completion": "d"}, {"prompt": "e", "completion": 5}]
+    lines = [{"prompt": "a", "completion": "b"}, {}, {"prompt": "c", "completion": "d"},
+             {"prompt": "e", "completion": 5}]
     path.write_text("\n".join("" if not r else json.dumps(r) for r in lines) + "\n")  # line 2 is blank
-    with pytest.raises(InvalidArgument, match='^row 2 \\(line 4\\) of data.jsonl: "completion" must be a string, got int$'):
+    with pytest.raises(InvalidArgument,
+                       match='^row 2 \\(line 4\\) of data.jsonl: "completion" must be a string, got int$'):
         rows(str(path), tok)
     path.write_text(json.dumps(lines[0]) + "\n{oops\n")
     with pytest.raises(InvalidArgument, match=r"^row 1 \(line 2\) of data.jsonl: not valid JSON"):
@@ -288,7 +289,7 @@ def test_a_server_without_tokenizer_says_so_and_still_takes_token_ids():
 # big data maps: chunked upload, bounded on the server
 
 def test_a_data_map_bigger_than_one_message_travels_in_chunks(served):
-    from colaflow.client import Client
+    from colaflow.wire.client import Client
 
     ex = [{"input_ids": list(range(1, 101)), "labels": [IGNORE] * 50 + list(range(51, 101))} for _ in range(40)]
     served.server.control.uploads.limits.max_chunk = 4096  # the server refuses any bigger message
@@ -365,7 +366,8 @@ def test_classification_rows_carry_one_class_id(tok):
 
 def test_the_default_batch_is_8_rows_or_all_of_them_when_fewer():
     """The README's two-example snippets run as written; a batch size asked for is kept, and checked."""
-    from colaflow.data import batches, from_map, to_map
+    from colaflow.data import batches
+    from colaflow.data.batches import from_map, to_map
 
     two = [{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}]
     assert to_map(two)["batch_size"] == 2 and next(from_map(to_map(two)))["input_ids"].shape[0] == 2

@@ -7,19 +7,20 @@ import math
 
 import pytest
 import torch
+from conftest import rel_err
 
 import colaflow
 from colaflow import AdamW, JobSpec, LowRank, Schedule, Trainer
-from colaflow.client import Client
-from colaflow.data import from_map, stack
+from colaflow.adapters.merge import merged
+from colaflow.data.batches import IGNORE, from_map, stack
+from colaflow.engine.evaluate import eval_map, evaluate, greedy, parse
+from colaflow.engine.host import Host
+from colaflow.engine.loss import causal_lm
 from colaflow.errors import InvalidArgument
-from colaflow.evaluate import EvalSet, eval_map, evaluate, greedy, parse
-from colaflow.host import Host
-from colaflow.loss import IGNORE, causal_lm
-from colaflow.merge import merged
+from colaflow.export import adapters_of
 from colaflow.models import tiny
-from colaflow.plot import write_png
-from conftest import rel_err
+from colaflow.studies.plot import write_png
+from colaflow.wire.client import Client
 from procs import start_edge, start_server, stop, wait_done, wait_workers
 
 VOCAB = 96
@@ -73,7 +74,8 @@ def test_eval_loss_every_n_steps_equals_an_independent_forward():
         for s, a in adapters.items():
             a.load_state_dict(used[m["step"]][s])
         with torch.no_grad(), merged(base, adapters):
-            row_sum, row_count = causal_lm(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch)
+            row_sum, row_count = causal_lm(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
+                                           batch)
         want = float(row_sum.sum() / row_count.sum())
         assert abs(m["eval_loss"] - want) <= 1e-5 * abs(want), (m["step"], m["eval_loss"], want)
     assert metrics[-1]["eval_loss"] < metrics[0]["eval_loss"]  # the job learnt something the eval sees
@@ -136,10 +138,10 @@ def test_best_export_equals_the_adapters_at_the_best_step(tmp_path):
     evals = {m["step"]: m["eval_loss"] for m in trainer.scheduler.job("j").metrics if "eval_loss" in m}
     best = min(evals, key=evals.get)
     assert best != max(evals), evals  # else this test would not tell best from last
-    got = snapshot(trainer.scheduler.adapters("j", "best"))
+    got = snapshot(adapters_of(trainer.scheduler.weights("j", "best")))
     assert all(torch.equal(got[s][n], used[best][s][n]) for s in got for n in got[s])
-    assert trainer.scheduler.versions("j", "best") == {s: best for s in got}  # S=0, I=1: step t uses version t
-    last = snapshot(trainer.scheduler.adapters("j"))
+    assert trainer.scheduler.weights("j", "best").versions == {s: best for s in got}  # S=0, I=1: step t uses version t
+    last = snapshot(adapters_of(trainer.scheduler.weights("j")))
     assert any(not torch.equal(got[s][n], last[s][n]) for s in got for n in got[s])
 
 
@@ -240,21 +242,23 @@ def test_bad_eval_input_is_refused_with_a_clear_error():
 
 
 def test_a_bad_fit_metric_in_an_update_is_refused():
-    from colaflow.records import SiteRecord, check_update, param_shapes
-    from colaflow.serde import update_from_proto, update_to_proto
+    from colaflow.adapters.base import param_shapes
+    from colaflow.control.acceptance import check_update
+    from colaflow.control.records import SiteRecord
     from colaflow.sites import find_sites
+    from colaflow.wire.serde import update_from_proto, update_to_proto
 
     spec = JobSpec("j", LowRank(r=2), state_every=0)
     site = find_sites(tiny("llama"), None)[0]
-    rec = SiteRecord(site, param_shapes(spec, site))
+    rec = SiteRecord(site, param_shapes(spec.adapter, site))
     params = {n: torch.zeros(s) for n, s in rec.shapes.items()}
-    u = colaflow.gl.Update("j", site.name, 1, params, 0.0, 0, None, 0.25, 1e-3)
+    u = colaflow.Update("j", site.name, 1, params, 0.0, 0, None, 0.25, 1e-3)
     back = update_from_proto(*update_to_proto(u))
     assert (back.grad_norm, back.lr) == (0.25, 1e-3)
     check_update(spec, rec, u)
     for bad in (float("nan"), -1.0):
         with pytest.raises(ValueError, match="`grad_norm` must be a finite number >= 0"):
-            check_update(spec, rec, colaflow.gl.Update("j", site.name, 1, params, 0.0, 0, None, bad, 1e-3))
+            check_update(spec, rec, colaflow.Update("j", site.name, 1, params, 0.0, 0, None, bad, 1e-3))
 
 
 def test_write_png_writes_a_png_of_loss_and_every_eval_key(tmp_path):

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import batch_stream, rel_err
 
 from colaflow import SGD, AdamW, JobSpec, LowRank, Trainer
 from colaflow.models import tiny
-from conftest import batch_stream, rel_err
 
 TOL = 1e-5
 
@@ -58,7 +58,8 @@ def test_fit_interval_equals_gradient_accumulation(peft_reference):
 
 
 def test_gpt2_conv1d_equals_peft(peft_reference):
-    err, n = _run("gpt2", ["c_attn"], AdamW(lr=1e-2), lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0), peft_reference)
+    err, n = _run("gpt2", ["c_attn"], AdamW(lr=1e-2), lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0),
+                  peft_reference)
     assert n == 2
     assert err <= TOL, err
 
@@ -87,7 +88,7 @@ def _seq2seq(family: str):
 
 def _seq2seq_batch(model, pad: int, t_enc: int, t_dec: int, seed: int) -> dict:
     """Encoder rows padded on the left or the right, decoder rows padded on the right."""
-    from colaflow.loss import IGNORE
+    from colaflow.data.batches import IGNORE
 
     g = torch.Generator().manual_seed(seed)
     rows = 3
@@ -116,7 +117,7 @@ def test_encoder_decoder_equals_peft(family, t_enc, t_dec):
 
     from peft import LoraConfig, get_peft_model
 
-    from colaflow.loss import token_cls
+    from colaflow.engine.loss import token_cls
 
     model, targets, pad = _seq2seq(family)
     spec = LowRank(r=4, alpha=8)

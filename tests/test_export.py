@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from conftest import batch_stream, random_batch
 
 from colaflow import MLP, AdamW, JobSpec, Linear, LowRank, Trainer
 from colaflow.export import load, save, save_peft
 from colaflow.models import tiny
-from conftest import batch_stream, random_batch
 
 
 def _trained(family, spec, targets=None, steps=4):
@@ -103,7 +103,8 @@ def test_export_replaces_only_an_earlier_export_and_never_deletes_other_files(tm
     save(trainer.adapters("a"), job, "out")
     assert (path / "adapter.json").stat().st_mtime > 0 and sorted(os.listdir(work)) == ["notes.txt", "out", "sub"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~_umask()  # as mkdir makes it, not mkdtemp's 0700
-    with pytest.raises(FileExistsError, match="adapter.json, adapter.safetensors"):  # another format: not the same thing
+    # another format: not the same thing
+    with pytest.raises(FileExistsError, match="adapter.json, adapter.safetensors"):
         save_peft(trainer.adapters("a"), "out")
     assert load("out")[1].keys() == trainer.adapters("a").keys()
 
@@ -121,8 +122,8 @@ def test_peft_export_of_a_classifier_and_a_seq2seq_model_says_what_peft_expects(
     head in modules_to_save: colaflow never trains heads); T5 says SEQ_2_SEQ_LM, Llama CAUSAL_LM."""
     from peft import PeftModel
 
+    from colaflow.engine.loss import seq_cls
     from colaflow.export import peft_task_type
-    from colaflow.loss import seq_cls
 
     model = tiny("bert")
     trainer = Trainer(model, [JobSpec("a", LowRank(r=4), AdamW(lr=3e-2))], loss_fn=seq_cls)
@@ -142,6 +143,7 @@ def test_peft_export_of_a_classifier_and_a_seq2seq_model_says_what_peft_expects(
     assert torch.allclose(ours, theirs, atol=1e-5)
     import transformers as tf
 
-    t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
+    t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1,
+                                                   num_heads=2))
     assert (peft_task_type(t5), peft_task_type(tiny("llama")), peft_task_type(tiny("gpt2"))) == \
         ("SEQ_2_SEQ_LM", "CAUSAL_LM", "CAUSAL_LM")

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from colaflow import SGD, AdamW, JobSpec, LowRank, MLP
+from colaflow import MLP, SGD, AdamW, JobSpec, LowRank
 from sim import ACTIONS, Sim, reference
 
 STEPS = 8
@@ -27,7 +27,7 @@ def _spec(staleness: int, interval: int, kind: str = "lowrank", state_every: int
                    state_every=state_every)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_of(spec_dict: str) -> dict:
     import json
 

@@ -17,21 +17,22 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_transport import reference
 
-from colaflow import AdamW, JobSpec, LowRank, Update, Worker, serde
-from colaflow.client import Client
-from colaflow.framing import frame_message, to_chunks
-from colaflow.host import Host
-from colaflow.link import WorkerLink
+from colaflow import AdamW, JobSpec, LowRank, Update, Worker
+from colaflow.control.protocol import Hello, Packets, Refusal
+from colaflow.engine.host import Host
 from colaflow.models import tiny
-from colaflow.protocol import Hello, Packets, Refusal
 from colaflow.server.auth import Tokens
 from colaflow.server.coordinator import Coordinator
 from colaflow.server.service import make_server
 from colaflow.v1 import control_pb2, control_pb2_grpc, worker_pb2, worker_pb2_grpc
-from colaflow.wire import work_call
+from colaflow.wire import serde
+from colaflow.wire.channel import work_call
+from colaflow.wire.client import Client
+from colaflow.wire.framing import frame_message, to_chunks
+from colaflow.wire.link import WorkerLink
 from procs import examples
-from test_transport import reference
 
 EXAMPLES = int(os.environ.get("COLAFLOW_FUZZ_EXAMPLES", "60"))
 HONEST = JobSpec("honest", LowRank(r=4), AdamW(lr=1e-2), staleness=1)
@@ -77,8 +78,10 @@ hostile = st.one_of(
     st.tuples(st.integers(0, 2 ** 32 - 1), st.binary(max_size=32)).map(  # a length prefix that lies
         lambda t: ("raw", struct.pack("<I", t[0]) + t[1])),
     st.integers(0, 2 ** 32 - 1).map(lambda n: ("msg", worker_pb2.WorkerMessage(credit=worker_pb2.Credit(packets=n)))),
-    st.text(max_size=300).map(lambda r: ("msg", worker_pb2.WorkerMessage(goodbye=worker_pb2.Goodbye(reason=r, leaving=True)))),
-    st.tuples(st.integers(0, 2 ** 31), st.integers(0, 2 ** 31), st.integers(0, 2 ** 62)).map(  # chunk bookkeeping that lies
+    st.text(max_size=300).map(lambda r: ("msg",
+                                         worker_pb2.WorkerMessage(goodbye=worker_pb2.Goodbye(reason=r, leaving=True)))),
+    # chunk bookkeeping that lies
+    st.tuples(st.integers(0, 2 ** 31), st.integers(0, 2 ** 31), st.integers(0, 2 ** 62)).map(
         lambda t: ("msg", worker_pb2.WorkerMessage(update=worker_pb2.Chunk(seq=1, index=t[0] % 4, count=t[1] % 5,
                                                                            payload_bytes=t[2])))),
     st.sampled_from(["model.layers.0.self_attn.q_proj", "nope"]).flatmap(  # forged updates for the honest job
@@ -139,9 +142,12 @@ def test_hostile_sequences_leave_the_server_and_the_honest_job_intact(live):
     attack()
     control = control_pb2_grpc.ControlStub(grpc.insecure_channel(address))
     for bad in (control_pb2.SubmitJobRequest(spec=b"\xc1", data=b"", steps=1),
-                control_pb2.SubmitJobRequest(spec=serde.pack({"job_id": "x", "adapter": {"kind": "zz"}}), data=b"", steps=1),
-                control_pb2.SubmitJobRequest(spec=serde.pack({"job_id": "x"}), data=serde.pack({"examples": [{}]}), steps=1),
-                control_pb2.SubmitJobRequest(spec=serde.pack({"job_id": "x"}), data=serde.pack({"examples": [{"input_ids": [1e300]}]}), steps=1)):
+                control_pb2.SubmitJobRequest(spec=serde.pack({"job_id": "x", "adapter": {"kind": "zz"}}), data=b"",
+                                             steps=1),
+                control_pb2.SubmitJobRequest(spec=serde.pack({"job_id": "x"}), data=serde.pack({"examples": [{}]}),
+                                             steps=1),
+                control_pb2.SubmitJobRequest(spec=serde.pack({"job_id": "x"}),
+                                             data=serde.pack({"examples": [{"input_ids": [1e300]}]}), steps=1)):
         with pytest.raises(grpc.RpcError) as e:
             control.SubmitJob(bad, timeout=10)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
@@ -155,10 +161,10 @@ def test_hostile_sequences_leave_the_server_and_the_honest_job_intact(live):
     grown = _rss_kib() - start_rss
     print(f"fuzz: {EXAMPLES} hostile sequences; server RSS grew {grown / 1024:.1f} MiB")
     assert grown < 200 * 1024  # KiB
-    from colaflow.export import load
-
     import tempfile
     from pathlib import Path
+
+    from colaflow.export import load
 
     with tempfile.TemporaryDirectory() as tmp:
         _, adapters = load(client.export("honest", Path(tmp) / "e"))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import PeftReference, batch_stream, random_batch, rel_err
 
 from colaflow import AdamW, JobSpec, LowRank, Trainer
-from colaflow.host import Host
+from colaflow.engine.host import Host
 from colaflow.models import tiny
-from conftest import PeftReference, batch_stream, random_batch, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -10,21 +10,20 @@ import sys
 
 import pytest
 import torch
-
-from colaflow import MLP, AdamW, JobSpec, LowRank, Scheduler, Update, Worker
-from colaflow.checkpoint import Checkpoints
-from colaflow.codec import Encoded, decode
-from colaflow.errors import ResourceExhausted
-from colaflow.framing import Payload, Reassembler
-from colaflow.host import Host
-from colaflow.models import tiny
-from colaflow.protocol import Packets
-from colaflow.store import MemoryStore
-from colaflow.v1 import worker_pb2
-from procs import examples
-from sim import Clock, Toy, final_params, reference, toy_loss
 from test_scheduler import SPEC, Rig
 
+from colaflow import MLP, AdamW, JobSpec, LowRank, Scheduler, Update, Worker
+from colaflow.control.checkpoints import Checkpoints
+from colaflow.control.protocol import Packets
+from colaflow.control.store import MemoryStore
+from colaflow.engine.host import Host
+from colaflow.errors import ResourceExhausted
+from colaflow.models import tiny
+from colaflow.v1 import worker_pb2
+from colaflow.wire.codec import Encoded, decode
+from colaflow.wire.framing import Payload, Reassembler
+from procs import examples
+from sim import Clock, Toy, final_params, reference, toy_loss
 
 # identity and tenancy
 
@@ -56,13 +55,13 @@ def test_a_tenant_sees_and_acts_on_its_own_jobs_only():
     data = {"examples": examples(96, 8, 0), "batch_size": 4}
     c.submit(JobSpec("a-job", LowRank(r=2)), data, steps=2, tenant="acme")
     c.submit(JobSpec("b-job", LowRank(r=2)), data, steps=2, tenant="globex")
-    assert [s.job for s in c.statuses("acme")] == ["a-job"]
-    assert {s.job for s in c.statuses(None)} == {"a-job", "b-job"}  # admin sees all
-    for act in (lambda: c.status("b-job", "acme"), lambda: c.cancel("b-job", "acme"),
-                lambda: c.export("b-job", "acme"), lambda: c.metrics("b-job", 0, 0.0, "acme")):
+    assert [s.job for s in c.scheduler.statuses("acme")] == ["a-job"]
+    assert {s.job for s in c.scheduler.statuses(None)} == {"a-job", "b-job"}  # admin sees all
+    for act in (lambda: c.scheduler.status("b-job", "acme"), lambda: c.scheduler.cancel("b-job", "cancelled", "acme"),
+                lambda: c.scheduler.weights("b-job", "last", "acme"), lambda: c.scheduler.metrics("b-job", 0, "acme")):
         with pytest.raises(KeyError, match="unknown job 'b-job'"):  # as if it did not exist
             act()
-    assert c.status("b-job").state == "waiting"  # untouched
+    assert c.scheduler.status("b-job").state == "waiting"  # untouched
     assert c.health("acme").jobs == 1 and c.health(None).jobs == 2
 
 
@@ -138,7 +137,7 @@ def test_overflowing_shapes_are_invalid_not_internal():
 
 
 def test_an_update_frame_is_bounded_by_what_the_jobs_adapters_need():
-    from colaflow import serde
+    from colaflow.wire import serde
 
     s = Scheduler()
     s.add_job(SPEC, [*Host(Toy(), toy_loss).add_job(SPEC)])
@@ -146,7 +145,7 @@ def test_an_update_frame_is_bounded_by_what_the_jobs_adapters_need():
     assert budget < 2 << 20  # the toy job's adapters are tiny: a few KiB, plus 1 MiB of room
     inbox = serde.Inbox("server", max_bytes=budget)
     big = worker_pb2.WorkerMessage(update=worker_pb2.Chunk(seq=1, index=0, count=64, payload_bytes=200 << 20))
-    from colaflow.framing import frame_message
+    from colaflow.wire.framing import frame_message
 
     with pytest.raises(ValueError, match="exceeds this stream's"):
         inbox.feed(frame_message(big))
@@ -200,7 +199,7 @@ def test_a_full_state_dir_pauses_steps_says_so_and_resumes_exactly(caplog):
 
 
 def test_a_corrupt_checkpoint_is_set_aside_and_the_server_state_takes_over(tmp_path, caplog):
-    from colaflow.protocol import Assign, SiteStart
+    from colaflow.control.protocol import Assign, SiteStart
     from colaflow.sites import Site
 
     site = Site("l1", "linear", 4, 6)
@@ -288,13 +287,13 @@ def test_a_tenant_holds_at_most_its_share_of_live_jobs():
     with pytest.raises(ResourceExhausted, match="tenant 'acme' has 2 live jobs, the server's limit"):
         c.submit(JobSpec("a3", LowRank(r=2)), data, steps=4, tenant="acme")
     c.submit(JobSpec("b1", LowRank(r=2)), data, steps=4, tenant="globex")  # another tenant is not held up
-    c.cancel("a1")
+    c.scheduler.cancel("a1")
     c.submit(JobSpec("a3", LowRank(r=2)), data, steps=4, tenant="acme")  # an ended job frees its place
 
 
 def test_an_optimizer_no_worker_can_build_is_refused_and_a_worker_refuses_one_it_cannot():
     """A schedule that is not a map once passed the server and broke every worker's stream in a loop."""
-    from colaflow.protocol import Refusal
+    from colaflow.control.protocol import Refusal
 
     with pytest.raises(ValueError, match="`schedule` must be a map"):
         AdamW(lr=1e-3, schedule=[1, 2])
@@ -305,7 +304,7 @@ def test_an_optimizer_no_worker_can_build_is_refused_and_a_worker_refuses_one_it
     object.__setattr__(bad.optimizer, "schedule", [1, 2])  # past the checks, as a peer of another version might
     with pytest.raises(ValueError, match="its optimizer cannot be built"):
         rig.sched.add_job(bad, rig.host.add_job(bad), 4)
-    from colaflow.protocol import Assign, SiteStart
+    from colaflow.control.protocol import Assign, SiteStart
 
     out = rig.worker.handle(Assign("bad", bad, [SiteStart(next(iter(rig.host.jobs["bad"].sites.values())), None)]))
     assert len(out) == 1 and isinstance(out[0], Refusal) and "cannot build its learner" in out[0].reason

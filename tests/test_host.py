@@ -5,12 +5,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from colaflow import AdamW, JobSpec, Linear, LowRank, MLP, Trainer
-from colaflow.merge import merged
-from colaflow.models import tiny
-from colaflow.host import Host
 from conftest import batch_stream, random_batch, rel_err
+
+from colaflow import MLP, AdamW, JobSpec, Linear, LowRank, Trainer
+from colaflow.adapters.merge import merged
+from colaflow.engine.host import Host
+from colaflow.models import tiny
 
 
 def test_server_step_computes_no_parameter_gradient():
@@ -208,7 +208,7 @@ def test_packets_stream_out_of_the_backward_top_layer_first():
 
 
 def test_micro_batches_keep_jobs_whole():
-    from colaflow.mixed import micro_batches
+    from colaflow.engine.mixed import micro_batches
 
     parts = micro_batches(["a", "b", "a", "c", "c", "d"], 3)
     assert [p.tolist() for p in parts] == [[0, 1, 2], [3, 4, 5]]  # a+b, c+d: never a job split
@@ -222,7 +222,7 @@ def test_micro_batches_keep_jobs_whole():
 def test_mixed_step_is_the_same_in_any_micro_batches_and_with_stacked_adapters(family, alphas, monkeypatch):
     """Micro-batches of whole jobs and the stacked LoRA call change no job's loss or packets
     (beyond float rounding) against each job stepping alone."""
-    import colaflow.host as host_module
+    import colaflow.engine.hooks as host_module  # the site hooks stack LoRA adapters
 
     specs = [JobSpec(f"j{k}", LowRank(r=4, alpha=4 * (k + 1) if alphas == "differ" else 8), seed=k) for k in range(4)]
     batch = random_batch(96, 4, 10, 0, ragged=False) | {"jobs": [s.job_id for s in specs]}
@@ -252,7 +252,7 @@ def test_mixed_step_is_the_same_in_any_micro_batches_and_with_stacked_adapters(f
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_fused_head_loss_equals_autograd_and_keeps_no_logits(family):
-    """The loss fused with the head (colaflow.lmhead) gives autograd's losses and packets, and the
+    """The loss fused with the head (colaflow.engine.lmhead) gives autograd's losses and packets, and the
     step saves no (B, T, V) tensor for its backward (the unfused step does)."""
     batch = random_batch(96, 3, 10, 0) | {"jobs": ["a", "a", "b"]}
     vocab, biggest = 100, {}  # not a multiple of the hidden size: no weight has this last dim
@@ -283,7 +283,7 @@ def test_fused_head_loss_equals_autograd_and_keeps_no_logits(family):
 
 def test_a_model_that_changes_its_logits_after_the_head_is_not_fused():
     """Soft-capping, scaling or anything after the head: the step falls back to autograd's loss."""
-    from colaflow.lmhead import head_of
+    from colaflow.engine.lmhead import head_of
 
     class Scaled(torch.nn.Module):  # logits * 2 after the head
         def __init__(self):
@@ -346,7 +346,7 @@ def test_a_mixed_batch_never_splits_a_sequence_first_site_along_its_tokens():
     square = random_batch(50, 4, 4, 0, ragged=False)
     with pytest.raises(ValueError, match="step its jobs alone"):
         host.step(square | {"jobs": ["a", "a", "b", "b"]})
-    assert host._layout == {"proj": None}  # the one-row probe saw (T, 1, H)
+    assert host.layout.seen == {"proj": None}  # the one-row probe saw (T, 1, H)
     for batch in (random_batch(50, 4, 5, 1, ragged=False), square):
         with pytest.raises(ValueError, match="step its jobs alone"):
             host.step(batch | {"jobs": ["a", "a", "b", "b"]})
@@ -372,7 +372,7 @@ def test_a_mixed_batch_never_splits_tokens_routed_to_an_expert_even_as_many_as_r
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     with pytest.raises(ValueError, match="step its jobs alone"):
         host.step(batch | {"jobs": ["a", "a", "b", "b"]})
-    assert host._layout == {"expert": None}
+    assert host.layout.seen == {"expert": None}
 
 
 @pytest.mark.parametrize("family,targets", [("llama", None), ("llama", ["up_proj", "down_proj", "k_proj"]),
@@ -395,7 +395,7 @@ def test_a_square_mixed_batch_of_a_batch_first_model_equals_its_jobs_alone(famil
         return host, host.step(sub)
 
     host, mixed = run(["a", "a", "b", "b"])
-    assert host._layout.keys() == host._hooks.keys() and all(host._layout.values())
+    assert host.layout.seen.keys() == host._hooks.keys() and all(host.layout.seen.values())
     for job, rows in (("a", ["a", "a", None, None]), ("b", [None, None, "b", "b"])):
         _, alone = run(rows)
         assert abs(mixed.losses[job] - alone.losses[job]) <= 1e-5 * alone.losses[job]
@@ -486,7 +486,7 @@ def test_the_paths_with_host_side_pieces_run_on_the_models_device(device):
     import copy
 
     from colaflow import SmallLM
-    from colaflow.merge import merged
+    from colaflow.adapters.merge import merged
 
     model = tiny("llama").to(device)
     host = Host(model)
@@ -513,7 +513,7 @@ def test_a_step_keeps_nothing_of_itself():
     import gc
 
     from colaflow import Trainer
-    from colaflow.host import _Ctx
+    from colaflow.engine.hosted import StepContext
 
     trainer = Trainer(tiny("llama"), [JobSpec("a", LowRank(r=2))])
     batch = random_batch(96, 4, 16, 0)
@@ -521,7 +521,7 @@ def test_a_step_keeps_nothing_of_itself():
     def live() -> tuple[int, int]:
         gc.collect()
         objs = gc.get_objects()
-        return sum(isinstance(o, _Ctx) for o in objs), sum(isinstance(o, torch.Tensor) for o in objs)
+        return sum(isinstance(o, StepContext) for o in objs), sum(isinstance(o, torch.Tensor) for o in objs)
     for _ in range(5):
         trainer.step({"a": batch})
     ctxs, tensors = live()

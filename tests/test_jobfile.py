@@ -5,13 +5,13 @@ import re
 
 import pytest
 import torch
+from conftest import rel_err
 
 import colaflow
 from colaflow import SGD, AdamW, LowRank, Session
-from colaflow.client import JobInfo
 from colaflow.errors import InvalidArgument
 from colaflow.export import load
-from conftest import rel_err
+from colaflow.wire.client import JobInfo
 from procs import examples
 
 ROWS = examples(96, 6, seed=5)
@@ -27,7 +27,8 @@ def test_a_job_file_maps_onto_session_submit(tmp_path):
     f = tmp_path / "sub" / "job.yaml"
     f.write_text("id: yaml-job\nsteps: 3\nbatch_size: 2\ntargets: [q_proj]\nstaleness: 1\n"
                  "adapter: {kind: lowrank, r: 4, alpha: 16}\n"
-                 "optimizer: {kind: adamw, lr: 1e-2, betas: [0.8, 0.9], schedule: {kind: linear, warmup: 1, total: 3}}\n"
+                 "optimizer: {kind: adamw, lr: 1e-2, betas: [0.8, 0.9],\n"
+                 "            schedule: {kind: linear, warmup: 1, total: 3}}\n"
                  "data: rows.jsonl\ninit: ../exported\n")
     kw = colaflow.load_job(f)
     assert kw["job_id"] == "yaml-job" and kw["steps"] == 3 and kw["targets"] == ["q_proj"] and kw["staleness"] == 1
@@ -115,7 +116,8 @@ def test_status_is_plain_and_metrics_say_how_the_job_ended(capsys):
         assert status["workers"] == []  # an ended job's sites are released
         info = JobInfo(**{k: status[k] for k in ("job", "state", "step", "steps", "loss", "error", "max_staleness")},
                        workers=["edge1"], versions={"model.layers.0.self_attn.q_proj": 4})
-        assert repr(info) == f"JobInfo(job='readable', state='done', step=4/4, loss={status['loss']:.4f}, workers=['edge1'])"
+        assert repr(info) == (f"JobInfo(job='readable', state='done', step=4/4, loss={status['loss']:.4f}, "
+                              "workers=['edge1'])")
         other = s.submit(ROWS, steps=5, batch_size=2, adapter=LowRank(r=2), job_id="stopped")
         other.cancel()
         m = other.metrics()
@@ -125,17 +127,19 @@ def test_status_is_plain_and_metrics_say_how_the_job_ended(capsys):
 def test_a_restarted_server_keeps_a_jobs_starting_weights(tmp_path):
     """`init` is stored with the job: after a restart, version 0 is still the export's, not the seeded init."""
     from colaflow import JobSpec, Scheduler
-    from colaflow.host import Host
+    from colaflow.control.store import MemoryStore
+    from colaflow.engine.host import Host
     from colaflow.models import tiny
-    from colaflow.store import MemoryStore
 
     spec = JobSpec("kept", LowRank(r=2))
     sites = Host(tiny("llama")).add_job(spec)
-    init = {s.name: {"A": torch.full((2, s.in_features), 0.5), "B": torch.full((s.out_features, 2), 0.25)} for s in sites}
+    init = {s.name: {"A": torch.full((2, s.in_features), 0.5),
+                     "B": torch.full((s.out_features, 2), 0.25)} for s in sites}
     store = MemoryStore()
     Scheduler(store).add_job(spec, sites, steps=3, init=init)
     restored = Scheduler(store)
-    for name, adapter in restored.adapters("kept").items():
-        assert torch.equal(adapter.A, init[name]["A"]) and torch.equal(adapter.B, init[name]["B"])
+    for name, params in restored.weights("kept").params.items():
+        assert torch.equal(params["A"], init[name]["A"]) and torch.equal(params["B"], init[name]["B"])
     with pytest.raises(ValueError, match="parameter `A` has shape"):
-        Scheduler().add_job(spec, sites, steps=3, init={n: {"A": torch.zeros(3, 3), "B": p["B"]} for n, p in init.items()})
+        Scheduler().add_job(spec, sites, steps=3,
+                            init={n: {"A": torch.zeros(3, 3), "B": p["B"]} for n, p in init.items()})

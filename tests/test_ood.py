@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from colaflow.ood import Mahalanobis, auroc, energy, fpr_at_95, msp
-from colaflow.tasks.intents import INTENTS, OOD_INTENTS, make_intents
+from colaflow.studies.ood import Mahalanobis, auroc, energy, fpr_at_95, msp
+from colaflow.studies.tasks.intents import INTENTS, OOD_INTENTS, make_intents
 
 
 def brute_auroc(a: list[float], b: list[float]) -> float:

@@ -27,7 +27,8 @@ def test_non_editable_install_imports(tmp_path):
 def test_console_script_help():
     out = subprocess.run([str(Path(sys.executable).parent / "colaflow"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout and "bench" in out.stdout
-    bad = subprocess.run([str(Path(sys.executable).parent / "colaflow"), "bench", "nope"], capture_output=True, text=True)
+    bad = subprocess.run([str(Path(sys.executable).parent / "colaflow"), "bench", "nope"], capture_output=True,
+                         text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_session import adapters_of, in_process, train
 
 from colaflow import Session
-from test_session import adapters_of, in_process, train
 
 ray = pytest.importorskip("ray", reason="the `ray` extra (installed by `make test`)")
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_cluster_files_pass_rays_validator_and_a_broken_one_fails(name):
 
 def test_without_ray_everything_else_imports_and_colaflow_ray_says_how_to_install():
     code = ("import sys; sys.modules['ray'] = None\n"
-            "import colaflow, colaflow.session, colaflow.client, colaflow.trainer\n"
+            "import colaflow, colaflow.session, colaflow.client, colaflow.control.trainer\n"
             "try:\n    import colaflow.ray\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

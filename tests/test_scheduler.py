@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from colaflow import AdamW, JobSpec, LowRank, Scheduler, Update, Worker
-from colaflow.data import collate
-from colaflow.host import Host
-from colaflow.protocol import Ack, Assign, Refusal, Revoke
-from colaflow.store import MemoryStore
+from colaflow.control.protocol import Ack, Assign, Refusal, Revoke
+from colaflow.control.store import MemoryStore
+from colaflow.data.batches import collate
+from colaflow.engine.host import Host
 from sim import Clock, Toy, final_params, reference, toy_batches, toy_loss
 
 SPEC = JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1", "l2"])
@@ -37,10 +37,10 @@ class Rig:
         return stream
 
     def step(self) -> int:
-        plan = self.sched.begin(self.spec.job_id)
+        plan = self.sched.begin(self.spec.job_id, held=self.host.versions(self.spec.job_id))
         for u in plan.apply:
             self.host.apply(u)
-        result = self.host.step(collate([(plan.job, self.batches[plan.step])]))
+        result = self.host.step(collate([(plan.job, self.batches[plan.step])]), steps={plan.job: plan.step})
         self.sched.finish(plan, result.packets, result.losses[plan.job], result.tokens[plan.job])
         return plan.need
 
@@ -266,7 +266,7 @@ def test_a_refusal_fails_only_its_job_with_the_reason():
 
 @pytest.mark.parametrize("kind", ["memory", "dir"])
 def test_restart_from_the_store_resumes_at_the_first_step_not_covered(kind, tmp_path):
-    from colaflow.server.store import DirStore
+    from colaflow.server.dirstore import DirStore
 
     store = MemoryStore() if kind == "memory" else DirStore(tmp_path)
     rig = Rig(JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1", "l2"], staleness=1,
@@ -297,7 +297,7 @@ def test_restart_from_the_store_resumes_at_the_first_step_not_covered(kind, tmp_
 
 def test_a_torn_metrics_line_loses_only_itself(tmp_path):
     """A crash or a full disk mid-append tears the last row; the rows appended after it stay readable."""
-    from colaflow.server.store import DirStore
+    from colaflow.server.dirstore import DirStore
 
     store = DirStore(tmp_path)
     (tmp_path / "j").mkdir()
@@ -305,7 +305,7 @@ def test_a_torn_metrics_line_loses_only_itself(tmp_path):
     with open(tmp_path / "j" / "metrics.jsonl", "ab") as f:
         f.write(b'{"step": 1, "lo')
     store.save_metrics("j", [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}])
-    from colaflow.server.store import _load_metrics
+    from colaflow.server.dirstore import _load_metrics
 
     assert [r["step"] for r in _load_metrics(tmp_path / "j" / "metrics.jsonl")] == [0, 1, 2]
 
@@ -346,8 +346,8 @@ def test_done_jobs_keep_only_their_final_version_and_tell_the_driver():
     job = rig.sched.job("j")
     assert job.state == "done" and rig.sched.take_ended() == ["j"]
     assert all(list(r.versions) == [3] and not r.retained and r.owner is None for r in job.sites.values())
-    adapters = rig.sched.adapters("j")
-    assert torch.equal(adapters["l1"].A, rig.worker.learners[("j", "l1")].adapter.A)
+    params = rig.sched.weights("j").params
+    assert torch.equal(params["l1"]["A"], rig.worker.learners[("j", "l1")].adapter.A)
 
 
 def test_the_trainer_can_flush_mid_run_and_go_on():

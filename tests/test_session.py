@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from colaflow import AdamW, LowRank, Session
-from colaflow.errors import InvalidArgument, JobFailed, NoWorkers, NotFound, Unauthenticated
+from colaflow.errors import InvalidArgument, JobFailed, NotFound, NoWorkers, Unauthenticated
 from colaflow.export import load
 from procs import examples, start_edge, start_server, stop, wait_workers
 
@@ -118,7 +118,8 @@ def test_in_process_failures_are_colaflows_own_too(tmp_path):
         assert a.id != b.id  # default ids do not collide within a second
         bad = examples(96, 8, seed=0)
         bad[3]["input_ids"][0] = 10_000  # beyond the vocabulary: refused at submit, as a server does
-        with pytest.raises(InvalidArgument, match=r"`data.examples\[3\]` holds token id 10000; the model's vocabulary is 0..95"):
+        with pytest.raises(InvalidArgument,
+                           match=r"`data.examples\[3\]` holds token id 10000; the model's vocabulary is 0..95"):
             session.submit(bad, steps=3, batch_size=8)
         unlabelled = [e | {"labels": [-100] * len(e["labels"])} for e in examples(96, 8, seed=0)]
         job = session.submit(unlabelled, steps=3, batch_size=8)

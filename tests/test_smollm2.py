@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rel_err
 
 from colaflow import AdamW, JobSpec, LowRank, Trainer
 from colaflow.data import batches
 from colaflow.models import load
-from colaflow.tasks.knowledge import make_facts, train_examples
-from conftest import rel_err
+from colaflow.studies.tasks.knowledge import make_facts, train_examples
 
 pytestmark = pytest.mark.slow
 

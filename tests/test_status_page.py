@@ -17,7 +17,6 @@ import time
 import urllib.error
 import urllib.request
 from html.parser import HTMLParser
-from pathlib import Path
 
 import grpc
 import pytest
@@ -26,10 +25,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from colaflow import JobSpec, LowRank
-from colaflow.client import Client
-from colaflow.host import Host
+from colaflow.control.protocol import Hello
+from colaflow.engine.host import Host
 from colaflow.models import tiny
-from colaflow.protocol import Hello
+from colaflow.wire.client import Client
 from procs import examples, start_edge, start_server, stop, wait_done
 
 TOKENS = {"admin": "admin-token-0000000000", "acme": "acme-control-token-00", "globex": "globex-control-token-0",
@@ -264,10 +263,11 @@ def test_grpc_health_and_reflection_answer_without_a_token(served):
 
 
 def test_grpc_health_says_not_serving_while_the_state_dir_fails_and_serving_again():
+    from test_hardening import FlakyStore
+
     from colaflow.server.auth import Tokens
     from colaflow.server.coordinator import Coordinator
     from colaflow.server.service import make_server
-    from test_hardening import FlakyStore
 
     store = FlakyStore()
     c = Coordinator(Host(tiny("llama")), store=store)
@@ -326,14 +326,16 @@ def test_workers_view_shows_assignment_health_and_a_tenant_only_its_sites():
     data = {"examples": examples(96, 8, 0), "batch_size": 4}
     c.submit(JobSpec("a-job", LowRank(r=2)), data, steps=2, tenant="acme")
     c.submit(JobSpec("b-job", LowRank(r=2)), data, steps=2, tenant="globex")
-    stream = c.connect("w1", c.register("w1", {}, "cred"), Hello())
-    c.sent("a-job", 1000, "w1")
-    [w] = c.workers_view()
+    stream = c.scheduler.connect("w1", c.scheduler.register("w1", {}, "cred"), Hello())
+    c.scheduler.heard("w1")  # as the Work stream says of every frame
+    c.scheduler.count_bytes("a-job", "w1", sent=1000)
+    [w] = c.scheduler.workers_view()
     assert w["worker"] == "w1" and w["state"] == "connected" and 0 <= w["last_seen_s"] < 5
     assert {j: len(s) for j, s in w["sites"].items()} == {"a-job": 4, "b-job": 4}  # tiny llama: 2 layers x q, v
     assert w["bytes_out"] == 1000 and w["bytes_in"] == 0 and w["fits_per_s"] == 0.0
-    c.worker_status("w1", stream, "disk full")
-    assert c.workers_view()[0]["state"] == "unhealthy" and c.workers_view()[0]["detail"] == "disk full"
+    c.scheduler.worker_status("w1", stream, "disk full")
+    [w] = c.scheduler.workers_view()
+    assert w["state"] == "unhealthy" and w["detail"] == "disk full"
 
     page = StatusServer(c, Tokens(None))
     try:
@@ -342,8 +344,8 @@ def test_workers_view_shows_assignment_health_and_a_tenant_only_its_sites():
         assert page.workers(None)["workers"][0]["bytes_out"] == 1000
     finally:
         page.stop()
-    c.disconnect("w1", stream)
-    assert c.workers_view()[0]["state"] == "disconnected"
+    c.scheduler.disconnect("w1", stream)
+    assert c.scheduler.workers_view()[0]["state"] == "disconnected"
 
 
 # TensorBoard
@@ -375,10 +377,11 @@ def test_tensorboard_without_the_package_stops_the_server_at_start_saying_what_t
 def test_under_tls_the_page_is_https_only_and_its_cookie_secure(tmp_path):
     import ssl
 
+    from test_wire_security import _certs
+
     from colaflow.server.auth import Tokens
     from colaflow.server.coordinator import Coordinator
     from colaflow.server.status import StatusServer
-    from test_wire_security import _certs
 
     certs = _certs(tmp_path)
     c = Coordinator(Host(tiny("llama")))

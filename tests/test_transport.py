@@ -6,13 +6,13 @@ import time
 
 import pytest
 import torch
+from conftest import rel_err
 
 from colaflow import SGD, AdamW, JobSpec, LowRank, Trainer
-from colaflow.client import Client
+from colaflow.data.batches import from_map
 from colaflow.export import load
 from colaflow.models import tiny
-from colaflow.data import from_map
-from conftest import rel_err
+from colaflow.wire.client import Client
 from procs import examples, start_edge, start_server, stop, wait_done, wait_workers
 
 STEPS = 12
@@ -30,7 +30,8 @@ def reference(spec: JobSpec, ex: list[dict], steps: int, batch_size: int = 4) ->
         trainer.flush()
     finally:
         torch.set_num_threads(threads)
-    return {s: {n: p.detach().clone() for n, p in a.named_parameters()} for s, a in trainer.adapters(spec.job_id).items()}
+    return {s: {n: p.detach().clone() for n, p in a.named_parameters()}
+            for s, a in trainer.adapters(spec.job_id).items()}
 
 
 def exported(client: Client, job: str, tmp) -> dict:
@@ -78,8 +79,8 @@ def test_grpc_run_equals_in_process(cluster, tmp_path):
 
 def test_lossy_codecs_stay_within_their_bound(cluster, tmp_path):
     """Lossy x/g codecs perturb each gradient by well under 1% (bf16 ~0.2%, int8 ~0.6%: see
-    test_codec.py; int4 rounds stochastically: unbiased, but ~10% per element, so ~30% here). With SGD, whose step is linear in
-    the gradient, the adapters after 12 steps stay within `bound` relative of the lossless run.
+    test_codec.py; int4 rounds stochastically: unbiased, but ~10% per element, so ~30% here). With SGD,
+    whose step is linear in the gradient, the adapters after 12 steps stay within `bound` relative of the lossless run.
     (AdamW divides by sqrt(v) and amplifies noise on near-zero components, so its trajectories
     drift further.) The in-process run with the same codec is the gRPC run bit for bit: in-process
     delivery applies the wire's codecs, and int4's rounding noise is seeded by the tensor itself."""
@@ -241,12 +242,13 @@ def test_packets_that_cannot_be_encoded_fail_their_job_instead_of_looping(monkey
     encoder can be made to fail (no real input makes it fail)."""
     import threading
 
-    from colaflow import Worker, codec
-    from colaflow.host import Host
-    from colaflow.link import WorkerLink
+    from colaflow import Worker
+    from colaflow.engine.host import Host
     from colaflow.server.auth import Tokens
     from colaflow.server.coordinator import Coordinator
     from colaflow.server.service import make_server
+    from colaflow.wire import codec
+    from colaflow.wire.link import WorkerLink
 
     real, faults = codec.encode_as, {"int8": 10**9, "int4": 1, "fp16": 1}  # int8 always fails, int4 once
 
@@ -254,7 +256,7 @@ def test_packets_that_cannot_be_encoded_fail_their_job_instead_of_looping(monkey
         if faults.get(name, 0) > 0:
             faults[name] -= 1
             if name == "fp16":  # its job is cancelled before it is tried again
-                coordinator.cancel("gone")
+                coordinator.scheduler.cancel("gone")
             raise (RuntimeError if name == "int8" else MemoryError)("encoder fault")
         return real(t, name, *a, **k)
     monkeypatch.setattr(codec, "encode_as", encode_as)

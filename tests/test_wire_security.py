@@ -9,16 +9,17 @@ import time
 import grpc
 import pytest
 import torch
-
-from colaflow import AdamW, JobSpec, LowRank, Update, serde
-from colaflow.client import Client
-from colaflow.errors import PermissionDenied, Unavailable
-from colaflow.framing import frame_message, to_chunks
-from colaflow.protocol import Ack, Assign, Revoke
-from colaflow.v1 import worker_pb2, worker_pb2_grpc
-from colaflow.wire import work_call
-from procs import examples, start_edge, start_server, stop, wait_done, wait_workers
 from test_transport import exported, max_err, reference
+
+from colaflow import AdamW, JobSpec, LowRank, Update
+from colaflow.control.protocol import Ack, Assign, Revoke
+from colaflow.errors import PermissionDenied, Unavailable
+from colaflow.v1 import worker_pb2, worker_pb2_grpc
+from colaflow.wire import serde
+from colaflow.wire.channel import work_call
+from colaflow.wire.client import Client
+from colaflow.wire.framing import frame_message, to_chunks
+from procs import examples, start_edge, start_server, stop, wait_done, wait_workers
 
 WORKER, CONTROL = "w" * 24, "c" * 24
 
@@ -45,7 +46,7 @@ class Rogue:
         self.out.put(frame_message(worker_pb2.WorkerMessage(**kw)))
 
     def next(self, cls: type, timeout: float = 20):
-        """The next message of type `cls` (colaflow.protocol), decoded as a worker decodes it."""
+        """The next message of type `cls` (colaflow.control.protocol), decoded as a worker decodes it."""
         end, inbox = time.time() + timeout, serde.Inbox("worker")
         for raw in self.responses:
             msg = inbox.feed(raw)
@@ -255,7 +256,7 @@ def test_many_held_worker_streams_leave_control_calls_fast(tenants):
 
 def test_an_idle_worker_hears_heartbeats_while_others_are_busy(secured):
     """Wake-ups meant for busy workers must not starve an idle one's heartbeats (its liveness signal)."""
-    from colaflow.serde import Heartbeat
+    from colaflow.wire.serde import Heartbeat
 
     client, address = secured
     idle = Rogue(address, worker_id="idle").open()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colaflow import SGD, AdamW, JobSpec, Learner, LowRank, MLP, Packet, Schedule, Update, Worker, serde
-from colaflow.checkpoint import Checkpoints, MemoryCheckpoints
-from colaflow.protocol import Ack, Assign, Packets, Refusal, SiteStart
+from colaflow import MLP, SGD, AdamW, JobSpec, Learner, LowRank, Packet, Schedule, Update, Worker
+from colaflow.control.checkpoints import Checkpoints, MemoryCheckpoints
+from colaflow.control.protocol import Ack, Assign, Packets, Refusal, SiteStart
 from colaflow.sites import Site
+from colaflow.wire import serde
 from sim import Clock
 
 SITE = Site("l1", "linear", 4, 6)
@@ -17,7 +18,8 @@ SPEC = JobSpec("j", LowRank(r=2), AdamW(lr=0.05, schedule=Schedule("linear", 2, 
 
 def packets(step: int, job: str = "j", seed: int | None = None) -> Packets:
     g = torch.Generator().manual_seed(step if seed is None else seed)
-    return Packets(job, step, [Packet(job, "l1", step, 0, torch.randn(5, 4, generator=g), torch.randn(5, 6, generator=g))])
+    return Packets(job, step, [Packet(job, "l1", step, 0, torch.randn(5, 4, generator=g),
+                                      torch.randn(5, 6, generator=g))])
 
 
 def assigned(worker: Worker, spec: JobSpec = SPEC) -> Worker:
@@ -69,7 +71,7 @@ def test_an_update_leaves_only_once_it_is_durable():
     clock.now += 60
     released = w.retry()
     assert [u.version for u in released] == [1, 2] and w.healthy and w.failure == ""
-    assert disk.jobs["j"]["l1"]["state"]["version"] == 2  # what left is on disk
+    assert disk.jobs["j"]["l1"]["state"]["meta"]["version"] == 2  # what left is on disk
     assert w.resend() == released  # not yet acknowledged
     w.handle(Ack("j", "l1", 1))
     assert [u.version for u in w.resend()] == [2]

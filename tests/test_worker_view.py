@@ -9,13 +9,13 @@ import time
 import torch
 
 from colaflow import AdamW, JobSpec, LowRank, Worker
-from colaflow.client import Client
-from colaflow.host import Host
-from colaflow.link import WorkerLink
+from colaflow.engine.host import Host
 from colaflow.models import tiny
 from colaflow.server.auth import Tokens
 from colaflow.server.coordinator import Coordinator
 from colaflow.server.service import make_server
+from colaflow.wire.client import Client
+from colaflow.wire.link import WorkerLink
 from procs import examples, wait_done
 
 
@@ -35,14 +35,14 @@ def test_workers_view_and_an_idle_worker_says_nothing(caplog):
         assert link.connected.wait(30)
         time.sleep(1.2)  # idle: several report periods pass
         assert "fits/s" not in caplog.text
-        (idle,) = coordinator.workers_view()
+        (idle,) = coordinator.scheduler.workers_view()
         assert idle["worker"] == "w1" and idle["state"] == "connected" and idle["sites"] == {}
         assert idle["fits_per_s"] == 0 and idle["last_seen_s"] < 3
 
         client.submit(JobSpec("viewed", LowRank(r=2), AdamW(lr=1e-2)), examples(96, 8, seed=2), steps=24, batch_size=4)
         while client.get("viewed").step < 10:
             time.sleep(0.05)
-        (busy,) = coordinator.workers_view()
+        (busy,) = coordinator.scheduler.workers_view()
         assert sorted(busy["sites"]) == ["viewed"] and len(busy["sites"]["viewed"]) == 4
         assert busy["fits_per_s"] > 0 and busy["bytes_in"] > 0 and busy["bytes_out"] > 0
         assert client.get("viewed").workers == ["w1"]

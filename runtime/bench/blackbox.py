@@ -5,7 +5,7 @@ v_proj + backward for the site gradients (packets to a sink). Black-box: the for
 and the top-k log-probs (k = 8, 64, or all: exact). Sides alternate; medians; peak memory of two
 steps in a fresh process each. Bytes per token: what a step's packets hold.
 
-Quality: the knowledge task (colaflow.tasks.knowledge), a short in-process run of a SmallLM per
+Quality: the knowledge task (colaflow.studies.tasks.knowledge), a short in-process run of a SmallLM per
 representation from the same start on the same batches; held-out loss of the combination on
 paraphrases never trained on (each under its own representation, and under the exact one) and
 greedy exact match. Last line: {"time_ratio_k8": black-box / ColA, ..., "heldout_k8": ...}
@@ -17,7 +17,17 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from .common import alternate, load_model, measure_in_subprocess, mem_side_main, mib, peak_during, report, synced, token_batch
+from .common import (
+    alternate,
+    load_model,
+    measure_in_subprocess,
+    mem_side_main,
+    mib,
+    peak_during,
+    report,
+    synced,
+    token_batch,
+)
 
 MODULE = "colaflow.bench.blackbox"
 ROWS, TOKENS = 8, 128
@@ -26,7 +36,7 @@ MODES = {"blackbox-k8": 8, "blackbox-k64": 64, "blackbox-exact": 0}
 
 def _host(model, side: str):
     from colaflow import JobSpec, LowRank, SmallLM
-    from colaflow.host import Host
+    from colaflow.engine.host import Host
 
     host = Host(model)
     if side == "cola":
@@ -58,11 +68,11 @@ def _sides(model, which: list[str], device: str = "cpu") -> tuple[dict, dict]:
 def _quality(model, tokenizer, steps: int, log, with_em: bool = True) -> dict:
     """Held-out loss and exact match of a SmallLM trained per representation (a short run)."""
     from colaflow import AdamW, JobSpec, SmallLM, Trainer
-    from colaflow.blackbox import OUTPUT, model_logprobs
+    from colaflow.adapters.smalllm import combined_logprobs, generate
+    from colaflow.adapters.topk import OUTPUT, model_logprobs
     from colaflow.data import batches
-    from colaflow.loss import IGNORE
-    from colaflow.smalllm import combined_logprobs, generate
-    from colaflow.tasks.knowledge import encode, eval_pairs, make_facts, prompt, train_examples
+    from colaflow.data.batches import IGNORE
+    from colaflow.studies.tasks.knowledge import encode, eval_pairs, make_facts, prompt, train_examples
 
     facts = make_facts(24, seed=0)
     train = train_examples(tokenizer, facts)
@@ -113,7 +123,7 @@ def _quality(model, tokenizer, steps: int, log, with_em: bool = True) -> dict:
 
 
 def _fresh(spec, small):
-    from colaflow.adapters import build_adapter
+    from colaflow.adapters.base import build_adapter
 
     return build_adapter(spec.adapter, small.site, seed=0).eval()
 
@@ -139,8 +149,10 @@ def main(args: argparse.Namespace) -> int:
     result = {}
     for side in MODES:
         tag = side.split("-")[1]
-        result |= {f"time_ratio_{tag}": round(t[side] / t["cola"], 3), f"mem_ratio_{tag}": round(mem[side] / mem["cola"], 3),
-                   f"bytes_per_token_{tag}": round(per_token[side]), f"heldout_{tag}": round(quality[side]["heldout"], 4),
+        result |= {f"time_ratio_{tag}": round(t[side] / t["cola"], 3),
+                   f"mem_ratio_{tag}": round(mem[side] / mem["cola"], 3),
+                   f"bytes_per_token_{tag}": round(per_token[side]),
+                   f"heldout_{tag}": round(quality[side]["heldout"], 4),
                    f"em_{tag}": quality[side]["em"]}
     result |= {"cola_ms": round(t["cola"] * 1000), "cola_bytes_per_token": round(per_token["cola"]),
                "heldout_base": round(quality["base"], 4)}

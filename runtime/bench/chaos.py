@@ -112,7 +112,8 @@ class Chaos:
     def _edge(self, name: str) -> subprocess.Popen:
         address = self.proxy.address if name == "e0" else f"127.0.0.1:{self.port}"  # e0 lives behind the flaky link
         log = open(self.work / f"edge-{name}.log", "a")
-        return subprocess.Popen([sys.executable, "-m", "colaflow.cli.main", "edge", "--server", address, "--threads", "1",
+        return subprocess.Popen([sys.executable, "-m", "colaflow.cli.main", "edge", "--server", address, "--threads",
+                                 "1",
                                  "--worker-id", name, "--state-dir", str(self.work / f"edge-{name}"),
                                  "--token-file", str(self.work / "worker.token")],
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -165,7 +166,7 @@ class Chaos:
 
 
 def _specs():
-    from colaflow import SGD, AdamW, JobSpec, LowRank, MLP
+    from colaflow import MLP, SGD, AdamW, JobSpec, LowRank
 
     return [("acme", JobSpec("acme-1", LowRank(r=4), AdamW(lr=1e-2))),
             ("acme", JobSpec("acme-2", LowRank(r=2), AdamW(lr=2e-2), staleness=1, fit_interval=2)),
@@ -175,21 +176,21 @@ def _specs():
 
 def _reference(spec, examples: list[dict], steps: int) -> dict:
     from colaflow import Trainer
-    from colaflow.data import from_map, to_map
+    from colaflow.data.batches import from_map, to_map
     from colaflow.models import tiny
 
     trainer = Trainer(tiny("llama"), [spec])
     batches = from_map(to_map(examples, 4, 0))
     for _ in range(steps):
         trainer.step({spec.job_id: next(batches)})
-    return {s: {n: p.detach().clone() for n, p in a.named_parameters()}
-            for s, a in trainer.scheduler.adapters(spec.job_id).items()}
+    return {s: {n: v.detach().clone() for n, v in ps.items()}
+            for s, ps in trainer.scheduler.weights(spec.job_id).params.items()}
 
 
 def main(args: argparse.Namespace) -> int:
-    from colaflow.client import Client
     from colaflow.errors import ColaflowError
     from colaflow.export import load
+    from colaflow.wire.client import Client
 
     torch.set_num_threads(1)
     steps, budget = 400, 600.0
@@ -235,9 +236,11 @@ def main(args: argparse.Namespace) -> int:
             completed += 1
             _, adapters = load(clients[tenant].export(spec.job_id, work / f"export-{spec.job_id}"))
             want = _reference(spec, examples, steps)
-            same = all(torch.equal(p.detach(), want[s][n]) for s, a in adapters.items() for n, p in a.named_parameters())
+            same = all(torch.equal(p.detach(), want[s][n])
+                       for s, a in adapters.items() for n, p in a.named_parameters())
             identical += same
-            print(f"  {spec.job_id}: done, adapters {'identical to' if same else 'DIFFERENT from'} the failure-free run")
+            verdict = "identical to" if same else "DIFFERENT from"
+            print(f"  {spec.job_id}: done, adapters {verdict} the failure-free run")
     finally:
         chaos.stop()
     out = {"faults": dict(chaos.faults), "faults_total": sum(chaos.faults.values()), "jobs": len(_specs()),

@@ -21,8 +21,8 @@ HIDDEN = 32
 
 
 def _wire_bytes(packets) -> int:
-    from colaflow import serde
-    from colaflow.protocol import Packets
+    from colaflow.control.protocol import Packets
+    from colaflow.wire import serde
 
     frame, parts = serde.packets_to_proto(Packets(packets[0].job, packets[0].step, packets))
     return frame.ByteSize() + sum(len(p) for p in parts)
@@ -31,7 +31,7 @@ def _wire_bytes(packets) -> int:
 def _train(model, adapter, targets, examples, steps: int) -> tuple[object, float, float]:
     """(trainer, bytes per step, seconds per step) of one in-process run."""
     from colaflow import AdamW, JobSpec, Schedule, Trainer
-    from colaflow.data import from_map, to_map
+    from colaflow.data.batches import from_map, to_map
 
     spec = JobSpec("main", adapter, AdamW(lr=LR, schedule=Schedule("linear", warmup=max(1, steps // 10), total=steps)),
                    target_modules=targets)
@@ -56,12 +56,13 @@ def main(args: argparse.Namespace) -> int:
     from colaflow import CoDA, LowRank
     from colaflow.export import attached
     from colaflow.models import load
-    from colaflow.tasks.knowledge import eval_pairs, exact_match, make_facts, train_examples
+    from colaflow.studies.tasks.knowledge import eval_pairs, exact_match, make_facts, train_examples
 
     steps = args.steps or STEPS
     model, tokenizer = load(args.model)
     facts = make_facts(FACTS, seed=0)
-    examples = [{k: v.tolist() for k, v in e.items() if k != "attention_mask"} for e in train_examples(tokenizer, facts)]
+    examples = [{k: v.tolist() for k, v in e.items() if k != "attention_mask"}
+                for e in train_examples(tokenizer, facts)]
     held_out = eval_pairs(facts, held_out=True)
     print(f"coda: {args.model}, {FACTS} invented facts, {steps} steps of {BATCH}, AdamW lr {LR}; held-out exact match "
           f"on {len(held_out)} paraphrases", flush=True)
@@ -73,7 +74,9 @@ def main(args: argparse.Namespace) -> int:
         trainer, per_step, seconds = _train(base, adapter, targets, examples, steps)
         with attached(copy.deepcopy(model), trainer.specs["main"], trainer.adapters("main")) as m:
             em = exact_match(m, tokenizer, held_out)
-        rows[name] = {"exact_match": round(100 * em, 1), "bytes_per_step": int(per_step), "s_per_step": round(seconds, 2)}
-        print(f"  {name:8s} exact match {100 * em:5.1f}%   {per_step / 1e6:7.2f} MB/step   {seconds:5.2f} s/step", flush=True)
+        rows[name] = {"exact_match": round(100 * em, 1), "bytes_per_step": int(per_step),
+                      "s_per_step": round(seconds, 2)}
+        print(f"  {name:8s} exact match {100 * em:5.1f}%   {per_step / 1e6:7.2f} MB/step   {seconds:5.2f} s/step",
+              flush=True)
     report(rows)
     return 0

@@ -1,6 +1,7 @@
 """Benchmark plumbing: alternating timed rounds, medians, and peak memory in a fresh process."""
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -8,7 +9,13 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
+
+import torch
+
+from ..learn.messages import Packet
+from ..models import load
+from ..wire.codec import encode
 
 
 def alternate(sides: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
@@ -39,8 +46,6 @@ def peak_during(fn: Callable[[], None], device: str = "cpu") -> int:
     allocated on a CUDA device."""
     gc.collect()
     if device.startswith("cuda"):
-        import torch
-
         dev = torch.device(device)  # `cuda:N`: that device's counters, not the current one's
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -76,16 +81,12 @@ def mib(n: float) -> str:
 
 def token_batch(vocab: int, rows: int, tokens: int, seed: int) -> dict:
     """Random full-length token rows with labels: a benchmark batch."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (rows, tokens), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
 def load_model(name: str, device: str = "cpu"):
-    from colaflow.models import load
-
     return load(name, verbose=False)[0].to(device)
 
 
@@ -93,7 +94,6 @@ def synced(fn: Callable[[], None], device: str) -> Callable[[], None]:
     """`fn`, then wait for the device: so a timed call includes its kernels."""
     if not device.startswith("cuda"):
         return fn
-    import torch
 
     def run() -> None:
         fn()
@@ -103,11 +103,33 @@ def synced(fn: Callable[[], None], device: str) -> Callable[[], None]:
 
 def mem_side_main(run_side: Callable[[str, str, str], None]) -> None:
     """The `python -m colaflow.bench.X --mem-side SIDE` entry that `measure_in_subprocess` starts."""
-    import argparse
-
     p = argparse.ArgumentParser()
     p.add_argument("--mem-side", required=True)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
     run_side(a.mem_side, a.model, a.device)
+
+
+# one step's packets of SmolLM2-135M's shape for one worker (q_proj and v_proj of 30 layers, 8 x 128
+# tokens, the shared input once): what the wire and state benches move
+
+LAYERS, TOKENS, HIDDEN, KV = 30, 8 * 128, 576, 192
+
+
+def step_packets(step: int = 0):
+    g = torch.Generator().manual_seed(step)
+    packets = []
+    for layer in range(LAYERS):
+        x = torch.randn(TOKENS, HIDDEN, generator=g)  # (N, 576): shared by q_proj and v_proj
+        pre = f"model.layers.{layer}.self_attn."
+        packets.append(Packet("bench", pre + "q_proj", step, 0, x, torch.randn(TOKENS, HIDDEN, generator=g) * 1e-4))
+        packets.append(Packet("bench", pre + "v_proj", step, 0, x, torch.randn(TOKENS, KV, generator=g) * 1e-4))
+    return packets
+
+
+def step_bytes(codec: str, dedup: bool) -> int:
+    """Encoded tensor bytes of one SmolLM2 step (q_proj, v_proj, 8 x 128 tokens)."""
+    x, gq, gv = torch.randn(TOKENS, HIDDEN), torch.randn(TOKENS, HIDDEN), torch.randn(TOKENS, KV)
+    per_layer = encode(x, codec).nbytes * (1 if dedup else 2) + encode(gq, codec).nbytes + encode(gv, codec).nbytes
+    return LAYERS * per_layer

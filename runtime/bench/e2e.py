@@ -32,9 +32,9 @@ def _spec():
 
 
 def _exact_match(model, tokenizer, adapters_dir: Path, held_out) -> float:
+    from colaflow.adapters.merge import merged
     from colaflow.export import load
-    from colaflow.merge import merged
-    from colaflow.tasks.knowledge import exact_match
+    from colaflow.studies.tasks.knowledge import exact_match
 
     _, adapters = load(adapters_dir)
     with merged(model, adapters):
@@ -52,12 +52,13 @@ def _run(session, examples, name: str, work: Path) -> tuple[float, Path, list[di
 def _peft(model, examples, held_out, tokenizer) -> tuple[float, float]:
     from peft import LoraConfig, get_peft_model
 
-    from colaflow.data import from_map, to_map
-    from colaflow.loss import causal_lm
-    from colaflow.optim import AdamW, Schedule
-    from colaflow.tasks.knowledge import exact_match
+    from colaflow.data.batches import from_map, to_map
+    from colaflow.engine.loss import causal_lm
+    from colaflow.learn.optim import AdamW, Schedule
+    from colaflow.studies.tasks.knowledge import exact_match
 
-    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["q_proj", "v_proj"]))
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=RANK, lora_alpha=2 * RANK,
+                                                         target_modules=["q_proj", "v_proj"]))
     _same_start(pm, model)
     opt, sched = AdamW(lr=LR, schedule=Schedule("linear", warmup=STEPS // 10, total=STEPS)).build(
         [p for p in pm.parameters() if p.requires_grad])
@@ -80,8 +81,8 @@ def _peft(model, examples, held_out, tokenizer) -> tuple[float, float]:
 def _same_start(pm, model) -> None:
     """PEFT's LoRA layers start where colaflow's seeded adapters do (a fair race, not two random draws)."""
     from colaflow import JobSpec, LowRank
-    from colaflow.adapters import build_adapter
-    from colaflow.gl import site_seed
+    from colaflow.adapters.base import build_adapter
+    from colaflow.learn.fit import site_seed
     from colaflow.sites import find_sites
 
     spec = JobSpec("e2e", LowRank(r=RANK, alpha=2 * RANK), target_modules=["q_proj", "v_proj"])
@@ -103,11 +104,12 @@ def main(args: argparse.Namespace) -> int:
     from colaflow import Session
     from colaflow.local import LocalCluster
     from colaflow.models import load
-    from colaflow.tasks.knowledge import eval_pairs, make_facts, train_examples
+    from colaflow.studies.tasks.knowledge import eval_pairs, make_facts, train_examples
 
     model, tokenizer = load(args.model)
     facts = make_facts(FACTS, seed=0)
-    examples = [{k: v.tolist() for k, v in e.items() if k != "attention_mask"} for e in train_examples(tokenizer, facts)]
+    examples = [{k: v.tolist() for k, v in e.items() if k != "attention_mask"}
+                for e in train_examples(tokenizer, facts)]
     held_out = eval_pairs(facts, held_out=True)
     work = Path(tempfile.mkdtemp(prefix="colaflow-e2e-"))
     print(f"e2e: {args.model}, {FACTS} invented facts ({len(examples)} questions), {STEPS} steps of {BATCH}, lowrank "
@@ -145,10 +147,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"  ray2           skipped: {e}")
     wall, em = _peft(model, examples, held_out, tokenizer)
     record("peft", wall, em)
-    out = {"grpc2_vs_inprocess": round(rows["grpc2"]["wall_s"] / rows["inprocess"]["wall_s"], 3) if "grpc2" in rows else None,
-           "ray2_vs_inprocess": round(rows["ray2"]["wall_s"] / rows["inprocess"]["wall_s"], 3) if "ray2" in rows else None,
+    def vs_inprocess(name: str) -> float | None:
+        return round(rows[name]["wall_s"] / rows["inprocess"]["wall_s"], 3) if name in rows else None
+    out = {"grpc2_vs_inprocess": vs_inprocess("grpc2"), "ray2_vs_inprocess": vs_inprocess("ray2"),
            "inprocess_vs_peft": round(rows["inprocess"]["wall_s"] / rows["peft"]["wall_s"], 3),
-           "eval_gap_vs_peft": round(rows["peft"]["exact_match"] - rows.get("grpc2", rows["inprocess"])["exact_match"], 1),
+           "eval_gap_vs_peft": round(rows["peft"]["exact_match"]
+                                     - rows.get("grpc2", rows["inprocess"])["exact_match"], 1),
            "runs": rows}
     report(out)
     return 0

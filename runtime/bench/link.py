@@ -13,9 +13,7 @@ is the codec with the fewest bytes whose exact match is within 1 point of raw.
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
-import time
 from pathlib import Path
 
 from .common import report
@@ -30,7 +28,7 @@ SHORT = 12  # steps of the timing-only runs (at most --steps)
 
 def _naive_fp32_bytes(model, examples, steps: int) -> float:
     """Bytes per step of a wire that sends every site's x and g in fp32, all tokens, no sharing."""
-    from colaflow.data import from_map, to_map
+    from colaflow.data.batches import from_map, to_map
     from colaflow.sites import find_sites
 
     width = sum(s.in_features + s.out_features for s in find_sites(model, _spec()["targets"]))
@@ -46,7 +44,8 @@ def _job(session, examples, name: str, steps: int, codec: str, staleness: int = 
     kw = _spec() | {"steps": steps}
     if steps != kw["optimizer"].schedule.total:  # a short run keeps the full run's schedule shape
         from colaflow import AdamW, Schedule
-        kw["optimizer"] = AdamW(lr=kw["optimizer"].lr, schedule=Schedule("linear", warmup=max(1, steps // 10), total=steps))
+        kw["optimizer"] = AdamW(lr=kw["optimizer"].lr,
+                                schedule=Schedule("linear", warmup=max(1, steps // 10), total=steps))
     cx, cg = CODECS[codec]
     job = session.submit(examples, job_id=name, codec_x=cx, codec_g=cg, staleness=staleness, **kw)
     job.wait(timeout=7200, progress=False)
@@ -59,18 +58,20 @@ def main(args: argparse.Namespace) -> int:
     from colaflow import Session
     from colaflow.local import LocalCluster
     from colaflow.models import load
-    from colaflow.tasks.knowledge import eval_pairs, make_facts, train_examples
+    from colaflow.studies.tasks.knowledge import eval_pairs, make_facts, train_examples
 
     model, tokenizer = load(args.model)
     facts = make_facts(FACTS, seed=0)
-    examples = [{k: v.tolist() for k, v in e.items() if k != "attention_mask"} for e in train_examples(tokenizer, facts)]
+    examples = [{k: v.tolist() for k, v in e.items() if k != "attention_mask"}
+                for e in train_examples(tokenizer, facts)]
     held_out = eval_pairs(facts, held_out=True)
     steps = args.steps or STEPS
     short = min(SHORT, steps)
     naive = _naive_fp32_bytes(model, examples, steps)
     work = Path(tempfile.mkdtemp(prefix="colaflow-link-"))
     codecs = args.codecs or list(CODECS)
-    print(f"link: {args.model} (server on {args.device}), 2 edge daemons behind a shaped link, {steps} steps of {BATCH} (timing runs: "
+    print(f"link: {args.model} (server on {args.device}), 2 edge daemons behind a shaped link, "
+          f"{steps} steps of {BATCH} (timing runs: "
           f"{short}); naive fp32 wire {naive / 2**20:.1f} MiB/step; {work}", flush=True)
     rows: dict[str, dict] = {}
 
@@ -118,7 +119,8 @@ def main(args: argparse.Namespace) -> int:
             show(f"100mbit {best} S=1", _job(s, examples, f"100m-{best}-s1", short, best, 1), None)
     d = rows[f"1gbit {best} S=0"]
     report({"default_codec": best, "bytes_vs_fp32": d["bytes_vs_fp32"],
-            "em_gap_vs_raw": round(rows["1gbit raw S=0"]["exact_match"] - d["exact_match"], 1) if "raw" in codecs else None,
+            "em_gap_vs_raw": (round(rows["1gbit raw S=0"]["exact_match"] - d["exact_match"], 1)
+                              if "raw" in codecs else None),
             "s0_vs_s1_time": round(d["s_per_step"] / rows[f"1gbit {best} S=1"]["s_per_step"], 3),
             "s0_vs_s1_time_no_layered": round(rows[f"1gbit {best} S=0 no-layered"]["s_per_step"]
                                               / rows[f"1gbit {best} S=1 no-layered"]["s_per_step"], 3),

@@ -29,10 +29,10 @@ def _round(n: int, seconds: float) -> dict:
     import torch
 
     from colaflow import AdamW, JobSpec, LowRank
-    from colaflow.client import Client
-    from colaflow.link import WorkerLink
+    from colaflow.control.worker import Worker
     from colaflow.local import start_server, stop
-    from colaflow.worker import Worker
+    from colaflow.wire.client import Client
+    from colaflow.wire.link import WorkerLink
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="colaflow-load-"))
@@ -52,7 +52,8 @@ def _round(n: int, seconds: float) -> dict:
         examples = [{"input_ids": torch.randint(1, 96, (12,), generator=g).tolist()} for _ in range(32)]
         jobs = [f"load-{j}" for j in range(max(1, n // 4))]
         for job in jobs:
-            client.submit(JobSpec(job, LowRank(r=2), AdamW(lr=1e-3), staleness=1), examples, steps=10 ** 6, batch_size=4)
+            client.submit(JobSpec(job, LowRank(r=2), AdamW(lr=1e-3), staleness=1), examples, steps=10 ** 6,
+                          batch_size=4)
         latencies: list[float] = []
         stop_sampling = threading.Event()
 

@@ -12,7 +12,17 @@ import copy
 
 import torch
 
-from .common import alternate, load_model, measure_in_subprocess, mem_side_main, mib, peak_during, report, synced, token_batch
+from .common import (
+    alternate,
+    load_model,
+    measure_in_subprocess,
+    mem_side_main,
+    mib,
+    peak_during,
+    report,
+    synced,
+    token_batch,
+)
 
 MODULE = "colaflow.bench.server_step"
 ROWS, TOKENS = 8, 128
@@ -24,7 +34,7 @@ def _batch(vocab: int, device: str) -> dict:
 
 def _sides(model, which: set[str], device: str = "cpu") -> dict:
     from colaflow import JobSpec, LowRank
-    from colaflow.host import Host
+    from colaflow.engine.host import Host
 
     batch = _batch(model.config.vocab_size, device)
     sides = {}
@@ -56,7 +66,7 @@ def _sides(model, which: set[str], device: str = "cpu") -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from colaflow.wire import tune_allocator
+    from colaflow.wire.channel import tune_allocator
 
     tune_allocator()  # every side times under the allocator `colaflow serve` runs with
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ class Shaper:
         self._closed = False
         threading.Thread(target=self._accept, daemon=True, name="shaper-accept").start()
 
-    def __enter__(self) -> "Shaper":
+    def __enter__(self) -> Shaper:
         return self
 
     def __exit__(self, *exc) -> None:

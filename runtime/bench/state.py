@@ -13,14 +13,14 @@ import time
 
 import torch
 
-from .common import report
-from .wire import HIDDEN, KV, LAYERS, TOKENS, step_bytes
+from .common import HIDDEN, KV, LAYERS, TOKENS, report, step_bytes
 
 
 def _update_bytes(adapter, state_every: int) -> tuple[int, float]:
     """Wire bytes of one fit's updates over every q/v site, and seconds to encode and decode them."""
-    from colaflow import AdamW, JobSpec, Learner, Packet, serde
+    from colaflow import AdamW, JobSpec, Learner, Packet
     from colaflow.sites import Site
+    from colaflow.wire import serde
 
     spec = JobSpec("bench", adapter, AdamW(lr=3e-4), state_every=state_every)
     total, seconds = 0, 0.0

@@ -15,7 +15,17 @@ import copy
 
 import torch
 
-from .common import alternate, load_model, measure_in_subprocess, mem_side_main, mib, peak_during, report, synced, token_batch
+from .common import (
+    alternate,
+    load_model,
+    measure_in_subprocess,
+    mem_side_main,
+    mib,
+    peak_during,
+    report,
+    synced,
+    token_batch,
+)
 
 MODULE = "colaflow.bench.tenants"
 K, TOKENS = 16, 128
@@ -97,9 +107,8 @@ def _frozen(model, rows_per_call: int, device: str = "cpu"):
 
 
 def main(args: argparse.Namespace) -> int:
-    from colaflow.wire import tune_allocator
-
-    from colaflow.host import MIX_ROWS
+    from colaflow.engine.host import MIX_ROWS
+    from colaflow.wire.channel import tune_allocator
 
     tune_allocator()  # both sides time under the allocator `colaflow serve` runs with
     torch.manual_seed(0)
@@ -111,7 +120,8 @@ def main(args: argparse.Namespace) -> int:
           f"q_proj,v_proj, {torch.get_num_threads()} threads, {args.repeats} alternating rounds", flush=True)
     frozen = copy.deepcopy(model)
     mix_rows = MIX_ROWS
-    sides = {"colaflow": cola, "peft": peft, "colaflow+fits": cola_fits, "frozen, 1 row": _frozen(frozen, 1, args.device),
+    sides = {"colaflow": cola, "peft": peft, "colaflow+fits": cola_fits,
+             "frozen, 1 row": _frozen(frozen, 1, args.device),
              f"frozen, {mix_rows} rows": _frozen(frozen, mix_rows, args.device)}
     t = alternate(sides, args.repeats)
     tps = {k: K * TOKENS / v for k, v in t.items()}

@@ -56,11 +56,12 @@ def tls_ca(args: argparse.Namespace) -> bytes | None:
     try:
         return Path(path).read_bytes()
     except OSError as e:
-        raise UsageError(f"cannot read {'--tls-ca' if args.tls_ca else 'COLAFLOW_TLS_CA'} {path!r}: {e.strerror}") from None
+        flag = "--tls-ca" if args.tls_ca else "COLAFLOW_TLS_CA"
+        raise UsageError(f"cannot read {flag} {path!r}: {e.strerror}") from None
 
 
 def client(args: argparse.Namespace):
-    from colaflow.client import Client
+    from colaflow.wire.client import Client
 
     return Client(server(args), token=token(args), tls_ca=tls_ca(args))
 

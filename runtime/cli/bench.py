@@ -1,11 +1,14 @@
-"""`colaflow bench NAME`: benchmarks that print both sides and their ratios as JSON on the last line."""
+"""`colaflow bench NAME`: benchmarks that print both sides and their ratios as JSON on the last line.
+
+A bench of the service itself lives with it (`colaflow.server.bench_wire`): named here, never imported
+by the library."""
 from __future__ import annotations
 
 import argparse
 import importlib
 
 BENCHES = {"server-step": "colaflow.bench.server_step", "tenants": "colaflow.bench.tenants",
-           "wire": "colaflow.bench.wire", "state": "colaflow.bench.state", "e2e": "colaflow.bench.e2e",
+           "wire": "colaflow.server.bench_wire", "state": "colaflow.bench.state", "e2e": "colaflow.bench.e2e",
            "load": "colaflow.bench.load", "chaos": "colaflow.bench.chaos", "link": "colaflow.bench.link",
            "coda": "colaflow.bench.coda", "blackbox": "colaflow.bench.blackbox"}
 

@@ -40,12 +40,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from colaflow import AdamW, JobSpec, LowRank, Schedule
+    from colaflow.adapters.merge import merged
+    from colaflow.engine.evaluate import eval_map
     from colaflow.export import save_peft
-    from colaflow.merge import merged
     from colaflow.models import load
-    from colaflow.evaluate import eval_map
-    from colaflow.plot import write_png
-    from colaflow.tasks.knowledge import encode, eval_pairs, exact_match, make_facts, train_examples
+    from colaflow.studies.plot import write_png
+    from colaflow.studies.tasks.knowledge import encode, eval_pairs, exact_match, make_facts, train_examples
 
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -95,7 +95,7 @@ def _in_process(model, spec, examples, evals, args):
 
     from colaflow import Trainer
     from colaflow.data import batches
-    from colaflow.evaluate import parse
+    from colaflow.engine.evaluate import parse
     from colaflow.export import save
 
     trainer = Trainer(copy.deepcopy(model), [])
@@ -112,7 +112,7 @@ def _in_process(model, spec, examples, evals, args):
 def _over_grpc(model_name, spec, examples, evals, args, out: Path):
     from tqdm.auto import tqdm
 
-    from colaflow.data import to_map
+    from colaflow.data.batches import to_map
     from colaflow.export import load as load_native
     from colaflow.local import LocalCluster
 

@@ -34,14 +34,15 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from colaflow.classify import classifier
-    from colaflow.robustness import evaluate, format_table
-    from colaflow.tasks.intents import make_intents
+    from colaflow.engine.classify import classifier
+    from colaflow.studies.robustness import evaluate, format_table
+    from colaflow.studies.tasks.intents import make_intents
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.steps < 1 or args.batch_size < 1:
-        raise SystemExit(f"colaflow eval: `--steps` and `--batch-size` must be >= 1, got {args.steps}, {args.batch_size}")
+        raise SystemExit(f"colaflow eval: `--steps` and `--batch-size` must be >= 1, "
+                         f"got {args.steps}, {args.batch_size}")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     model, tokenizer = args.model, None
     if args.model.startswith("tiny-"):  # a random model: exercises the pipeline, its numbers mean nothing

@@ -13,7 +13,9 @@ from ._control import add_common, client, out
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="download a job's adapters (PEFT LoRA or native)")
     p.add_argument("job")
-    p.add_argument("dir", help="a new directory, or an earlier export of the same format (replaced whole); a directory holding anything else is refused, and a failed export leaves it as it was")
+    p.add_argument("dir",
+                   help="a new directory, or an earlier export of the same format (replaced whole); a directory "
+                        "holding anything else is refused, and a failed export leaves it as it was")
     p.add_argument("--format", choices=["peft", "native"], default="peft")
     p.add_argument("--which", choices=["last", "best"], default="last",
                    help="the newest adapters, or those of the best eval step")

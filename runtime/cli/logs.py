@@ -6,9 +6,8 @@ import argparse
 import json
 import time
 
+from ..control.status import ENDED
 from ._control import add_common, client, out
-
-ENDED = ("done", "cancelled", "failed")
 
 
 def add_parser(sub) -> None:

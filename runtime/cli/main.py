@@ -6,16 +6,20 @@ traceback) and 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
-from . import bench, cancel, demo, edge, export, jobs, logs, plot, serve, status, submit, workers
-from . import eval as eval_  # `colaflow eval --ood`
 from ._control import UsageError, err, explain
 
-COMMANDS = {"demo": demo, "bench": bench, "serve": serve, "edge": edge, "submit": submit, "jobs": jobs,
-            "status": status, "logs": logs, "cancel": cancel, "workers": workers, "export": export,
-            "plot": plot, "eval": eval_}
+# each command's module: `add_parser(sub)` and `run(args)`. A command that needs the service or the
+# daemon lives with it (the library never imports colaflow.server or colaflow.edge_client); all
+# of them load when the parser is built, which imports no torch.
+COMMANDS = {"demo": "colaflow.cli.demo", "bench": "colaflow.cli.bench", "serve": "colaflow.server.cli",
+            "edge": "colaflow.edge_client.cli", "submit": "colaflow.cli.submit", "jobs": "colaflow.cli.jobs",
+            "status": "colaflow.cli.status", "logs": "colaflow.cli.logs", "cancel": "colaflow.cli.cancel",
+            "workers": "colaflow.cli.workers", "export": "colaflow.cli.export", "plot": "colaflow.cli.plot",
+            "eval": "colaflow.cli.eval"}
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -32,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="colaflow", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in COMMANDS.items():
+    modules = {name: importlib.import_module(path) for name, path in COMMANDS.items()}
+    for name, module in modules.items():
         module.add_parser(sub)
         p = sub.choices[name]
         p.formatter_class = _Help
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command].run(args) or 0
+        return modules[args.command].run(args) or 0
     except KeyboardInterrupt:
         print("colaflow: interrupted", file=sys.stderr)
         return 130

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from colaflow.plot import write_png
+    from colaflow.studies.plot import write_png
 
     c = client(args)
     try:

@@ -1,4 +1,4 @@
-"""`colaflow submit job.yaml`: submit a job described by a YAML file (see colaflow.jobfile)."""
+"""`colaflow submit job.yaml`: submit a job described by a YAML file (see colaflow.data.jobfile)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from colaflow.jobfile import load_job
+    from colaflow.data.jobfile import load_job
 
     kwargs = load_job(args.file)
     with session(args) as s:

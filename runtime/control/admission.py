@@ -1,0 +1,63 @@
+"""The one way a job comes in, for the in-process Trainer, `Session` and the server alike.
+
+    a = prepare(host, spec, data)                 # checks and resolution: no state taken, no lock needed
+    record = admit(host, scheduler, a, steps)     # hosted and scheduled, all or nothing
+
+`prepare` refuses bad data (a data map's rows against the model's vocabulary and context, its eval
+set) before anything is allocated, turns a plain spec into what a classifier runs (its head trains
+too), and resolves the job's sites (a target regex is matched against every module name: a server
+does this outside its lock). `admit` builds the host's copies and schedules the job; if the
+scheduler refuses it, the host lets it go again.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..data.batches import check_limits, from_map
+from ..engine.classify import classification_spec
+from ..engine.evaluate import EvalSet, Metric, parse
+from ..engine.loss import causal_lm
+from ..job import JobSpec
+from ..sites import Site
+from .records import JobRecord
+from .scheduler import Scheduler
+
+
+@dataclass
+class Admission:
+    """A job checked and resolved, that holds nothing yet."""
+
+    spec: JobSpec  # as the host runs it (on a classifier: with its head)
+    sites: list[Site] | None  # resolved (None: a black-box job's one site is the host's to make)
+    batches: Iterator[dict] | None  # the data map's batches (None: the driver brings each step's batch)
+    evals: EvalSet | None
+
+
+def prepare(host, spec: JobSpec, data: dict | None = None, evals: EvalSet | None = None,
+            metric: Metric | None = None) -> Admission:
+    """Check `spec` and its data map (if given; its `eval` entry is the eval set) against `host`."""
+    batches = None
+    if data is not None:
+        batches = from_map(data)  # refuse bad data before anything is allocated
+        vocab, context = host.limits()
+        check_limits(data, vocab, context)
+        evals = parse(data.get("eval"), vocab, context, causal=getattr(host, "loss_fn", None) is causal_lm)
+    if evals is not None and metric is not None:
+        evals.metric = metric
+    spec = classification_spec(spec, getattr(host, "model", None))  # a classifier's head trains too
+    return Admission(spec, host.resolve(spec), batches, evals)
+
+
+def admit(host, scheduler: Scheduler, a: Admission, steps: int | None, tenant: str = "default",
+          init: dict[str, dict] | None = None, data: dict | None = None) -> JobRecord:
+    """Host and schedule a prepared job (under the scheduler's lock where other threads share the
+    host); `init` {site: params}: its adapters' version 0; `data`: the map the store keeps with it."""
+    sites = host.add_job(a.spec, init, a.sites)
+    try:
+        record = scheduler.add_job(a.spec, sites, steps, data, tenant, init)
+    except BaseException:
+        host.remove_job(a.spec.job_id)  # nothing half-made stays behind
+        raise
+    scheduler.watch(a.spec.job_id, None if a.evals is None else a.evals.watch)
+    return record
