@@ -1,7 +1,8 @@
 """A whole colaflow run on plain objects — the real Host, Scheduler and Workers, no transport —
 with faults injected between them: message loss (a dropped connection loses what is in flight),
-duplication and late delivery, worker crash and restart, worker loss for good (its disk too),
-server crash and restart from its store. A toy two-layer model keeps a step under a millisecond,
+duplication and late delivery, worker crash and restart, worker loss for good (its disk too), a
+lost worker's return (same id, empty disk), workers joining mid-run (each join or return may move
+sites for balance), server crash and restart from its store. A toy two-layer model keeps a step under a millisecond,
 so property tests can run thousands of schedules.
 
     sim = Sim(spec, steps=8, workers=2)
@@ -24,7 +25,7 @@ from colaflow.data.batches import collate
 REASSIGN_AFTER = 10.0
 # "progress" (deliver everything in flight, then step) is listed thrice: faults should often hit late in a run
 ACTIONS = ("progress", "progress", "progress", "step", "to_worker", "to_server", "dup_to_worker", "dup_to_server",
-           "disconnect", "connect", "crash", "lose", "join", "tick", "server_crash")
+           "disconnect", "connect", "crash", "lose", "join", "rejoin", "tick", "server_crash")
 
 
 class Toy(nn.Module):
@@ -89,6 +90,7 @@ class Sim:
     def _server(self) -> None:
         self.host = Host(Toy(), toy_loss)
         self.sched = Scheduler(self.store, REASSIGN_AFTER, self.clock)
+        self.sched.rebalance_after = REASSIGN_AFTER  # sites move for balance as often as a tick allows
         self.running: list | None = None  # the step in progress: [plan, waiting sites, packet groups, result]
         if self.spec.job_id in self.sched.jobs:  # restored
             self.host.add_job(self.spec)
@@ -134,6 +136,15 @@ class Sim:
             if len(self._live()) >= 4:
                 return False
             name = f"w{len(self.workers)}"
+            self.workers[name] = SimWorker(name, self.durable)
+            self._connect(self.workers[name])
+            return True
+        if action == "rejoin":  # a lost worker comes back under its id, its disk empty (a new machine)
+            lost = sorted(self.lost)
+            if not lost:
+                return False
+            name = lost[i % len(lost)]
+            self.lost.discard(name)
             self.workers[name] = SimWorker(name, self.durable)
             self._connect(self.workers[name])
             return True

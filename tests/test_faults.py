@@ -105,3 +105,46 @@ def test_worker_loss_then_server_crash_then_the_worker_returns():
         for i in range(2):
             sim.act(action, i)
     _assert_equal(sim.finish(), _reference(spec))
+
+
+def _run_to_step(sim: Sim, t: int) -> None:
+    while sim.sched.job("j").t < t:
+        assert sim.act("progress")
+
+
+def _owners(sim: Sim) -> set[str]:
+    return {r.owner for r in sim.sched.job("j").sites.values()}
+
+
+@pytest.mark.parametrize("staleness,interval", [(0, 1), (1, 2)])
+def test_a_worker_that_joins_a_running_job_takes_a_share_and_changes_nothing(staleness, interval):
+    spec = _spec(staleness, interval)
+    sim = Sim(spec, STEPS, workers=1)
+    _run_to_step(sim, 3)
+    assert _owners(sim) == {"w0"}
+    sim.act("join")
+    assert _owners(sim) == {"w0", "w1"}  # one site each, the mover's from the durable learner state
+    assert "rebalanced: 1 site moved from worker w0 to worker w1" in sim.sched.job("j").events
+    _assert_equal(sim.finish(), _reference(spec))
+
+
+def test_a_lost_worker_that_returns_takes_a_share_and_changes_nothing():
+    """Lost with its disk (its sites move to the other), then back under its id, empty: it takes one
+    site back, from the server's durable state; the run is the failure-free one, bit for bit."""
+    spec = _spec(1, 1)
+    sim = Sim(spec, STEPS, workers=2)
+    _run_to_step(sim, 3)
+    assert _owners(sim) == {"w0", "w1"}
+    sim.act("lose", 0)
+    sim.act("tick")
+    sim.sched.ready()
+    assert _owners(sim) == {"w1"}
+    assert [w["state"] for w in sim.sched.workers_view() if w["worker"] == "w0"] == ["lost"]
+    sim.act("tick")  # the job's last rebalance (w1 joining at the start) is a bound ago
+    sim.act("rejoin", 0)
+    assert _owners(sim) == {"w0", "w1"}
+    events = sim.sched.job("j").events
+    assert any(e.startswith("worker w0 lost") for e in events), events
+    assert any(e.startswith("worker w0 returned") for e in events), events
+    assert any(e.startswith("rebalanced: 1 site moved from worker w1 to worker w0") for e in events), events
+    _assert_equal(sim.finish(), _reference(spec))

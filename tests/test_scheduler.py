@@ -139,9 +139,10 @@ def test_foreign_updates_are_refused_but_a_past_owner_is_only_revoked():
     rig = Rig()
     rig.deliver()
     rig.step()
-    u = next(r for r in rig.worker.handle(rig.messages()[0]) if isinstance(r, Update))
+    updates = [r for r in rig.worker.handle(rig.messages()[0]) if isinstance(r, Update)]
     stranger = Worker("x")
-    rig.connect("x", stranger)
+    rig.connect("x", stranger)  # it takes a share of the running job: one of its two sites
+    u = next(u for u in updates if rig.sched.job("j").sites[u.site].owner == "w")
     with pytest.raises(PermissionError, match="not assigned site"):
         rig.sched.receive("x", u)
     with pytest.raises(PermissionError, match="not assigned site"):  # unknown jobs read the same
@@ -162,15 +163,19 @@ def test_a_lost_worker_sites_move_once_with_its_learner_state(caplog):
     rig.sched.disconnect("w", rig.stream)
     rig.clock.now += 9.9
     rig.sched.ready()
-    assert rig.sched.job("j").sites["l1"].owner == "w"  # not gone yet: it may come back
+    assert rig.sched.job("j").sites["l2"].owner == "w"  # not gone yet: it may come back (l1: the spare's share)
     rig.clock.now += 0.2
     with caplog.at_level(logging.WARNING, "colaflow.scheduler"):
         for _ in range(50):
             rig.sched.ready()
-    assert sum("gone" in r.message for r in caplog.records) == 1  # said once, not forty times a second
-    assert "w" not in rig.sched.workers
-    (assign,) = rig.messages("spare", spare_stream)
-    assert isinstance(assign, Assign) and all(s.state.version == 3 and s.state.optimizer for s in assign.sites)
+    assert sum("lost (no word" in r.message for r in caplog.records) == 1  # said once, not forty times a second
+    assert {w["worker"]: w["state"] for w in rig.sched.workers_view()}["w"] == "lost"  # shown, not forgotten
+    assigns = rig.messages("spare", spare_stream)  # its share when it joined, then the lost worker's site
+    assert {s.site.name for a in assigns for s in a.sites} == {"l1", "l2"}
+    assert all(isinstance(a, Assign) for a in assigns)
+    assert all(s.state.version == 3 and s.state.optimizer for a in assigns for s in a.sites)
+    events = rig.sched.job("j").events
+    assert "worker spare joined" in events and any(e.startswith("worker w lost") for e in events)
 
 
 def test_a_worker_connected_but_silent_counts_as_gone_and_its_sites_move():
@@ -189,11 +194,12 @@ def test_a_worker_connected_but_silent_counts_as_gone_and_its_sites_move():
         rig.sched.workers["spare"].last_seen = rig.clock.now  # the spare keeps beating; w is silent
         rig.sched.ready()
         if rig.clock.now < 10.0:
-            assert rig.sched.job("j").sites["l1"].owner == "w"
-    assert "w" not in rig.sched.workers and rig.sched.job("j").sites["l1"].owner == "spare"
+            assert rig.sched.job("j").sites["l2"].owner == "w"  # (l1 went to the spare when it joined)
+    assert rig.sched.workers["w"].lost_at is not None
+    assert {r.owner for r in rig.sched.job("j").sites.values()} == {"spare"}
     assert not rig.sched.current("w", rig.stream)  # its stream ends; if it wakes, it connects anew
-    (assign,) = rig.messages("spare", spare_stream)
-    assert isinstance(assign, Assign) and all(s.state.version == 1 for s in assign.sites)
+    assigns = rig.messages("spare", spare_stream)
+    assert all(isinstance(a, Assign) for a in assigns) and all(s.state.version == 1 for a in assigns for s in a.sites)
 
 
 def test_a_worker_that_beats_but_never_fits_loses_the_sites_it_holds_up():
@@ -207,14 +213,22 @@ def test_a_worker_that_beats_but_never_fits_loses_the_sites_it_holds_up():
     rig.step()
     rig.messages()  # w takes step 1's packets and fits nothing
     spare = Worker("spare")
-    spare_stream = rig.connect("spare", spare)
+    spare_stream = rig.connect("spare", spare)  # it takes a share: l1, from the durable state
     job = rig.sched.job("j")
-    for _ in range(30):  # 0 .. 290 s: it waits
-        assert rig.sched.ready() == [] and job.sites["l1"].owner == "w"
+    assert job.sites["l1"].owner == "spare" and job.sites["l2"].owner == "w"
+
+    def serve_spare():
+        for m in rig.messages("spare", spare_stream):
+            for reply in spare.handle(m):
+                rig.sched.receive("spare", reply)
+
+    for _ in range(30):  # 0 .. 290 s: it waits for w's fit of l2 (the spare fits l1 at once)
+        serve_spare()
+        assert rig.sched.ready() == [] and job.sites["l2"].owner == "w"
         rig.clock.now += 10.0
     rig.sched.ready()  # 300 s
     assert {r.owner for r in job.sites.values()} == {"spare"}
-    assert any(isinstance(m, Revoke) and "sent no fit of 2 sites" in m.reason for m in rig.messages())
+    assert any(isinstance(m, Revoke) and "sent no fit of 1 site" in m.reason for m in rig.messages())
     assert any("sent no fit" in e for e in job.events)
     msgs = rig.messages("spare", spare_stream)
     assert isinstance(msgs[0], Assign) and all(s.state.version == 1 for s in msgs[0].sites)
@@ -386,9 +400,10 @@ def test_a_learner_state_another_worker_could_not_load_is_refused(poison, match)
 
 def test_a_refusal_for_someone_elses_site_is_refused_and_a_second_stream_is_noted(caplog):
     rig = Rig()
-    rig.connect("x", Worker("x"))
-    with pytest.raises(PermissionError, match="not assigned site `l1` of job 'j'"):
-        rig.sched.receive("x", Refusal("j", "l1", 0, "forged"))
+    rig.connect("x", Worker("x"))  # it takes one of the job's two sites: not the other
+    other = next(n for n, r in rig.sched.job("j").sites.items() if r.owner == "w")
+    with pytest.raises(PermissionError, match=f"not assigned site `{other}` of job 'j'"):
+        rig.sched.receive("x", Refusal("j", other, 0, "forged"))
     assert rig.sched.job("j").state != "failed"
     with caplog.at_level(logging.WARNING, "colaflow.scheduler"):
         rig.connect("w", Worker("w"))  # a second process with the same id

@@ -197,7 +197,7 @@ def test_a_daemon_lost_for_good_is_replaced_exactly(tmp_path):
         assert status.state == "done" and status.step == 30
         assert status.max_staleness <= 1  # the bound holds whatever the timing
         log = (tmp_path / "server.log").read_text()
-        assert "worker a gone" in log and "-> worker b" in log.split("worker a gone")[1]
+        assert "worker a lost" in log and "-> worker b" in log.split("worker a lost")[1]
         assert max_err(exported(client, "moves", tmp_path), reference(spec, ex, 30)) == 0.0
     finally:
         client.close()

@@ -4,6 +4,10 @@ New sites go to the connected worker with the fewest, a parent module's sites to
 and `v_proj` read one input, which then travels once). A worker gone for `reassign_after`
 seconds, silent that long, stalled past the fit timeout, or quarantined for an absurd update loses
 its sites; they move, with the durable learner state, and the new owner replays the kept packets.
+A worker that joins or comes back takes a share of running jobs' sites the same way (`_rebalance`:
+a job's sites move for balance at most once per `rebalance_after` seconds). Each move is an event
+of the job (its next metrics row: `colaflow logs`), and a lost worker shows as lost until it
+returns or is forgotten (`FORGET_LOST_S`).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import threading
 
 from ..errors import ResourceExhausted
 from ..learn.messages import LearnerState
+from .balance import Balance
 from .lock import changes, locked
 from .protocol import Assign, Hello, Revoke, SiteStart
 from .records import LIVE, JobRecord, SiteRecord, WorkerRecord
@@ -20,9 +25,14 @@ from .records import LIVE, JobRecord, SiteRecord, WorkerRecord
 log = logging.getLogger("colaflow.scheduler")
 FIT_TIMEOUT_S = 300.0  # at least: no honest device takes this long to fit one step's packets
 MIN_SILENCE_S = 10.0  # a live worker beats every second; a busy machine may delay a few: never less than this
+FORGET_LOST_S = 3600.0  # a lost worker's record (shown as lost) goes after this long; its id is free again
 
 
-class Placement:
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+class Placement(Balance):
     # the scheduler's state (scheduler.py); only its methods write it
     jobs: dict[str, JobRecord]
     workers: dict[str, WorkerRecord]
@@ -37,6 +47,9 @@ class Placement:
         """
         w = self.workers.get(worker_id)
         if w is None:
+            lost = sorted((x for x in self.workers.values() if x.lost_at is not None), key=lambda x: x.lost_at)
+            if len(self.workers) >= self.max_workers and lost:
+                del self.workers[lost[0].worker_id]  # the longest lost makes room
             if len(self.workers) >= self.max_workers:
                 raise ResourceExhausted(f"the server has {len(self.workers)} workers registered (its limit)")
             w = self.workers[worker_id] = WorkerRecord(worker_id, secrets.token_hex(8), credential=credential,
@@ -58,8 +71,9 @@ class Placement:
         if w.connected:
             log.warning("worker %s connected again while its stream %d is live: the older stream closes "
                         "(two workers with one id?)", worker_id, w.stream)
+        now, first, lost_at = self.clock(), w.stream == 0, w.lost_at
         w.stream += 1
-        w.connected, w.left_at, w.credits = True, None, 0
+        w.connected, w.left_at, w.credits, w.lost_at, w.left = True, None, 0, None, False
         w.control.clear()
         w.cursor.clear()
         holds = {(p.job, p.site): p.version for p in hello.progress}
@@ -70,15 +84,30 @@ class Placement:
                 rec.owner = worker_id  # unowned (e.g. after a server restart): its holder takes it back
             if rec is not None and rec.owner == worker_id:
                 w.cursor[(p.job, p.site)] = max(p.fitted_through, self._floor(job, rec))
-            else:
-                if job is not None:
-                    job.former.add(worker_id)  # it held the site: its resent updates are expected, not hostile
-                w.control.append(Revoke(p.job, [p.site], "no longer assigned to this worker"))
         for job in self.jobs.values():
             mine = [n for n, r in job.sites.items() if r.owner == worker_id] if job.state in LIVE else []
             if mine:
                 self._send_assign(w, job, mine, holds)
+        if first or lost_at is not None:
+            said = "joined" if lost_at is None else f"returned (lost {now - lost_at:.0f} s ago)"
+            for job in self.jobs.values():
+                if job.state in LIVE:
+                    job.events.append(f"worker {worker_id} {said}")
         self._assign()
+        self._balance_at = now  # a worker came: it may take a share of running jobs
+        self._rebalance({worker_id: holds})  # sites it still holds go back to it first, kept as they are
+        # what it holds and no longer owns, after the rebalance (a Revoke would drop a learner it keeps):
+        # one Revoke per job; its resent updates of those sites are expected, not hostile
+        stale: dict[str, list[str]] = {}
+        for p in hello.progress:
+            job = self.jobs.get(p.job)
+            rec = job.sites.get(p.site) if job is not None and job.state in LIVE else None
+            if rec is None or rec.owner != worker_id:
+                if job is not None:
+                    job.former.add(worker_id)
+                stale.setdefault(p.job, []).append(p.site)
+        for job_id, sites in stale.items():
+            w.control.append(Revoke(job_id, sites, "no longer assigned to this worker"))
         log.info("worker %s connected (stream %d), owns %d sites", worker_id, w.stream, self._load(worker_id))
         return w.stream
 
@@ -87,7 +116,7 @@ class Placement:
         """The worker's connection ended; `leaving`: for good (its sites move at the next `ready`)."""
         w = self.workers.get(worker_id)
         if w is not None and w.stream == stream and w.connected:
-            w.connected = False
+            w.connected, w.left = False, leaving
             w.left_at = self.clock() - (self.reassign_after if leaving else 0.0)
             if leaving:
                 log.info("worker %s left for good; its sites move now", worker_id)
@@ -150,6 +179,8 @@ class Placement:
             for wid, names in new.items():
                 self._send_assign(self.workers[wid], job, names)
                 log.info("assigned job %s sites %d -> worker %s", job.job_id, len(names), wid)
+                if job.former or job.t:  # not the job's first placement: they moved
+                    job.events.append(f"{_plural(len(names), 'site')} moved to worker {wid}")
             if new:
                 self._save_progress(job)
 
@@ -176,6 +207,18 @@ class Placement:
                     job.job_id, rec.site.name)
         return LearnerState(rec.received, rec.versions[rec.received], None)
 
+    def _take(self, job: JobRecord, worker_id: str, names: list[str], reason: str) -> None:
+        """Revoke `names` of `job` from their owner `worker_id` (they are unowned after this): its late
+        updates of them are expected, and if they come back to it, it gets their packets anew."""
+        for name in names:
+            job.sites[name].owner = None
+        job.former.add(worker_id)
+        w = self.workers.get(worker_id)
+        if w is not None:
+            for name in names:
+                w.cursor.pop((job.job_id, name), None)
+            w.control.append(Revoke(job.job_id, names, reason))
+
     def _quarantine(self, worker_id: str, reason: str) -> None:
         """Take every site from a worker that sent an absurd update; they continue elsewhere from the
         last durable learner state, so the jobs resume exactly where the last good version left them."""
@@ -186,19 +229,17 @@ class Placement:
         log.warning("worker %s quarantined: %s", worker_id, reason)
         for job in self.jobs.values():
             mine = [n for n, r in job.sites.items() if r.owner == worker_id]
-            if not mine:
-                continue
-            for name in mine:
-                job.sites[name].owner = None
-            job.former.add(worker_id)
-            job.events.append(f"worker {worker_id} quarantined ({reason}); its {len(mine)} sites move")
-            w.control.append(Revoke(job.job_id, mine, f"quarantined: {reason}"))
+            if mine:
+                job.events.append(f"worker {worker_id} quarantined ({reason}); its {_plural(len(mine), 'site')} move")
+                self._take(job, worker_id, mine, f"quarantined: {reason}")
         self._assign()
 
     def _reassign_lost(self) -> None:
-        """Sites of a worker gone longer than `reassign_after` move to connected workers. A worker whose
-        stream is open but silent that long (no frame, no heartbeat: stopped, hung, or cut off without
-        a reset) counts as gone since it was last heard from; if it wakes, it reconnects as any other."""
+        """Placement's duties at every `ready`: sites of a worker gone longer than `reassign_after` move to
+        connected workers (it shows as lost, until it returns or `FORGET_LOST_S` passes); sites spread
+        onto workers that joined (`_rebalance`). A worker whose stream is open but silent that long (no
+        frame, no heartbeat: stopped, hung, or cut off without a reset) counts as gone since it was last
+        heard from; if it wakes, it reconnects as any other."""
         now = self.clock()
         silent_after = max(self.reassign_after, MIN_SILENCE_S)
         for w in self.workers.values():
@@ -206,24 +247,27 @@ class Placement:
                 log.warning("worker %s silent for %.0f s (no frame or heartbeat): it counts as gone", w.worker_id,
                             now - w.last_seen)
                 w.connected, w.left_at = False, w.last_seen
-        for w in [w for w in self.workers.values() if not w.connected and w.left_at is None
-                  and now - w.registered_at > max(60.0, self.reassign_after) and not self._load(w.worker_id)]:
-            del self.workers[w.worker_id]  # registered, never connected: forgotten (its id is free again)
-        gone = [w for w in self.workers.values()
-                if not w.connected and w.left_at is not None and now - w.left_at >= self.reassign_after]
-        if not gone or not any(w.connected for w in self.workers.values()):
-            return  # nobody to move them to: they wait (and their worker may come back)
-        for w in gone:
-            moved = 0
-            for job in self.jobs.values():
-                for rec in job.sites.values():
-                    if rec.owner == w.worker_id:
-                        rec.owner = None
-                        job.former.add(w.worker_id)
-                        moved += 1
-            del self.workers[w.worker_id]  # forgotten: if it returns, it registers anew
-            log.warning("worker %s gone for %.0f s: moving its %d sites", w.worker_id, now - w.left_at, moved)
-        self._assign()
+        for w in [w for w in self.workers.values() if not w.connected and not self._load(w.worker_id) and (
+                (w.left_at is None and now - w.registered_at > max(60.0, self.reassign_after))  # never connected
+                or (w.lost_at is not None and now - w.lost_at >= FORGET_LOST_S))]:
+            del self.workers[w.worker_id]  # forgotten: its id is free again
+        gone = [w for w in self.workers.values() if not w.connected and w.left_at is not None
+                and w.lost_at is None and now - w.left_at >= self.reassign_after]
+        if gone and any(w.connected for w in self.workers.values()):  # else they wait (and it may come back)
+            for w in gone:
+                moved = 0
+                how = "left" if w.left else f"lost (no word for {now - w.left_at:.0f} s)"
+                for job in self.jobs.values():
+                    mine = [n for n, r in job.sites.items() if r.owner == w.worker_id]
+                    if mine:
+                        self._take(job, w.worker_id, mine, "lost")
+                        job.events.append(f"worker {w.worker_id} {how}: its {_plural(len(mine), 'site')} move")
+                        moved += len(mine)
+                w.lost_at = now
+                w.control.clear()  # nothing queued for it goes anywhere: it connects anew if it returns
+                log.warning("worker %s %s: moving its %d sites", w.worker_id, how, moved)
+            self._assign()
+        self._rebalance()
 
     def _move_stalled(self) -> None:
         """Sites whose worker is connected (it beats) but has sent no version the job waits for in
@@ -247,14 +291,11 @@ class Placement:
             for name in lagging:
                 by_owner.setdefault(job.sites[name].owner, []).append(name)
             for wid, names in by_owner.items():
-                why = f"worker {wid} sent no fit of {len(names)} sites in {now - job.stall[1]:.0f} s"
+                why = f"worker {wid} sent no fit of {_plural(len(names), 'site')} in {now - job.stall[1]:.0f} s"
                 log.warning("job %s: %s; they move", job.job_id, why)
                 job.events.append(f"{why}; they move")
-                for name in names:
-                    job.sites[name].owner = None
-                job.former.add(wid)
                 job.slow.add(wid)
-                self.workers[wid].control.append(Revoke(job.job_id, names, why))
+                self._take(job, wid, names, why)
             job.stall, moved = (mark, now), True
         if moved:
             self._assign()
@@ -264,8 +305,5 @@ class Placement:
         for name, rec in job.sites.items():
             if rec.owner is not None:
                 by_owner.setdefault(rec.owner, []).append(name)
-                job.former.add(rec.owner)
-                rec.owner = None
         for wid, names in by_owner.items():
-            if wid in self.workers:
-                self.workers[wid].control.append(Revoke(job.job_id, names, reason))
+            self._take(job, wid, names, reason)

@@ -62,6 +62,7 @@ class JobRecord:
     fit_stats: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)
     stall: tuple[tuple[int, int], float] | None = None  # ((step, versions received), since when) while it waits
     slow: set[str] = field(default_factory=set)  # workers that held it up past the fit timeout: others first
+    rebalanced_at: float | None = None  # clock time its sites last moved for balance (placement.py bounds how often)
 
     @property
     def job_id(self) -> str:
@@ -137,6 +138,8 @@ class WorkerRecord:
     bytes_in: int = 0  # wire bytes of its updates
     bytes_out: int = 0  # wire bytes of the packets sent to it
     cursor: dict[tuple[str, str], int] = field(default_factory=dict)  # last step sent (or fitted) per site
+    lost_at: float | None = None  # clock time its sites moved because it was gone (None: not lost)
+    left: bool = False  # it said goodbye for good (a lost worker that left, not one that failed)
 
 
 @dataclass

@@ -78,7 +78,8 @@ class Views:
     @locked
     def workers_view(self) -> list[dict]:
         """Every worker the server knows, for the status page and `colaflow workers`: `worker`, `state`
-        (connected, unhealthy, disconnected, quarantined; `detail` says why), `last_seen_s`, `sites`
+        (connected, unhealthy, disconnected, lost, left, quarantined; `detail` says why; a lost or left
+        worker is shown until it returns or is forgotten), `last_seen_s`, `sites`
         {job: [site, ...]} of live jobs, `fits_per_s` (over the last RATE_WINDOW_S), `bytes_in` (its
         updates' wire bytes, to the server) and `bytes_out` (packets' wire bytes, to it)."""
         now = self.clock()
@@ -89,9 +90,12 @@ class Views:
                     owned.setdefault(rec.owner, {}).setdefault(job_id, []).append(name)
         out = []
         for w in sorted(self.workers.values(), key=lambda w: w.worker_id):
-            state = ("quarantined" if w.quarantined else "disconnected" if not w.connected
-                     else "unhealthy" if w.status else "connected")
-            out.append({"worker": w.worker_id, "state": state, "detail": w.quarantined or w.status,
+            state = ("quarantined" if w.quarantined else "connected" if w.connected and not w.status
+                     else "unhealthy" if w.connected else "disconnected" if w.lost_at is None
+                     else "left" if w.left else "lost")
+            detail = w.quarantined or w.status or (
+                f"{state} {now - w.lost_at:.0f} s ago; its sites moved" if w.lost_at is not None else "")
+            out.append({"worker": w.worker_id, "state": state, "detail": detail,
                         "last_seen_s": None if w.last_seen is None else max(0.0, now - w.last_seen),
                         "sites": owned.get(w.worker_id, {}),
                         "fits_per_s": sum(now - t <= RATE_WINDOW_S for t in w.fit_times) / RATE_WINDOW_S,
