@@ -46,12 +46,16 @@ def _write_dir(path: str | os.PathLike, files: dict[str, object]) -> Path:
     return Path(path)
 
 
+HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS")  # PEFT's task types that keep the classifier head in `modules_to_save`
+HEAD_NAMES = ("classifier", "score")  # where PEFT looks for that head (its own default for these tasks)
+
+
 def peft_task_type(model) -> str | None:
     """PEFT's `task_type` for a base model: CAUSAL_LM, SEQ_2_SEQ_LM, or None (a plain PeftModel).
 
-    Heads (sequence or token classification) are not adapters: colaflow never trains them, so
-    their export says None rather than SEQ_CLS/TOKEN_CLS, which would make PEFT expect the head in
-    `modules_to_save`. Load such an adapter onto the same base checkpoint, head included.
+    A classifier's export says None by default: loaded onto the same base checkpoint, head included,
+    it gives the same logits. `save_peft(..., task_type="SEQ_CLS")` (or TOKEN_CLS) writes the head's
+    weights in `modules_to_save`, as PEFT's loaders for those tasks expect.
     """
     name = type(model).__name__
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
@@ -66,8 +70,13 @@ def save_peft(adapters: dict[str, Adapter], path: str | os.PathLike, base_model:
               task_type: str | None = None, model=None) -> Path:
     """Write lowrank adapters as a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).
 
-    With `model` (the base), `task_type` and `base_model` default to what it is.
+    With `model` (the base), `task_type` and `base_model` default to what it is. `task_type` SEQ_CLS
+    or TOKEN_CLS needs `model`: its head (`classifier` or `score`, frozen in colaflow) is written in
+    `modules_to_save`, so PEFT's AutoPeftModelForSequenceClassification loads it with the same logits.
     """
+    if task_type in HEAD_TASKS and model is None:
+        raise ValueError(f"`task_type` {task_type!r} keeps the classifier head in `modules_to_save`: pass "
+                         "`model=` (the base model, head included) so its weights go with the adapter")
     if model is not None:
         task_type = task_type or peft_task_type(model)
         base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -97,14 +106,29 @@ def save_peft(adapters: dict[str, Adapter], path: str | os.PathLike, base_model:
             tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = a.A, a.B
         else:
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a.A, a.B
+    heads = _heads(model, task_type)
+    for head, module in heads.items():
+        for p, v in module.state_dict().items():
+            tensors[f"base_model.model.{head}.{p}"] = v
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
         "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "bias": "none",
         "target_modules": sorted(adapters), "fan_in_fan_out": kinds == {"conv1d"},
         "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False,
-        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+        "modules_to_save": sorted(heads) or None, "rank_pattern": {}, "alpha_pattern": {},
     }
     return _write_dir(path, {"adapter_config.json": config, "adapter_model.safetensors": tensors})
+
+
+def _heads(model, task_type: str | None) -> dict[str, torch.nn.Module]:
+    """The classifier head(s) a SEQ_CLS / TOKEN_CLS export carries: {name: module} ({} for other tasks)."""
+    if task_type not in HEAD_TASKS:
+        return {}
+    heads = {n: getattr(model, n) for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)}
+    if not heads:
+        raise ValueError(f"`task_type` {task_type!r}: {type(model).__name__} has no `classifier` or `score` "
+                         "head for `modules_to_save`")
+    return heads
 
 
 def save(adapters: dict[str, Adapter], spec: JobSpec, path: str | os.PathLike,

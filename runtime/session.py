@@ -5,7 +5,7 @@
     session = colaflow.Session(model="smollm2-135m", ray=True)   # a server actor + worker actors on Ray
     job = session.submit(examples, adapter=colaflow.LowRank(r=8), optimizer=colaflow.AdamW(lr=3e-4),
                          targets=["q_proj", "v_proj"], batch_size=8, steps=100)
-    job.wait()                     # a progress bar with ETA in a terminal, quiet in logs; raises JobFailed
+    job.wait()                     # a progress bar in a terminal, a line every 30 s in a log; raises JobFailed
     job.metrics()                  # per step: loss, tokens, staleness, time; .ended / .error say how it ended
     job.export("out/", format="peft")
     session.submit(**colaflow.load_job("job.yaml"))   # a YAML job file (see colaflow.data.jobfile)
@@ -36,6 +36,7 @@ from .engine.evaluate import Metric, eval_map
 from .errors import ColaflowError, InvalidArgument, JobFailed, NotFound, NoWorkers, Unavailable
 from .job import JobSpec, check_steps
 from .learn.optim import AdamW, OptimizerSpec
+from .progress import ProgressReport
 
 
 class Metrics(list):
@@ -69,8 +70,11 @@ class Job:
         return Metrics(self.session._backend.metrics(self.id), ended, status["error"])
 
     def wait(self, timeout: float | None = None, progress: bool | None = None) -> dict:
-        """Until the job ends; its final status. Raises JobFailed, NoWorkers, TimeoutError."""
-        show = sys.stderr.isatty() if progress is None else progress
+        """Until the job ends; its final status. Raises JobFailed, NoWorkers, TimeoutError.
+
+        `progress`: None (default) a progress bar where stderr is a terminal, else a plain line every
+        ~30 s on stdout (a script's log, CI, a notebook's output file); True a bar; False nothing."""
+        show = ("bar" if sys.stderr.isatty() else "lines") if progress is None else "bar" if progress else "off"
         try:
             status = self.session._backend.wait(self.id, timeout, show, self.session.connect_timeout)
         except KeyboardInterrupt:  # say what became of the job: Ctrl-C stops the waiting, not always the job
@@ -205,12 +209,6 @@ def _init_dir(init) -> Path:
     return path
 
 
-def _bar(show: bool, total: int, job: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=job, unit="step", disable=not show)
-
-
 class _Local:
     """In this process: the reference Trainer (Host + Scheduler + Worker), driven inside `wait()`."""
 
@@ -263,9 +261,9 @@ class _Local:
     def metrics(self, job_id: str) -> list[dict]:
         return [dict(m) for m in self._job(job_id).metrics]
 
-    def wait(self, job_id: str, timeout: float | None, show: bool, connect_timeout: float) -> dict:
+    def wait(self, job_id: str, timeout: float | None, show: str, connect_timeout: float) -> dict:
         job, deadline = self._job(job_id), None if timeout is None else time.monotonic() + timeout
-        with _bar(show, job.steps, job_id) as bar:
+        with ProgressReport(show, job.steps, job_id) as bar:
             bar.update(job.t)
             while job.state in LIVE and job.t < job.steps:
                 if deadline is not None and time.monotonic() > deadline:
@@ -276,8 +274,7 @@ class _Local:
                     if job.state not in ENDED:
                         self.trainer.scheduler.fail(job_id, f"step {job.t} failed: {type(e).__name__}: {e}")
                     break
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[job_id]:.4f}")
+                bar.update(job.t, losses[job_id])
         self.trainer.scheduler.ready()  # the last updates are in: the job is done
         return self.status(job_id)
 
@@ -329,10 +326,10 @@ class _Remote:
     def metrics(self, job_id: str) -> list[dict]:
         return self.client.metrics_so_far(job_id)
 
-    def wait(self, job_id: str, timeout: float | None, show: bool, connect_timeout: float) -> dict:
+    def wait(self, job_id: str, timeout: float | None, show: str, connect_timeout: float) -> dict:
         start = moved = time.monotonic()
         status = self.status(job_id)
-        with _bar(show, status["steps"], job_id) as bar:
+        with ProgressReport(show, status["steps"], job_id) as bar:
             while status["state"] not in ENDED:
                 now = time.monotonic()
                 if timeout is not None and now - start > timeout:
@@ -347,8 +344,7 @@ class _Remote:
                 if new["step"] != status["step"]:
                     moved = time.monotonic()
                 status = new
-                bar.update(max(0, status["step"] - bar.n))
-                bar.set_postfix(loss=f"{status['loss']:.4f}")
+                bar.update(status["step"], status["loss"])
         return status
 
     def _status_through_restarts(self, job_id: str, patience: float) -> dict:

@@ -1,6 +1,7 @@
 """Export: a PEFT LoRA directory that stock PEFT loads with equal outputs; the native round trip."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -118,8 +119,9 @@ def _umask() -> int:
 
 
 def test_peft_export_of_a_classifier_and_a_seq2seq_model_says_what_peft_expects(tmp_path):
-    """A BertForSequenceClassification adapter loads in stock PEFT (no SEQ_CLS, whose loader wants the
-    head in modules_to_save: colaflow never trains heads); T5 says SEQ_2_SEQ_LM, Llama CAUSAL_LM."""
+    """A BertForSequenceClassification adapter loads in stock PEFT: by default with no task type (onto
+    the same base, head included), and with task_type="SEQ_CLS" as PEFT's classifier loader wants it,
+    the head's weights in modules_to_save; T5 says SEQ_2_SEQ_LM, Llama CAUSAL_LM."""
     from peft import PeftModel
 
     from colaflow.engine.loss import seq_cls
@@ -135,12 +137,26 @@ def test_peft_export_of_a_classifier_and_a_seq2seq_model_says_what_peft_expects(
     trainer.flush()
     path = save_peft(trainer.adapters("a"), tmp_path / "bert", model=model)
     assert json.loads((path / "adapter_config.json").read_text())["task_type"] is None
+    other = copy.deepcopy(model)  # before PEFT wraps `model`'s modules in place
     ids = torch.randint(1, 96, (2, 8), generator=g)
     with torch.no_grad():
         with trainer.host.using("a"):
             ours = model(input_ids=ids).logits
         theirs = PeftModel.from_pretrained(model, str(path))(input_ids=ids).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
+    # SEQ_CLS, as PEFT's sequence-classification loader wants it: the head's weights in modules_to_save.
+    # Onto a base whose head was re-drawn, the export brings the head back: the same logits
+    seq_cls_dir = save_peft(trainer.adapters("a"), tmp_path / "bert-seq-cls", model=model, task_type="SEQ_CLS")
+    config = json.loads((seq_cls_dir / "adapter_config.json").read_text())
+    assert (config["task_type"], config["modules_to_save"]) == ("SEQ_CLS", ["classifier"])
+    with torch.no_grad():
+        other.classifier.weight.normal_()
+        other.classifier.bias.normal_()
+        loaded = PeftModel.from_pretrained(other, str(seq_cls_dir))
+        assert type(loaded).__name__ == "PeftModelForSequenceClassification"
+        assert torch.allclose(loaded(input_ids=ids).logits, ours, atol=1e-5)
+    with pytest.raises(ValueError, match="pass `model=`"):
+        save_peft(trainer.adapters("a"), tmp_path / "no-model", task_type="SEQ_CLS")
     import transformers as tf
 
     t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1,

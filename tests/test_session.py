@@ -157,3 +157,24 @@ def test_ctrl_c_while_waiting_says_what_became_of_the_job(monkeypatch):
         with pytest.raises(KeyboardInterrupt, match=f"job {job.id}: it pauses here until the next wait\\(\\); "
                                                     "job.cancel\\(\\) ends it"):
             job.wait()
+
+
+def test_wait_prints_a_progress_line_where_no_bar_can_be_drawn(capsys, monkeypatch, served):
+    """stderr is no terminal here (captured, as in a script's log or CI): plain lines on stdout, every
+    PROGRESS_EVERY_S seconds (0 here: one per change) and one at the end; none with progress=False."""
+    import colaflow.progress
+
+    monkeypatch.setattr(colaflow.progress, "PROGRESS_EVERY_S", 0.0)
+    with Session("tiny-llama") as session:
+        job, status = train(session, "lines")
+    out = capsys.readouterr().out
+    assert status["state"] == "done"
+    assert "job lines: step 1/10, loss " in out and "steps/s" in out
+    assert out.strip().splitlines()[-1].startswith("job lines: step 10/10, loss ")
+    session, _ = served  # a server's job: watched, not driven; the same lines
+    job, status = train(session, "remote-lines")
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("job remote-lines: step 10/10, loss ")
+    with Session("tiny-llama") as session:
+        job = session.submit(examples(96, 8, seed=0), steps=2, batch_size=4)
+        job.wait(progress=False)
+    assert capsys.readouterr().out == ""
