@@ -6,6 +6,7 @@
     scheduler.py   Scheduler: which job steps when, with which versions; it locks itself
     planning.py    ready, begin, finish: steps and their versions
     placement.py   which worker owns which site; lost, stalled and quarantined workers
+    balance.py     a worker that joins or returns takes a share of running jobs' sites
     delivery.py    credits, packets out, updates in, acknowledgements
     progress.py    durability (the Store) and restore after a restart
     views.py       what operators see: job status, jobs and workers
