@@ -15,6 +15,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -33,6 +34,7 @@ from .status import StatusServer
 from .uploads import UploadLimits
 
 log = logging.getLogger("colaflow.server")
+STOP_STEP_S = 30.0  # the step under way gets this long to end before the process exits under it
 
 
 class Serving:
@@ -87,15 +89,25 @@ class Serving:
         self.coordinator.run()
         self.done.set()  # the loop gave up (or was stopped): so does the process
 
-    def stop(self) -> int:
-        """Stop the step loop, the page and the services; 1 if the step loop had given up, else 0."""
+    def stop(self, why: str = "") -> int:
+        """Stop the step loop — the step under way ends (a layered wait is abandoned) — then the page and
+        the services, saying so; 1 if the step loop had given up, else 0. The loop is joined: a step
+        still computing while the interpreter exits aborts it ("terminate called without an active
+        exception", exit status -6)."""
+        start = time.monotonic()
+        log.info("colaflow serve: stopping%s: the step under way ends, then the services close",
+                 f" ({why})" if why else "")
         self.coordinator.stop()
+        self.loop.join(STOP_STEP_S)
+        if self.loop.is_alive():
+            log.warning("colaflow serve: the step under way did not end within %.0f s; exiting anyway", STOP_STEP_S)
         if self.status is not None:
             self.status.stop()
         if self.tensorboard is not None:
             self.tensorboard.stop()
-        self.served.stop(2)
+        self.served.stop(1)  # in-flight calls get a second; workers' streams end and they reconnect elsewhere
         self.done.set()
+        log.info("colaflow serve: stopped in %.1f s", time.monotonic() - start)
         if self.coordinator.fatal:
             log.critical("colaflow serve: %s", self.coordinator.fatal)
             return 1

@@ -83,12 +83,13 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=os.environ.get("COLAFLOW_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serving = Serving(args, say=lambda line: print(line, flush=True))
-    signal.signal(signal.SIGTERM, lambda *_: serving.done.set())
+    why = []
+    signal.signal(signal.SIGTERM, lambda *_: (why.append("SIGTERM"), serving.done.set()))
     try:
         serving.done.wait()
     except KeyboardInterrupt:
-        pass
-    code = serving.stop()
+        why.append("Ctrl-C")
+    code = serving.stop(why[0] if why else "its step loop gave up")
     if code:
         print(f"colaflow serve: {serving.coordinator.fatal}", file=sys.stderr)
     return code
