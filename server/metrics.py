@@ -143,7 +143,7 @@ class ServerCollector:
         yield GaugeMetricFamily("colaflow_steps_per_second", "Steps/s of all live jobs (the sum of "
                                 "colaflow_job_steps_per_second)", value=total)
         count = GaugeMetricFamily("colaflow_workers", "Workers by state", labels=["state"])
-        for state in ("connected", "unhealthy", "disconnected", "quarantined"):
+        for state in ("connected", "unhealthy", "disconnected", "lost", "left", "quarantined"):
             count.add_metric([state], sum(w["state"] == state for w in workers))
         yield count
         w_in = CounterMetricFamily("colaflow_worker_received_bytes", "Update bytes from a worker", labels=["worker"])
