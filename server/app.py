@@ -44,6 +44,7 @@ class Serving:
         if args.threads:
             torch.set_num_threads(args.threads)
         tls, tokens = _security(args)
+        _check_device(args.device)  # before the model loads: a minute of loading, then a CUDA assertion
         tune_allocator()
         if args.port:
             _check_port_free(args.host, args.port)  # before the model loads: fail in a second, not a minute
@@ -187,6 +188,21 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _check_device(device: str) -> None:
+    """`--device` refused before anything loads where this torch cannot use it, saying what to install."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SystemExit(f"colaflow serve: --device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no CUDA device is visible"
+        raise SystemExit(f"colaflow serve: --device {device}: this torch ({torch.__version__}) is {build}; install "
+                         "a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu126, "
+                         "or see pytorch.org) or serve with --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"colaflow serve: --device {device}: only {torch.cuda.device_count()} CUDA devices are visible")
 
 
 def _check_port_free(host: str, port: int, flag: str = "--port") -> None:

@@ -86,22 +86,3 @@ def test_a_daemon_killed_and_restarted_takes_a_share_back_and_the_job_is_exact(t
         stop(*edges.values(), server)
 
 
-
-def test_serve_says_it_stops_on_sigterm_and_exits_cleanly_mid_job(tmp_path):
-    """SIGTERM while a job runs: the server logs its shutdown, lets the step under way end (a step thread
-    still computing at exit once aborted the process: status -6) and exits 0, promptly."""
-    server, address = start_server(tmp_path)
-    edges = [start_edge(tmp_path, address, n) for n in ("a", "b")]
-    client = Client(address)
-    try:
-        wait_workers(client, 2)
-        client.submit(JobSpec("term", LowRank(r=4), AdamW(lr=1e-2)), examples(96, 16, seed=1), steps=100_000,
-                      batch_size=4)
-        _wait(lambda: client.get("term").step >= 3)
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(60) == 0
-        log = (tmp_path / "server.log").read_text()
-        assert "colaflow serve: stopping (SIGTERM)" in log and "colaflow serve: stopped in" in log
-    finally:
-        client.close()
-        stop(*edges, server)
