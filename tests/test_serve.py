@@ -43,3 +43,23 @@ def test_serve_says_it_stops_on_sigterm_and_exits_cleanly_mid_job(tmp_path):
     finally:
         client.close()
         stop(*edges, server)
+
+
+def test_a_peft_export_names_the_model_as_the_operator_gave_it(tmp_path):
+    """Not the server's cache path (~/.cache/colaflow/models/...), which resolves nowhere else."""
+    import json
+
+    from procs import wait_done
+
+    server, address = start_server(tmp_path)
+    edge = start_edge(tmp_path, address, "a")
+    client = Client(address)
+    try:
+        wait_workers(client, 1)
+        client.submit(JobSpec("named", LowRank(r=2), AdamW(lr=1e-2)), examples(96, 8, seed=2), steps=2, batch_size=4)
+        assert wait_done(client, "named").state == "done"
+        path = client.export("named", tmp_path / "peft", format="peft")
+        assert json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
+    finally:
+        client.close()
+        stop(edge, server)
