@@ -11,6 +11,7 @@ from .wire.codec import CODECS
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_STEPS = 1 << 40
+PACKETS = ("full", "projected")
 
 
 def check_steps(steps) -> int:
@@ -40,6 +41,10 @@ class JobSpec:
     # with the update, and the server keeps the packets since: a device lost for good is replaced
     # exactly. 0: parameters only (a moved site restarts its optimizer; fewer bytes).
     state_every: int = 1
+    # "full": packets carry each token's x and g (every adapter kind). "projected" (lowrank, linear; at
+    # staleness 0): the fit's sufficient statistics instead, r (in + out) numbers a site and step
+    # whatever the tokens (docs/transport.md); the same trajectory, far fewer bytes at scale.
+    packets: str = "full"
 
     def __post_init__(self):
         if not isinstance(self.job_id, str) or not _JOB_ID.fullmatch(self.job_id):
@@ -59,6 +64,17 @@ class JobSpec:
                 raise ValueError(f"`{name}` must be one of {CODECS}, got {getattr(self, name)!r}")
         if isinstance(self.adapter, dict):
             object.__setattr__(self, "adapter", AdapterSpec.from_dict(self.adapter))
+        if self.packets not in PACKETS:
+            raise ValueError(f"`packets` must be one of {PACKETS}, got {self.packets!r}")
+        if self.packets == "projected":
+            if self.staleness:  # the statistics are of the version the forward used: the device must hold it
+                raise ValueError(f"`packets='projected'` is exact only at staleness 0 (the device must fit the "
+                                 f"version the forward used), got staleness {self.staleness}: use staleness=0, "
+                                 "or packets='full'")
+            if not self.adapter.projectable:
+                raise ValueError(f"`packets='projected'` needs a lowrank or linear adapter (its fit depends on a "
+                                 f"step's x and g through fixed statistics); a {self.adapter.kind} adapter takes "
+                                 "packets='full'")
         if isinstance(self.optimizer, dict):
             object.__setattr__(self, "optimizer", OptimizerSpec.from_dict(self.optimizer))
 
@@ -67,7 +83,7 @@ class JobSpec:
                 "optimizer": self.optimizer.to_dict(), "target_modules": self.target_modules,
                 "fit_interval": self.fit_interval, "staleness": self.staleness,
                 "merge": self.merge, "seed": self.seed, "codec_x": self.codec_x, "codec_g": self.codec_g,
-                "state_every": self.state_every}
+                "state_every": self.state_every, **({"packets": self.packets} if self.packets != "full" else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> JobSpec:

@@ -11,11 +11,11 @@ from colaflow.models import tiny
 TOL = 1e-5
 
 
-def _run(family, targets, opt_spec, make_opt, peft_reference, interval=1, steps=20, merge=False):
+def _run(family, targets, opt_spec, make_opt, peft_reference, interval=1, steps=20, merge=False, packets="full"):
     model = tiny(family)
     spec = LowRank(r=8, alpha=16)
     trainer = Trainer(model, [JobSpec("j", spec, opt_spec, target_modules=targets, fit_interval=interval,
-                                      merge=merge)])
+                                      merge=merge, packets=packets)])
     ref = peft_reference(model, trainer, "j", spec, make_opt)
     data = batch_stream(96, 4, 12, seed=1, steps=steps * interval)
     for i in range(steps):
@@ -61,6 +61,16 @@ def test_gpt2_conv1d_equals_peft(peft_reference):
     err, n = _run("gpt2", ["c_attn"], AdamW(lr=1e-2), lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0),
                   peft_reference)
     assert n == 2
+    assert err <= TOL, err
+
+
+@pytest.mark.parametrize("family,targets,interval", [("llama", ["q_proj", "v_proj"], 1),
+                                                     ("llama", ["q_proj", "v_proj"], 2),
+                                                     ("gpt2", ["c_attn"], 1), ("gpt2", ["c_attn"], 3)])
+def test_projected_packets_equal_peft(peft_reference, family, targets, interval):
+    """The server sends each site's (G B)^T X and G^T (X A^T) instead of X and G: PEFT's trajectory still."""
+    err, _ = _run(family, targets, AdamW(lr=1e-2), lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0),
+                  peft_reference, interval=interval, steps=8, packets="projected")
     assert err <= TOL, err
 
 
@@ -110,8 +120,8 @@ def _seq2seq_batch(model, pad: int, t_enc: int, t_dec: int, seed: int) -> dict:
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
-@pytest.mark.parametrize("t_enc,t_dec", [(10, 10), (12, 7)])
-def test_encoder_decoder_equals_peft(family, t_enc, t_dec):
+@pytest.mark.parametrize("t_enc,t_dec,packets", [(10, 10, "full"), (12, 7, "full"), (12, 7, "projected")])
+def test_encoder_decoder_equals_peft(family, t_enc, t_dec, packets):
     """Decoder and cross-attention sites keep their own real tokens, equal lengths or not."""
     import copy
 
@@ -121,7 +131,8 @@ def test_encoder_decoder_equals_peft(family, t_enc, t_dec):
 
     model, targets, pad = _seq2seq(family)
     spec = LowRank(r=4, alpha=8)
-    trainer = Trainer(model, [JobSpec("j", spec, AdamW(lr=1e-2), target_modules=targets)], loss_fn=token_cls)
+    trainer = Trainer(model, [JobSpec("j", spec, AdamW(lr=1e-2), target_modules=targets, packets=packets)],
+                      loss_fn=token_cls)
     sites = list(trainer.adapters("j"))
     assert any("decoder" in s and ("EncDec" in s or "encoder_attn" in s) for s in sites)  # cross-attention too
     ref = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=sites))

@@ -56,12 +56,13 @@ def cluster(tmp_path):
 
 
 def test_grpc_run_equals_in_process(cluster, tmp_path):
-    """Bit for bit at any S and I, with another job sharing the server: each step uses exactly version
-    need(t), whenever updates arrive, and runs one job's batch."""
+    """Bit for bit at any S and I, full or projected packets, with other jobs sharing the server: each
+    step uses exactly version need(t), whenever updates arrive, and runs one job's batch."""
     client, _, _ = cluster
     ex = examples(96, 16, seed=0)
     specs = [JobSpec(f"exact-{s}-{i}", LowRank(r=4), AdamW(lr=1e-2), staleness=s, fit_interval=i)
              for s, i in ((0, 1), (2, 2))]
+    specs.append(JobSpec("exact-projected", LowRank(r=4), AdamW(lr=1e-2), fit_interval=2, packets="projected"))
     for spec in specs:
         client.submit(spec, ex, steps=STEPS, batch_size=4)
     for spec in specs:

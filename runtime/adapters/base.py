@@ -75,6 +75,12 @@ class AdapterSpec:
         return False
 
     @property
+    def projectable(self) -> bool:
+        """Whether the fit depends on a step's (x, g) only through statistics the server can send
+        instead (`Adapter.project`): exact for maps linear in their parameters' products (LoRA, linear)."""
+        return False
+
+    @property
     def routes(self) -> int:
         """How many token types the adapter routes between (0: none; packets then carry no `route`)."""
         return 0
@@ -123,6 +129,21 @@ class Adapter(nn.Module):
     def delta_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(dW, db) in the site weight's own layout, for merging; only mergeable kinds."""
         raise NotImplementedError(f"{self.spec.kind} adapters cannot be merged")
+
+    # projected packets: the server sends the fit's sufficient statistics of (x, g), not x and g
+
+    def project(self, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The statistics of tokens x (N, in) and gradients g (N, out) that `accumulate` needs (the
+        server computes them with its copy, which at staleness 0 is the version the device fits)."""
+        raise NotImplementedError(f"{self.spec.kind} adapters take full packets")
+
+    def stat_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The name and shape of every statistic `project` makes (a packet is checked against them)."""
+        raise NotImplementedError(f"{self.spec.kind} adapters take full packets")
+
+    def accumulate(self, stats: dict[str, torch.Tensor]) -> None:
+        """Add the parameter gradient of one step's statistics to `.grad` (what J^T g would add)."""
+        raise NotImplementedError(f"{self.spec.kind} adapters take full packets")
 
 
 def build_adapter(spec: AdapterSpec, site: Site, seed: int | None = None) -> Adapter:

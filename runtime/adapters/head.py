@@ -45,6 +45,10 @@ class WithHead(AdapterSpec):
         return {"kind": self.kind, "body": self.body.to_dict(), "head": self.head.to_dict(),
                 "head_sites": list(self.head_sites)}
 
+    @property
+    def projectable(self) -> bool:
+        return self.body.projectable and self.head.projectable
+
     def for_site(self, name: str) -> AdapterSpec:
         """The spec of the adapter at site `name`."""
         is_head = any(name == h or name.endswith("." + h) for h in self.head_sites)

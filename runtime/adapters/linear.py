@@ -32,6 +32,10 @@ class Linear(AdapterSpec):
     def mergeable(self) -> bool:
         return self.dropout == 0.0 and self.attach == "parallel"
 
+    @property
+    def projectable(self) -> bool:
+        return True
+
 
 class LinearAdapter(Adapter):
     def __init__(self, spec: Linear, site: Site):
@@ -54,6 +58,28 @@ class LinearAdapter(Adapter):
     def delta_weight(self):
         dw = self.weight.T if self.site.kind in ("conv1d", "embedding") else self.weight
         return dw, self.bias
+
+
+    # projected packets: dW = G^T X (out, in), db = sum of g: smaller than X and G once N > in out / (in + out)
+
+    def project(self, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        x, g = x.to(self.weight.dtype), g.to(self.weight.dtype)  # (N, in), (N, out)
+        stats = {"m": g.T @ x}  # (out, in)
+        if self.bias is not None:
+            stats["gsum"] = g.sum(0)  # (out,)
+        return stats
+
+    def stat_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {"m": tuple(self.weight.shape)}
+        if self.bias is not None:
+            shapes["gsum"] = tuple(self.bias.shape)
+        return shapes
+
+    def accumulate(self, stats: dict[str, torch.Tensor]) -> None:
+        for p, name in ((self.weight, "m"), (self.bias, "gsum")):
+            if p is not None:
+                grad = stats[name].to(p.device, p.dtype)
+                p.grad = grad if p.grad is None else p.grad + grad
 
 
 register_adapter(Linear, LinearAdapter)

@@ -41,6 +41,10 @@ class LowRank(AdapterSpec):
     def mergeable(self) -> bool:
         return self.dropout == 0.0 and self.attach == "parallel"
 
+    @property
+    def projectable(self) -> bool:
+        return True
+
 
 class LowRankAdapter(Adapter):
     def __init__(self, spec: LowRank, site: Site):
@@ -79,6 +83,22 @@ class LowRankAdapter(Adapter):
         if kind in ("conv1d", "embedding"):  # both store the weight as (in, out)
             return dw.T, None
         return dw, None
+
+
+    # projected packets: dB = s G^T (X A^T), dA = s (G B)^T X: r (in + out) numbers a step, not N (in + out)
+
+    def project(self, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        x, g = x.to(self.A.dtype), g.to(self.A.dtype)  # (N, in), (N, out)
+        return {"pa": (g @ self.B).T @ x,  # (r, N) @ (N, in) -> (r, in)
+                "pb": g.T @ (x @ self.A.T)}  # (out, N) @ (N, r) -> (out, r)
+
+    def stat_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"pa": tuple(self.A.shape), "pb": tuple(self.B.shape)}
+
+    def accumulate(self, stats: dict[str, torch.Tensor]) -> None:
+        for p, name in ((self.A, "pa"), (self.B, "pb")):
+            grad = stats[name].to(p.device, p.dtype) * self.scaling
+            p.grad = grad if p.grad is None else p.grad + grad
 
 
 register_adapter(LowRank, LowRankAdapter)

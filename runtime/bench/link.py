@@ -7,8 +7,12 @@ S = 2 too (the quality cost of staleness); and S = 0 / S = 1 once more on a serv
 `--no-layered` (each step waits for every site: the old schedule). On 100 Mbit/s each codec runs
 a short job for its time per step. Bytes per step are the server's packet bytes sent, over a
 naive fp32 wire (every site's x and g, all tokens, no sharing) for the same batches.
-Last line: {"default_codec", "bytes_vs_fp32", "em_gap_vs_raw", "s0_vs_s1_time", ...}; the default
-is the codec with the fewest bytes whose exact match is within 1 point of raw.
+Projected packets (`packets="projected"`: each site's low-rank statistics instead of x and g) train
+the main job raw on 1 Gbit/s and time a short run on 100 Mbit/s beside raw full packets.
+Last line: {"default_codec", "bytes_vs_fp32", "em_gap_vs_raw", "s0_vs_s1_time", "projected_bytes_vs_fp32",
+"projected_em_gap_vs_raw", "projected_vs_full_time_100mbit", ...}; the default is the codec with the
+fewest bytes whose exact match is within 1 point of raw. `--quick`: raw and projected only (~15 min
+on 2 cores); `--shape NAME|config.json`: the byte model at a model's true widths (bench/bytemodel.py).
 """
 from __future__ import annotations
 
@@ -40,8 +44,8 @@ def _naive_fp32_bytes(model, examples, steps: int) -> float:
     return total / steps
 
 
-def _job(session, examples, name: str, steps: int, codec: str, staleness: int = 0) -> dict:
-    kw = _spec() | {"steps": steps}
+def _job(session, examples, name: str, steps: int, codec: str, staleness: int = 0, packets: str = "full") -> dict:
+    kw = _spec() | {"steps": steps, "packets": packets}
     if steps != kw["optimizer"].schedule.total:  # a short run keeps the full run's schedule shape
         from colaflow import AdamW, Schedule
         kw["optimizer"] = AdamW(lr=kw["optimizer"].lr,
@@ -55,6 +59,10 @@ def _job(session, examples, name: str, steps: int, codec: str, staleness: int = 
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.shape:
+        from .bytemodel import main as bytes_main
+
+        return bytes_main(args)
     from colaflow import Session
     from colaflow.local import LocalCluster
     from colaflow.models import load
@@ -69,7 +77,8 @@ def main(args: argparse.Namespace) -> int:
     short = min(SHORT, steps)
     naive = _naive_fp32_bytes(model, examples, steps)
     work = Path(tempfile.mkdtemp(prefix="colaflow-link-"))
-    codecs = args.codecs or list(CODECS)
+    quick = getattr(args, "quick", False)
+    codecs = args.codecs or (["raw"] if quick else list(CODECS))
     print(f"link: {args.model} (server on {args.device}), 2 edge daemons behind a shaped link, "
           f"{steps} steps of {BATCH} (timing runs: "
           f"{short}); naive fp32 wire {naive / 2**20:.1f} MiB/step; {work}", flush=True)
@@ -102,32 +111,42 @@ def main(args: argparse.Namespace) -> int:
             for codec in codecs:
                 r = _job(s, examples, f"1g-{codec}", steps, codec)
                 show(f"1gbit {codec} S=0", r, score(r, f"1g-{codec}"))
+            r = _job(s, examples, "1g-projected", steps, "raw", packets="projected")
+            show("1gbit raw S=0 projected", r, score(r, "1g-projected"))
             best = _default(rows, codecs)
-            for S in (1, 2):
+            for S in () if quick else (1, 2):
                 r = _job(s, examples, f"1g-{best}-s{S}", steps, best, staleness=S)
                 show(f"1gbit {best} S={S}", r, score(r, f"1g-{best}-s{S}"))
-    with cluster(*LINKS["1gbit"], "--no-layered") as c:
-        _settle()
-        with Session(address=c.address) as s:
-            for S in (0, 1):
-                show(f"1gbit {best} S={S} no-layered", _job(s, examples, f"nl-{best}-s{S}", short, best, S), None)
+    if not quick:
+        with cluster(*LINKS["1gbit"], "--no-layered") as c:
+            _settle()
+            with Session(address=c.address) as s:
+                for S in (0, 1):
+                    show(f"1gbit {best} S={S} no-layered", _job(s, examples, f"nl-{best}-s{S}", short, best, S), None)
     with cluster(*LINKS["100mbit"]) as c:
         _settle()
         with Session(address=c.address) as s:
             for codec in codecs:
                 show(f"100mbit {codec} S=0", _job(s, examples, f"100m-{codec}", short, codec), None)
-            show(f"100mbit {best} S=1", _job(s, examples, f"100m-{best}-s1", short, best, 1), None)
-    d = rows[f"1gbit {best} S=0"]
+            show("100mbit raw S=0 projected", _job(s, examples, "100m-projected", short, "raw", packets="projected"),
+                 None)
+            if not quick:
+                show(f"100mbit {best} S=1", _job(s, examples, f"100m-{best}-s1", short, best, 1), None)
+    d, proj = rows[f"1gbit {best} S=0"], rows["1gbit raw S=0 projected"]
+
+    def ratio(a: str, b: str, key: str = "s_per_step") -> float | None:
+        return round(rows[a][key] / rows[b][key], 3) if a in rows and b in rows else None
+    raw_em = rows["1gbit raw S=0"]["exact_match"] if "raw" in codecs else None
     report({"default_codec": best, "bytes_vs_fp32": d["bytes_vs_fp32"],
-            "em_gap_vs_raw": (round(rows["1gbit raw S=0"]["exact_match"] - d["exact_match"], 1)
-                              if "raw" in codecs else None),
-            "s0_vs_s1_time": round(d["s_per_step"] / rows[f"1gbit {best} S=1"]["s_per_step"], 3),
-            "s0_vs_s1_time_no_layered": round(rows[f"1gbit {best} S=0 no-layered"]["s_per_step"]
-                                              / rows[f"1gbit {best} S=1 no-layered"]["s_per_step"], 3),
-            "s0_vs_s1_time_100mbit": round(rows[f"100mbit {best} S=0"]["s_per_step"]
-                                           / rows[f"100mbit {best} S=1"]["s_per_step"], 3),
-            "em_s1_gap": round(d["exact_match"] - rows[f"1gbit {best} S=1"]["exact_match"], 1),
-            "em_s2_gap": round(d["exact_match"] - rows[f"1gbit {best} S=2"]["exact_match"], 1),
+            "em_gap_vs_raw": round(raw_em - d["exact_match"], 1) if raw_em is not None else None,
+            "s0_vs_s1_time": ratio(f"1gbit {best} S=0", f"1gbit {best} S=1"),
+            "s0_vs_s1_time_no_layered": ratio(f"1gbit {best} S=0 no-layered", f"1gbit {best} S=1 no-layered"),
+            "s0_vs_s1_time_100mbit": ratio(f"100mbit {best} S=0", f"100mbit {best} S=1"),
+            "em_s1_gap": round(d["exact_match"] - rows[f"1gbit {best} S=1"]["exact_match"], 1) if not quick else None,
+            "em_s2_gap": round(d["exact_match"] - rows[f"1gbit {best} S=2"]["exact_match"], 1) if not quick else None,
+            "projected_bytes_vs_fp32": proj["bytes_vs_fp32"],
+            "projected_em_gap_vs_raw": round(raw_em - proj["exact_match"], 1) if raw_em is not None else None,
+            "projected_vs_full_time_100mbit": ratio("100mbit raw S=0 projected", "100mbit raw S=0"),
             "runs": rows})
     return 0
 

@@ -10,7 +10,8 @@ import importlib
 BENCHES = {"server-step": "colaflow.bench.server_step", "tenants": "colaflow.bench.tenants",
            "wire": "colaflow.server.bench_wire", "state": "colaflow.bench.state", "e2e": "colaflow.bench.e2e",
            "load": "colaflow.bench.load", "chaos": "colaflow.bench.chaos", "link": "colaflow.bench.link",
-           "coda": "colaflow.bench.coda", "blackbox": "colaflow.bench.blackbox"}
+           "coda": "colaflow.bench.coda", "blackbox": "colaflow.bench.blackbox",
+           "scale": "colaflow.bench.scale"}
 
 
 def add_parser(sub) -> None:
@@ -28,6 +29,11 @@ def add_parser(sub) -> None:
     p.add_argument("--mbit", type=float, default=0.0,
                    help="wire: also move each codec's frames through a link shaped to this many Mbit/s, 20 ms RTT")
     p.add_argument("--server-threads", type=int, default=2, help="link: torch threads of the server")
+    p.add_argument("--shape", default=None, help="scale: model shapes, comma-separated (0.5b, 1b, 3b, llama-3-8b, "
+                   "llama-3-70b, or an HF config.json; default 0.5b,1b); link: the byte model of one shape")
+    p.add_argument("--quick", action="store_true", help="link: raw and projected packets only (~15 min on 2 cores)")
+    p.add_argument("--rows", type=int, default=None, help="scale: rows per batch (default 4); link --shape: 8")
+    p.add_argument("--tokens", type=int, default=None, help="scale: tokens per row (default 128); link --shape: 2048")
     p.add_argument("--steps", type=int, default=None, help="link, coda: steps of each full run (default 60); "
                    "blackbox: steps of each quality run (default 60)")
 

@@ -37,9 +37,10 @@ LOCAL = "local"
 class Trainer:
     """Runs jobs in-process: the jobs of one `step` call share one forward (a mixed batch)."""
 
-    def __init__(self, model: nn.Module | BlackBoxHost, jobs: list[JobSpec], loss_fn: LossFn = causal_lm):
+    def __init__(self, model: nn.Module | BlackBoxHost, jobs: list[JobSpec], loss_fn: LossFn = causal_lm,
+                 checkpointing: bool = False):
         # a BlackBoxHost: black-box jobs served from a `logprobs` callable alone (colaflow.engine.blackbox)
-        self.host = model if isinstance(model, BlackBoxHost) else Host(model, loss_fn)
+        self.host = model if isinstance(model, BlackBoxHost) else Host(model, loss_fn, checkpointing=checkpointing)
         self.scheduler = Scheduler()
         self.worker = Worker(LOCAL)
         self.specs: dict[str, JobSpec] = {}
@@ -123,6 +124,11 @@ class Trainer:
         xs: dict[int, object] = {}  # an input shared by several sites travels (and arrives) once
         out = []
         for p in msg.packets:
+            if p.stats is not None:  # projected: each statistic in the gradient codec, as serde sends it
+                stats = {k: codec.through(t, spec.codec_g, codec.packet_salt(msg.job, msg.step, f"{p.site}/{k}"))
+                         for k, t in p.stats.items()}
+                out.append(type(p)(p.job, p.site, p.step, p.version, None, None, None, stats))
+                continue
             if id(p.x) not in xs:
                 xs[id(p.x)] = codec.through(p.x, spec.codec_x, codec.packet_salt(msg.job, msg.step, "x"))
             g = codec.through(p.g, spec.codec_g, codec.packet_salt(msg.job, msg.step, p.site))

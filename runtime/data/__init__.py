@@ -20,5 +20,6 @@ from .batches import (
                       token_ids,
 )
 
-__all__ = ["DEFAULT_BATCH", "IGNORE", "PAD", "batches", "check_limits", "collate", "from_map", "stack",
+__all__ = ["DEFAULT_BATCH", "IGNORE", "PAD", "batch_shape", "batches", "check_limits", "collate", "from_map",
+           "stack",
            "tensor_rows", "to_map", "token_ids"]

@@ -123,6 +123,12 @@ def from_map(d: dict) -> Iterator[dict]:
     return batches(examples, size, seed=int(d.get("seed", 0)))
 
 
+def batch_shape(d: dict) -> tuple[int, int]:
+    """(rows, tokens) of a data map's largest batch: its batch size, and its longest row."""
+    rows = d["examples"]
+    return min(int(d.get("batch_size", DEFAULT_BATCH)), len(rows)), max(len(r["input_ids"]) for r in rows)
+
+
 def tensor_rows(rows: list, where: str) -> list[dict]:
     """Rows of a data map as 1-D tensors (`input_ids`, `attention_mask`, `labels`); `where` names them in errors.
 

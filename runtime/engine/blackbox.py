@@ -50,7 +50,8 @@ class BlackBoxHost:
         """A black-box job's one site is made when it is hosted (`add_job`)."""
         return None
 
-    def add_job(self, spec: JobSpec, init: dict | None = None, sites: list[Site] | None = None) -> list[Site]:
+    def add_job(self, spec: JobSpec, init: dict | None = None, sites: list[Site] | None = None,
+                shape: tuple[int, int] | None = None) -> list[Site]:
         """Host a black-box job: its one site `<output>`; the server keeps no copy of the small model."""
         if init is not None:
             raise ValueError("a black-box job cannot start from an export (`init`)")

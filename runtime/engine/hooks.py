@@ -9,6 +9,8 @@ Inputs shared by several sites (`q_proj`, `v_proj` read one tensor) are kept onc
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,11 @@ class SiteHooks:
             jobs = [j for j in ctx.order if name in self.jobs[j].adapters]
             if not jobs:
                 return None
+            if ctx.recomputing:  # a checkpointed block again, in the backward: the same graph, and x kept now
+                if not output.requires_grad:
+                    output = output.detach().requires_grad_(True)
+                delta = self._delta(name, args[0], output, jobs, ctx)
+                return output if delta is None else (output + delta).to(output.dtype)
             if ctx.capture and name in ctx.shapes:
                 raise RuntimeError(f"site `{name}` was called twice in one forward; colaflow adapts "
                                    "modules that run once per forward")
@@ -97,16 +104,34 @@ class SiteHooks:
             x = F.dropout(x, p, training=True)
         mask = ctx.mask if ctx.mask is not None and tuple(ctx.mask.shape) == tuple(x.shape[:2]) else None
         sel = adapter.select(x, mask)
-        if ctx.capture:  # one detached tensor per distinct input, so shared inputs stay shared;
-            # keyed by memory, not id(): a freed input's id may be reused within the forward
-            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
-            kept = ctx.captured
-            kept.inputs[(job.spec.job_id, name)] = kept.detached.setdefault(key, x.detach())
-            if route is not None:
-                kept.routes[(job.spec.job_id, name)] = route
-            if sel is not None:
-                kept.selected[(job.spec.job_id, name)] = sel
+        if ctx.capture:
+            kept, job_id = ctx.captured, job.spec.job_id
+            if not ctx.recomputing:  # which input the site reads: sites sharing one travel together
+                kept.group[(job_id, name)] = number = _input_number(kept, x)
+                kept.forms[(job_id, number)] = (x.shape, x.dtype, x.device)
+                if route is not None:
+                    kept.routes[(job_id, name)] = route
+                if sel is not None:
+                    kept.selected[(job_id, name)] = sel
+            if not ctx.checkpointing or ctx.recomputing:  # kept until its packets leave, once per input
+                key = (job_id, kept.group[(job_id, name)])
+                if key not in kept.sent:  # (a later site of a group that already left keeps nothing)
+                    kept.inputs.setdefault(key, x.detach())
+                    if ctx.recomputing and ctx.stream is not None:
+                        ctx.stream.input_kept(key)
         return x, route, sel
+
+
+def _input_number(kept, x: torch.Tensor) -> int:
+    """The same number for the same tensor (q_proj and v_proj read one), a new one for another. By
+    identity, checked through a weak reference: a freed input's id (or its memory) may be reused
+    within the forward, and under checkpointing nothing keeps the input alive."""
+    seen = kept.seen.get(id(x))
+    if seen is not None and seen[0]() is x:
+        return seen[1]
+    kept.numbered += 1  # (not len(seen): a reused id replaces its entry)
+    kept.seen[id(x)] = (weakref.ref(x), kept.numbered)
+    return kept.numbered
 
 
 def call(adapter: Adapter, x: torch.Tensor, route: torch.Tensor | None, sel: torch.Tensor | None) -> torch.Tensor:

@@ -16,6 +16,7 @@ packets leave through `packets.py`, a mixed batch splits per `mixed.py` and `lay
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,12 +33,15 @@ from ..job import JobSpec
 from ..learn.fit import site_seed
 from ..learn.messages import Packet
 from ..sites import Site, find_sites, site_module
+from . import weights
 from .blackbox import BlackBoxHost, is_blackbox
+from .checkpointing import Checkpointing
 from .hooks import SiteHooks
 from .hosted import HostedJob, StepContext, StepResult
 from .layout import RowLayout
 from .lmhead import fused, head_of
 from .loss import LossFn, causal_lm, per_job, token_cls
+from .memory import Budget
 from .mixed import micro_batches, sub_batch
 from .packets import PacketStream
 
@@ -53,7 +57,14 @@ MIX_ROWS = 6  # rows per micro-batch of a mixed step: on CPU, batching gains lit
 class Host(SiteHooks):
     """The server's side of ColA: frozen model + per-job adapter copies + the capture step."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn = causal_lm, mix_rows: int = MIX_ROWS):
+    def __init__(self, model: nn.Module, loss_fn: LossFn = causal_lm, mix_rows: int = MIX_ROWS,
+                 checkpointing: bool | str = False, max_memory: int | None = None):
+        """`checkpointing`: recompute each block's activations in the backward instead of keeping them
+        (less memory, about a third more compute; the packets are the same): True, False, or "auto" —
+        for the jobs whose steps would not fit `max_memory` otherwise. `max_memory`: the bytes this
+        server may use (None: the device's); a job whose step and packets cannot fit is refused."""
+        if checkpointing not in (True, False, "auto"):
+            raise ValueError(f"`checkpointing` must be True, False or 'auto', got {checkpointing!r}")
         if not isinstance(mix_rows, int) or mix_rows < 1:
             raise ValueError(f"`mix_rows` must be a positive int, got {mix_rows!r}")
         self.model = model
@@ -62,6 +73,10 @@ class Host(SiteHooks):
         self.mix_rows = mix_rows  # a mixed batch runs as micro-batches of whole jobs, this many rows each
         for p in model.parameters():
             p.requires_grad_(False)
+        weights.prepare(model)  # a 4-bit base keeps its differentiable kernel
+        self.checkpointing = Checkpointing(model, self._recompute) if checkpointing is True else None
+        self.memory = Budget(model, checkpointing, max_memory)
+        self._takes_use_cache = "use_cache" in inspect.signature(model.forward).parameters
         self.jobs: dict[str, HostedJob] = {}
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._ctx: StepContext | None = None
@@ -81,6 +96,11 @@ class Host(SiteHooks):
         targets = spec.target_modules if spec.target_modules is not None else spec.adapter.default_targets(self.model)
         # the sites as the adapters see them: a sequential adapter's site reads the module's output
         sites = [spec.adapter.view(s) for s in find_sites(self.model, targets)]
+        odd = [s for s in sites if spec.packets == "projected" and s.kind not in ("linear", "conv1d")]
+        if odd:  # the statistics are of token rows: an embedding's or a convolution's input is not one
+            raise ValueError(f"job {spec.job_id!r}: `packets='projected'` serves linear and conv1d sites; "
+                             f"`{odd[0].name}` is a {odd[0].kind} site: leave it out of `targets`, or use "
+                             "packets='full'")
         # (meta: no memory)
         size = sum(math.prod(shape) for s in sites for shape in param_shapes(spec.adapter, s).values())
         if self._model_size is None:
@@ -90,10 +110,11 @@ class Host(SiteHooks):
                              f"model's {self._model_size:,}: choose a smaller size (`r`, `hidden`) or fewer targets")
         return sites
 
-    def add_job(self, spec: JobSpec, init: dict[str, dict] | None = None,
-                sites: list[Site] | None = None) -> list[Site]:
+    def add_job(self, spec: JobSpec, init: dict[str, dict] | None = None, sites: list[Site] | None = None,
+                shape: tuple[int, int] | None = None) -> list[Site]:
         """Host a job: resolve its sites (unless given: `resolve`'s), build its adapter copies (from `init`
-        {site: params} if given; the scheduler checks it), hook its sites."""
+        {site: params} if given; the scheduler checks it), hook its sites. `shape`: its batches' (rows,
+        tokens) at most; a job whose step cannot fit the server's memory is refused (`ResourceExhausted`)."""
         if spec.job_id in self.jobs:
             raise ValueError(f"job {spec.job_id!r} is already hosted")
         if is_blackbox(spec):  # black-box output mode: one `<output>` site, forward only (colaflow.engine.blackbox)
@@ -101,13 +122,17 @@ class Host(SiteHooks):
                 self._blackbox = BlackBoxHost(model_logprobs(self.model), *self.limits(), jobs=self.jobs)
             return self._blackbox.add_job(spec, init)
         sites = self.resolve(spec) if sites is None else sites
+        fit = self.memory.admit(spec, sites, shape, {j: h.fit for j, h in self.jobs.items()})  # before any allocation
+        if fit is not None and fit.checkpointed and self.checkpointing is None:
+            self.checkpointing = Checkpointing(self.model, self._recompute)  # "auto": this job needs it
         adapters = {}
         for s in sites:
             a = build_adapter(spec.adapter, s, seed=site_seed(spec, s))
             if init is not None and s.name in init:
                 load_params(a, init[s.name])
             adapters[s.name] = a.to(self._device_of(s)).requires_grad_(False)
-        self.jobs[spec.job_id] = HostedJob(spec, {s.name: s for s in sites}, adapters, {s.name: 0 for s in sites})
+        self.jobs[spec.job_id] = HostedJob(spec, {s.name: s for s in sites}, adapters, {s.name: 0 for s in sites},
+                                           fit=fit)
         for s in sites:
             if s.name not in self._hooks:
                 mod = site_module(self.model, s)
@@ -161,7 +186,7 @@ class Host(SiteHooks):
         return self._packing
 
     def _device_of(self, site: Site) -> torch.device:
-        return next(site_module(self.model, site).parameters()).device
+        return weights.execution_device(site_module(self.model, site), self.model)
 
     # the step
 
@@ -195,13 +220,16 @@ class Host(SiteHooks):
 
     def _step(self, batch: dict, emit, gate, steps: dict[str, int]) -> StepResult:
         jobs = list(batch["jobs"])
-        device = next(self.model.parameters()).device
+        device = weights.input_device(self.model)
         if self.loss_fn in (causal_lm, token_cls):
             self._check_labels(batch)  # (before the copy to the device: no host sync for it)
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         inputs = {k: v for k, v in batch.items() if k not in ("jobs", "labels")}
+        if self._takes_use_cache:  # a training step reads no KV cache: building one costs memory for nothing
+            inputs["use_cache"] = False
         ctx = self._context(jobs, capture=True, device=device)
         ctx.gate, ctx.mask, ctx.steps = gate, batch.get("attention_mask"), steps
+        ctx.checkpointing = self._checkpoint_now(ctx.order)
         ctx.grid = next((tuple(v.shape[:2]) for k in ("input_ids", "attention_mask", "labels")
                          if isinstance(v := batch.get(k), torch.Tensor) and v.dim() >= 2), None)
         if len(ctx.order) > 1:
@@ -228,7 +256,7 @@ class Host(SiteHooks):
                         raise RuntimeError(f"site `{missed[0]}` of job {job_id!r} was not called in the forward "
                                            f"({len(missed)} of its sites were not); pick modules the forward runs")
                 stream = PacketStream(self.jobs, ctx, losses, emit or collected.extend, self.packer)
-                ctx.stream, ctx.captured.detached = stream, {}  # x now lives in `inputs` only, until it is sent
+                ctx.stream = stream
                 if not ctx.captured.leaves:  # only when something upstream of every site already wants a gradient
                     raise RuntimeError("no adapted site starts a gradient path: the model's inputs or parameters "
                                        "require grad; the host expects a frozen model and integer inputs")
@@ -283,6 +311,27 @@ class Host(SiteHooks):
             return None
         return head
 
+    def _checkpoint_now(self, jobs: list[str]) -> bool:
+        """Whether this step recomputes its blocks: always when asked to, else where one of its jobs was
+        admitted only with checkpointing."""
+        on = self.memory.mode is True or any(getattr(self.jobs[j].fit, "checkpointed", False) for j in jobs)
+        if self.checkpointing is not None:
+            self.checkpointing.active = on
+        return on and self.checkpointing is not None
+
+    @contextlib.contextmanager
+    def _recompute(self):
+        """A checkpointed block runs again in the backward: its site hooks know (they keep x now)."""
+        ctx = self._ctx
+        if ctx is None:
+            yield
+            return
+        ctx.recomputing = True
+        try:
+            yield
+        finally:
+            ctx.recomputing = False
+
     @contextlib.contextmanager
     def using(self, job_id: str):
         """Run the model as `job_id`'s adapted model (inference, e.g. `generate`)."""
@@ -320,7 +369,7 @@ class Host(SiteHooks):
 
     def _mergeable(self, job: HostedJob, name: str) -> bool:
         adapter, mod = job.adapters[name], site_module(self.model, name)
-        if not adapter.spec.mergeable:
+        if not adapter.spec.mergeable or not weights.mergeable_weight(mod):  # a 4-bit or offloaded weight: unmerged
             return False
         return not (getattr(adapter, "bias", None) is not None and getattr(mod, "bias", None) is None)
 

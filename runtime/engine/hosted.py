@@ -13,6 +13,7 @@ from ..learn.messages import Packet
 from ..sites import Site
 
 if TYPE_CHECKING:
+    from .memory import Fit
     from .packets import PacketStream
 
 
@@ -23,6 +24,7 @@ class HostedJob:
     adapters: dict[str, Adapter]  # the server's copies: parameters only, never a gradient
     versions: dict[str, int]  # the version each copy holds (the scheduler says which one a step needs)
     merged: dict[str, tuple[int, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    fit: Fit | None = None  # what memory its steps and packets were admitted with (None: not sized)
 
 
 @dataclass
@@ -38,10 +40,14 @@ class Captured:
     ends: autograd holds the site hooks, and through them this, where Python's collector cannot see."""
 
     leaves: list[torch.Tensor] = field(default_factory=list)  # where the backward starts from
-    inputs: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> x
+    group: dict[tuple[str, str], int] = field(default_factory=dict)  # (job, site) -> the input it reads
+    inputs: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (job, input) -> x, until sent
+    forms: dict[tuple[str, int], tuple] = field(default_factory=dict)  # (job, input) -> (shape, dtype, device)
     routes: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> (B, T) token types
     selected: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (job, site) -> (B, T) bool
-    detached: dict[tuple, torch.Tensor] = field(default_factory=dict)  # one detached tensor per distinct input
+    seen: dict[int, tuple] = field(default_factory=dict)  # id(x) -> (weak reference to x, its input number)
+    numbered: int = 0  # inputs numbered so far
+    sent: set[tuple[str, int]] = field(default_factory=set)  # (job, input) whose packets have left
 
 
 @dataclass
@@ -60,4 +66,6 @@ class StepContext:
     gate: Callable[[str], None] | None = None
     mask: torch.Tensor | None = None  # the batch's attention mask (conditional kinds choose among real tokens)
     grid: tuple[int, int] | None = None  # the batch's (rows, tokens)
+    checkpointing: bool = False  # blocks recompute in the backward: x is kept then, not in the forward
+    recomputing: bool = False  # a checkpointed block runs again (the backward needs its activations)
     captured: Captured = field(default_factory=Captured)

@@ -102,7 +102,9 @@ class fused:
             if h.dim() != 3 or tuple(h.shape[:2]) != tuple(self.labels.shape):
                 raise RuntimeError(f"the fused head got hidden states of shape {tuple(h.shape)} for labels "
                                    f"{tuple(self.labels.shape)}")
-            scaled = HeadLoss.apply(h, self.head.weight, self.head.bias, self.labels, self.scale)
+            dev = self.head.weight.device  # a device-mapped head may sit on another device than h
+            scaled = HeadLoss.apply(h.to(dev), self.head.weight, self.head.bias, self.labels.to(dev),
+                                    self.scale.to(dev))
             self.losses = {job: scaled[idx.to(scaled.device)].sum() for job, idx in self.rows.items()}
             return h.new_zeros(()).expand(*h.shape[:-1], self.head.out_features)
         self.own = self.head.__dict__.get("forward")  # a wrapper someone set on the instance (accelerate's hooks)

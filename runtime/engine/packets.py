@@ -29,15 +29,16 @@ class PacketStream:
         self.packer = packer  # one thread that checks, cuts and emits copied-out device tensors, in order
         self.grads: dict[str, torch.Tensor] = {}
         self.waiting: dict[tuple[str, int], set[str]] = {}  # (job, group) -> sites still without g
-        self.groups: dict[tuple[str, int], list[str]] = {}
+        self.groups: dict[tuple[str, int], list[str]] = {}  # (job, input number) -> the sites reading it
         self.of_site: dict[str, list[tuple[str, int]]] = {}
         self.copying: list = []  # futures of the groups whose device-to-host copies are in flight
+        self.pending: set[tuple[str, int]] = set()  # groups whose g are in, whose input its recompute has yet to keep
         self.failed = False
         for job_id in ctx.rows:
             by_input: dict[int, list[str]] = {}
             for name in jobs[job_id].sites:
-                by_input.setdefault(id(ctx.captured.inputs[(job_id, name)]), []).append(name)
-            for i, group in enumerate(by_input.values()):
+                by_input.setdefault(ctx.captured.group[(job_id, name)], []).append(name)
+            for i, group in by_input.items():
                 self.groups[(job_id, i)], self.waiting[(job_id, i)] = group, set(group)
                 for name in group:
                     self.of_site.setdefault(name, []).append((job_id, i))
@@ -47,15 +48,30 @@ class PacketStream:
         for key in self.of_site.get(name, []):
             self.waiting[key].discard(name)
             if not self.waiting[key]:
-                self._send(key)
+                self._ready(key)
+
+    def _ready(self, key: tuple[str, int]) -> None:
+        """Every g of the group is in: send it, or — checkpointed, a site's output gradient can come
+        before its block runs again — once that recompute has kept its input."""
+        if self.ctx.checkpointing and key not in self.ctx.captured.inputs:
+            self.pending.add(key)
+        else:
+            self._send(key)
+
+    def input_kept(self, key: tuple[str, int]) -> None:
+        """A checkpointed block's recompute kept the input `key` ((job, input number)): its group may go."""
+        if key in self.pending:
+            self.pending.discard(key)
+            self._send(key)
 
     def finish(self) -> None:
         """Send the groups whose sites got no gradient at all (zero g: unused by every loss), and wait
         for the copies still in flight."""
-        for key in [k for k, left in self.waiting.items() if left]:
-            for name in list(self.waiting[key]):
+        for key in [k for k, left in self.waiting.items() if left] + sorted(self.pending):
+            for name in list(self.waiting.get(key, ())):
                 shape, dtype, device = self.ctx.shapes[name]
                 self.grads.setdefault(name, torch.zeros(shape, dtype=dtype, device=device))
+            self.pending.discard(key)
             self._send(key)
         for copied in self.copying:
             copied.result()  # raises the first group's error, if any
@@ -65,7 +81,12 @@ class PacketStream:
         group = self.groups.pop(key)
         del self.waiting[key]
         rows, kept = self.ctx.rows[job_id], self.ctx.captured
-        x = _rows(kept.inputs[(job_id, group[0])], rows)
+        kept.sent.add(key)
+        x = kept.inputs.pop(key, None)  # (checkpointed: kept by the block's recompute, just now)
+        if x is None:  # a checkpointed block no gradient reached never ran again: its g are all zero, and
+            shape, dtype, device = kept.forms[key]  # its packets carry no token, whatever x held
+            x = torch.zeros(shape, dtype=dtype, device=device)
+        x = _rows(x, rows)
         gs = {n: _rows(self.grads[n], rows) for n in group}
         rs = {n: _rows(kept.routes[(job_id, n)], rows) for n in group if (job_id, n) in kept.routes}
         # a conditional adapter's unselected tokens add nothing to J^T g: they stay on the server
@@ -73,16 +94,21 @@ class PacketStream:
         gs = {n: g * _rows(kept.selected[(job_id, n)], rows).unsqueeze(-1).to(g.dtype)
               if (job_id, n) in kept.selected else g for n, g in gs.items()}
         for n in group:
-            kept.inputs.pop((job_id, n), None)
             kept.routes.pop((job_id, n), None)
             kept.selected.pop((job_id, n), None)
             self.of_site[n] = [k for k in self.of_site[n] if k != key]
             if not self.of_site[n]:  # a g no other job's group still waits for is released now
                 self.grads.pop(n, None)
-        if x.is_cuda:  # copy out without waiting; a host thread checks, cuts and emits the copy, so
-            # the backward's thread goes on launching kernels (no synchronisation per site)
-            with torch.cuda.device(x.device):  # `finish` runs on a thread whose current device may be 0
-                x, gs = _to_host(x), {n: _to_host(g) for n, g in gs.items()}
+        if self.jobs[job_id].spec.packets == "projected":  # the fit's statistics leave, not x and g
+            gs = self._project(job_id, x, gs)
+            x = None
+        lead = x if x is not None else next(iter(gs.values()))["gsq"]
+        if lead.is_cuda:  # copy out without waiting; a host thread checks, cuts and emits the copy, so the
+            # backward's thread goes on launching kernels (no synchronisation per site)
+            with torch.cuda.device(lead.device):  # `finish` runs on a thread whose current device may be 0
+                x = None if x is None else _to_host(x)
+                gs = {n: {k: _to_host(t) for k, t in g.items()} if isinstance(g, dict) else _to_host(g)
+                      for n, g in gs.items()}
                 rs = {n: _to_host(r) for n, r in rs.items()}
                 event = torch.cuda.Event()
                 event.record()
@@ -105,9 +131,29 @@ class PacketStream:
                 self.failed = True
                 raise
 
-    def _emit(self, job_id: str, group: list[str], x: torch.Tensor, gs: dict[str, torch.Tensor],
+    def _project(self, job_id: str, x: torch.Tensor, gs: dict[str, torch.Tensor]) -> dict[str, dict]:
+        """Each site's statistics of its tokens (`Adapter.project`, with the server's copy: at staleness
+        0 the very version the device fits) and its GL loss 0.5 ||g||^2. Tokens with zero g add nothing."""
+        adapters, x2 = self.jobs[job_id].adapters, x.reshape(-1, x.shape[-1])  # (N, in)
+        out = {}
+        for n, g in gs.items():
+            g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+            with torch.no_grad():
+                out[n] = {**adapters[n].project(x2, g2), "gsq": 0.5 * g2.double().pow(2).sum().reshape(1).float()}
+        return out
+
+    def _emit(self, job_id: str, group: list[str], x: torch.Tensor | None, gs: dict,
               rs: dict[str, torch.Tensor], pinned: bool = False) -> None:
         job, step = self.jobs[job_id], self.ctx.steps.get(job_id, 0)
+        if x is None:  # projected: a handful of small tensors per site
+            for n, stats in gs.items():
+                bad = next((k for k, t in stats.items() if not torch.isfinite(t).all()), None)
+                if bad is not None:
+                    raise FloatingPointError(f"site `{n}`: statistic `{bad}` of job {job_id!r} at step {step} "
+                                             f"holds NaN or Inf (loss {float(self.losses[job_id].detach()):.4g})")
+            self.emit([Packet(job_id, n, step, job.versions[n], None, None, None,
+                              {k: t.clone() if pinned else t for k, t in gs[n].items()}) for n in group])
+            return
         for n, g in gs.items():
             if not torch.isfinite(g).all():
                 raise FloatingPointError(f"site `{n}`: gradient of job {job_id!r} at step {step} "

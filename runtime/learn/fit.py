@@ -29,9 +29,27 @@ class FitStats:
     lr: float
 
 
+def check_stats(packet: Packet, site: Site, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a projected packet whose statistics are not exactly `shapes` (and `gsq`), all finite."""
+    stats = packet.stats
+    want = {**shapes, "gsq": (1,)}
+    if packet.x is not None or packet.g is not None or packet.route is not None or set(stats) != set(want):
+        raise ValueError(f"site `{site.name}`: a projected packet carries exactly {sorted(want)}, got "
+                         f"{sorted(stats)}{' and an x or g' if packet.x is not None or packet.g is not None else ''}")
+    for name, t in stats.items():
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"site `{site.name}`: statistic `{name}` has shape {tuple(t.shape)}, the adapter "
+                             f"expects {want[name]}")
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise ValueError(f"site `{site.name}`: statistic `{name}` of job {packet.job!r} step {packet.step} "
+                             "holds NaN or Inf values")
+
+
 def check_packet(packet: Packet, site: Site, routes: int = 0) -> None:
     """Refuse a packet whose tensors do not fit `site` (and an adapter routing between `routes`
     token types) or hold non-finite values."""
+    if packet.x is None or packet.g is None:
+        raise ValueError(f"site `{site.name}`: a full packet carries `x` and `g`")
     check_shape(site, "x", packet.x, "x")
     check_shape(site, "g", packet.g, "g")
     if packet.x.shape[0] != packet.g.shape[0]:
@@ -58,12 +76,17 @@ def check_packet(packet: Packet, site: Site, routes: int = 0) -> None:
 
 def fit(adapter: Adapter, optimizer: torch.optim.Optimizer, scheduler, pairs: list[tuple],
         clip_norm: float | None = None) -> FitStats:
-    """One optimizer step on the summed GL loss of `pairs` [(x, g) or (x, g, route), ...]; its loss,
-    gradient norm and lr."""
+    """One optimizer step on the summed GL loss of `pairs` [(x, g) or (x, g, route) of full packets, or a
+    projected packet's statistics, ...]; its loss, gradient norm and lr."""
     optimizer.zero_grad(set_to_none=True)
     loss = 0.0
     dtype = next(adapter.parameters()).dtype
-    for x, g, *route in pairs:
+    for item in pairs:
+        if isinstance(item, dict):  # a projected packet: the statistics of its tokens are the gradient
+            adapter.accumulate(item)
+            loss += float(item["gsq"].double().sum())
+            continue
+        x, g, *route = item
         if hasattr(adapter, "objective"):  # an output-site model (black-box mode) owns its loss
             loss += adapter.objective(x, g)
             continue

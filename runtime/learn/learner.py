@@ -15,7 +15,7 @@ import torch
 from ..adapters.base import build_adapter, load_params, params_of
 from ..job import JobSpec
 from ..sites import Site
-from .fit import check_packet, fit, site_seed, update_fault
+from .fit import check_packet, check_stats, fit, site_seed, update_fault
 from .messages import LearnerState, OptimizerState, Packet, Update
 
 
@@ -36,7 +36,13 @@ class Learner:
 
     def consume(self, packet: Packet) -> Update | None:
         """Take one packet; after `I` of them, fit once and return the update."""
-        check_packet(packet, self.site, self.spec.adapter.routes)
+        if (packet.stats is not None) != (self.spec.packets == "projected"):
+            raise ValueError(f"site `{self.site.name}` of job {packet.job!r} takes {self.spec.packets} packets, "
+                             f"not {'projected' if packet.stats is not None else 'full'} ones")
+        if packet.stats is not None:
+            check_stats(packet, self.site, self.adapter.stat_shapes())
+        else:
+            check_packet(packet, self.site, self.spec.adapter.routes)
         if packet.job != self.spec.job_id or packet.site != self.site.name:
             raise ValueError(f"packet for ({packet.job!r}, `{packet.site}`) sent to the learner of "
                              f"({self.spec.job_id!r}, `{self.site.name}`)")
@@ -48,8 +54,8 @@ class Learner:
         if len(self.buffer) < self.spec.fit_interval:
             return None
         device = next(self.adapter.parameters()).device
-        pairs = [(p.x.to(device), p.g.to(device), None if p.route is None else p.route.to(device))
-                 for p in self.buffer]
+        pairs = [p.stats if p.stats is not None else
+                 (p.x.to(device), p.g.to(device), None if p.route is None else p.route.to(device)) for p in self.buffer]
         prev = params_of(self.adapter)
         stats = fit(self.adapter, self.optimizer, self.scheduler, pairs, self.spec.optimizer.clip_norm)
         params = params_of(self.adapter)

@@ -17,15 +17,17 @@ import torch
 
 @dataclass
 class Packet:
-    """What the server sends the owner of (job, site) after one step."""
+    """What the server sends the owner of (job, site) after one step: the site's tokens x and their
+    gradients g (a full packet), or the statistics of them its fit needs (a projected packet)."""
 
     job: str
     site: str
     step: int
     version: int  # adapter version the forward used
-    x: torch.Tensor  # the adapter's input: (N, in), (N,) token ids, or (B, C, H, W)
-    g: torch.Tensor  # dL/dh of the site output: (N, out) or (B, out, H', W')
+    x: torch.Tensor | None  # the adapter's input: (N, in), (N,) token ids, or (B, C, H, W); None: projected
+    g: torch.Tensor | None  # dL/dh of the site output: (N, out) or (B, out, H', W'); None: projected
     route: torch.Tensor | None = None  # (N,) uint8 token types, for routing kinds only (AdaLink's token_types)
+    stats: dict[str, torch.Tensor] | None = None  # projected: `Adapter.project`'s statistics and `gsq`
 
 
 @dataclass

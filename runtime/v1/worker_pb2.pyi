@@ -229,18 +229,27 @@ class PacketFrame(_message.Message):
     def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., sites: _Optional[_Iterable[_Union[SiteGrad, _Mapping]]] = ...) -> None: ...
 
 class SiteGrad(_message.Message):
-    __slots__ = ("site", "version", "input", "g", "route")
+    __slots__ = ("site", "version", "input", "g", "route", "stats")
+    class StatsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     SITE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     G_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
     site: str
     version: int
     input: int
     g: _tensor_pb2.Tensor
     route: _tensor_pb2.Tensor
-    def __init__(self, site: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[int] = ..., g: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., route: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    stats: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, site: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[int] = ..., g: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., route: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., stats: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("seq", "index", "count", "header", "payload_bytes")

@@ -114,10 +114,17 @@ def packets_to_proto(msg: Packets, codec_x: str = "raw", codec_g: str = "raw") -
     for p in msg.packets:
         if (p.job, p.step) != (msg.job, msg.step):
             raise ValueError("one PacketFrame carries one job's step")
-        if id(p.x) not in index:
+        if p.stats is None and id(p.x) not in index:
             index[id(p.x)] = len(frame.inputs)
             frame.inputs.append(tensor_to_proto(p.x, codec_x, parts, codec.packet_salt(msg.job, msg.step, "x")))
     for p in msg.packets:
+        if p.stats is not None:  # projected: statistics by sorted name, each in the job's gradient codec
+            s = worker_pb2.SiteGrad(site=p.site, version=p.version)
+            for name in sorted(p.stats):
+                salt = codec.packet_salt(msg.job, msg.step, f"{p.site}/{name}")
+                s.stats[name].CopyFrom(tensor_to_proto(p.stats[name], codec_g, parts, salt))
+            frame.sites.append(s)
+            continue
         s = worker_pb2.SiteGrad(site=p.site, version=p.version, input=index[id(p.x)],
                                 g=tensor_to_proto(p.g, codec_g, parts, codec.packet_salt(msg.job, msg.step, p.site)))
         if p.route is not None:  # after g in the payload, as packets_from_proto reads it
@@ -131,6 +138,12 @@ def packets_from_proto(frame: worker_pb2.PacketFrame, payload=None) -> Packets:
     inputs = [tensor_from_proto(t, buf) for t in frame.inputs]
     out = []
     for s in frame.sites:
+        if s.stats:
+            if s.HasField("g") or s.HasField("route"):
+                raise ValueError(f"site `{s.site}`: a packet carries `stats` or `g`, not both")
+            stats = {name: tensor_from_proto(s.stats[name], buf) for name in sorted(s.stats)}
+            out.append(Packet(frame.job, s.site, frame.step, s.version, None, None, None, stats))
+            continue
         if s.input >= len(inputs):
             raise ValueError(f"site `{s.site}`: `input` index {s.input} out of range ({len(inputs)} inputs)")
         g = tensor_from_proto(s.g, buf)
