@@ -73,11 +73,19 @@ def test_an_absurd_update_quarantines_its_worker_and_the_job_resumes_exactly():
     rig = Rig(steps=6)
     rig.deliver()
     honest = Worker("h")
-    h_stream = rig.connect("h", honest)
+    h_stream = rig.connect("h", honest)  # it joins the running job: one of its two sites is its share
+
+    def serve_honest():
+        while (m := rig.sched.next_message("h", h_stream)) is not None:
+            for reply in honest.handle(m):
+                rig.sched.receive("h", reply)
+
     for _ in range(2):
         rig.step()
         rig.deliver()
+        serve_honest()
     rig.step()
+    serve_honest()
     bad = next(u for m in rig.messages() for u in rig.worker.handle(m) if isinstance(u, Update))
     bad.params["B"] = torch.full_like(bad.params["B"], 1e30)
     rig.sched.receive("w", bad)
