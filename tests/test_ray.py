@@ -41,12 +41,19 @@ def test_cluster_files_pass_rays_validator_and_a_broken_one_fails(name):
     typo["setup_comands"] = typo.pop("setup_commands")
     with pytest.raises(Exception, match="setup_comands"):
         validate_config(prepare_config(typo))
-    if name == "onprem.yaml":  # the classic slip: an unquoted JSON resource map is a YAML mapping
-        unquoted = text.replace("\"ulimit -n 65536; ~/colaflow-venv/bin/ray start --address=$RAY_HEAD_IP:6379 "
-                                "--resources='{\\\"edge\\\": 1}'\"",
-                                "ulimit -n 65536; ~/colaflow-venv/bin/ray start --address=$RAY_HEAD_IP:6379 "
-                                "--resources='{\"edge\": 1}'")
-        assert unquoted != text
+    # what tests/test_ray_up.py found running onprem.yaml for real, for both files
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert not any("ray stop" in c for c in starts)  # it would stop every Ray of the user on that box
+    assert all("RAY_AUTH_MODE=token" in c for c in starts) and "~/.ray/auth_token" in config["file_mounts"]
+    assert config["rsync_filter"] == [".gitignore"] and config["rsync_exclude"] == [".git"]
+    assert any("colaflow-venv/bin:$PATH" in c and "~/.bashrc" in c for c in config["setup_commands"])
+    assert any("torch==2.13.0" in c for c in config["setup_commands"]) and "--index-url" not in text
+    if name == "onprem.yaml":
+        assert any("--system-site-packages" in c for c in config["setup_commands"])  # a Jetson keeps JetPack's torch
+        # the classic slip: an unquoted JSON resource map is a YAML mapping
+        folded = text[text.index("worker_start_ray_commands:"):]
+        unquoted = text.replace(folded, "worker_start_ray_commands:\n  - ulimit -n 65536; ~/colaflow-venv/bin/ray "
+                                        "start --address=$RAY_HEAD_IP:6379 --resources='{\"edge\": 1}'\n")
         with pytest.raises(Exception, match="is not of type 'string'"):
             validate_config(prepare_config(yaml.safe_load(unquoted)))
 
@@ -116,7 +123,7 @@ def test_losing_a_node_mid_run_loses_nothing_and_the_pool_scales(cluster, tmp_pa
         assert job.wait(timeout=180)["state"] == "done"
         _assert_same(adapters_of(job, tmp_path / "lost"), _reference(tmp_path, 10))
         log = server.logs(500)
-        assert "gone for" in log and "moving its 2 sites" in log, log[-3000:]  # its sites did move
+        assert "lost (no word for" in log and "moving its 2 sites" in log, log[-3000:]  # its sites did move
         # grow from one live worker to three while a job runs: new workers join, no step is lost
         pool.scale(1)
         for _ in range(2):
