@@ -202,7 +202,8 @@ def _check_device(device: str) -> None:
                          "a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu126, "
                          "or see pytorch.org) or serve with --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SystemExit(f"colaflow serve: --device {device}: only {torch.cuda.device_count()} CUDA devices are visible")
+        raise SystemExit(f"colaflow serve: --device {device}: only {torch.cuda.device_count()} CUDA devices are "
+                         "visible")
 
 
 def _check_port_free(host: str, port: int, flag: str = "--port") -> None:
