@@ -1,6 +1,7 @@
 """The server's state directory: the scheduler's `Store`, as files.
 
-    DIR/<job>/job.msgpack                spec, sites, steps, data map (written once, at submit)
+    DIR/<job>/job.msgpack                spec, sites, steps, tenant, init (written once, at submit)
+    DIR/<job>/data.msgpack               its data map (written at submit; deleted when the job ends)
     DIR/<job>/progress.json              next step, state, error, owners (after every step)
     DIR/<job>/metrics.jsonl              one metric row per step, appended with the progress
     DIR/<job>/sites/<site>/v<N>.safetensors   the parameters of each version a restart can need
@@ -10,11 +11,15 @@
 
 A restarted server resumes each live job at its restart step — the first step no durable
 learner state covers — with exactly the adapter versions those steps used; workers resend what
-was not acknowledged and skip what they already hold. Every file is replaced atomically.
+was not acknowledged and skip what they already hold. Every file is replaced atomically. A deleted
+job's directory is first renamed aside (`.deleted-*`, never loaded), then removed.
 """
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import shutil
 from pathlib import Path
 
 from safetensors.torch import load_file, save
@@ -37,7 +42,45 @@ class DirStore(Store):
         return str(self.root)
 
     def save_job(self, job_id: str, record: dict) -> None:
+        record = dict(record)
+        data = record.pop("data", None)
+        if data is not None:  # apart: it goes when the job ends
+            atomic_write(self.root / job_id / "data.msgpack", pack(data))
         atomic_write(self.root / job_id / "job.msgpack", pack(record))
+
+    def drop_data(self, job_id: str) -> None:
+        (self.root / job_id / "data.msgpack").unlink(missing_ok=True)
+
+    def delete_job(self, job_id: str) -> None:
+        d = self.root / job_id
+        for key in [k for k in self._state_versions if k[0] == job_id]:
+            del self._state_versions[key]
+        if not d.is_dir():
+            return
+        aside = self.root / f".deleted-{job_id}-{secrets.token_hex(4)}"
+        try:
+            d.rename(aside)  # at once: a crash mid-removal leaves nothing a restart would load
+        except OSError:
+            aside = d
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def job_bytes(self, job_id: str) -> int:
+        total = 0
+        for parent, _, files in os.walk(self.root / job_id):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(parent, name)).st_size
+                except OSError:
+                    pass
+        return total
+
+    def trouble(self) -> str:
+        try:
+            st = os.statvfs(self.root)
+        except OSError as e:
+            return f"{type(e).__name__}: {e}"
+        free = st.f_bavail * st.f_frsize
+        return f"{self.root} has {free >> 10} KiB free" if free < MIN_FREE_BYTES else ""
 
     def save_progress(self, job_id: str, progress: dict) -> None:
         atomic_write(self.root / job_id / "progress.json", json.dumps(progress).encode())
@@ -72,14 +115,22 @@ class DirStore(Store):
     def load(self) -> list[dict]:
         out = []
         for d in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            if not (d / "job.msgpack").exists():
+            if d.name.startswith(".deleted-"):  # a deletion a crash cut short: finish it (frees space)
+                shutil.rmtree(d, ignore_errors=True)
+            if d.name.startswith(".") or not (d / "job.msgpack").exists():
                 continue
             progress = d / "progress.json"
-            out.append({"job": unpack((d / "job.msgpack").read_bytes(), f"{d}/job.msgpack"),
+            job = unpack((d / "job.msgpack").read_bytes(), f"{d}/job.msgpack")
+            if (d / "data.msgpack").exists():
+                job["data"] = unpack((d / "data.msgpack").read_bytes(), f"{d}/data.msgpack")
+            out.append({"job": job,
                         "progress": json.loads(progress.read_text()) if progress.exists() else None,
                         "sites": {f.name: _load_site(f) for f in sorted(d.glob("sites/*")) if f.is_dir()},
                         "metrics": _load_metrics(d / "metrics.jsonl")})
         return out
+
+
+MIN_FREE_BYTES = 1 << 20  # below this the state dir counts as full: health says so before a write fails
 
 
 def _load_metrics(path: Path) -> list[dict]:

@@ -1,8 +1,9 @@
 """`colaflow serve --tensorboard DIR`: every job's per-step metrics as TensorBoard scalars, in DIR/JOB.
 
 A thread polls the coordinator's metrics (as the status page does) and writes each numeric key
-(`loss`, `eval_*`, `lr`, `tokens`, `staleness`, ...) at its step. Optional: without the
-`tensorboard` package the flag fails at start with what to install.
+(`loss`, `eval_*`, `lr`, `tokens`, `staleness`, ...) at its step. A job's writer (a file and a
+thread) is closed once the job has ended and its last rows are written; a deleted job is forgotten.
+Optional: without the `tensorboard` package the flag fails at start with what to install.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import logging
 import threading
 from pathlib import Path
 from urllib.parse import quote
+
+from colaflow.control.status import LIVE
 
 from .coordinator import Coordinator
 
@@ -20,8 +23,9 @@ SKIP = {"step", "time"}
 class TensorBoardLog:
     def __init__(self, directory: str | Path, writer_cls, interval: float = 2.0):
         self.dir, self.writer_cls, self.interval = Path(directory), writer_cls, interval
-        self.writers: dict = {}
-        self.seen: dict[str, int] = {}
+        self.writers: dict = {}  # live jobs' writers (each holds an event file and a thread)
+        self.seen: dict[str, int] = {}  # rows written, per job the scheduler still has
+        self.closed: set[str] = set()  # ended jobs whose every row is written
         self._stop = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -37,14 +41,19 @@ class TensorBoardLog:
 
     def write(self, coordinator: Coordinator) -> int:
         """Write every metrics row not written yet; returns how many rows."""
-        n = 0
+        n, listed = 0, set()
         for view in coordinator.scheduler.jobs_view():
             job = view["job"]
+            listed.add(job)
+            if job in self.closed:
+                continue
             try:
-                rows, _ = coordinator.scheduler.metrics(job, self.seen.get(job, 0))
+                rows, ended = coordinator.scheduler.metrics(job, self.seen.get(job, 0))
             except KeyError:
                 continue
             if not rows:
+                if ended or view["state"] not in LIVE:
+                    self._close(job)
                 continue
             if job not in self.writers:  # a job id is a path component here, made safe
                 self.writers[job] = self.writer_cls(str(self.dir / quote(job, safe="")))
@@ -56,7 +65,19 @@ class TensorBoardLog:
             w.flush()
             self.seen[job] = self.seen.get(job, 0) + len(rows)
             n += len(rows)
+            if ended:
+                self._close(job)
+        for job in (set(self.seen) | self.closed) - listed:  # deleted: nothing more will come
+            self._close(job)
+            self.seen.pop(job, None)
+            self.closed.discard(job)
         return n
+
+    def _close(self, job: str) -> None:
+        w = self.writers.pop(job, None)
+        if w is not None:
+            w.close()
+        self.closed.add(job)
 
     def start(self, coordinator: Coordinator) -> None:
         def loop() -> None:

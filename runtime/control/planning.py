@@ -64,6 +64,7 @@ class Planning:
         """
         self._reassign_lost()
         self._move_stalled()
+        self._retain()  # ended jobs past the retention policy go
         if not self._flush():
             return []  # no step runs while the store cannot keep what steps change
         return [j.job_id for j in list(self.jobs.values()) if self._advance(j, layered and self._startable(j))]
@@ -199,5 +200,6 @@ class Planning:
         for rec in job.sites.values():
             rec.retained.clear()
             rec.versions = {rec.received: rec.versions[rec.received]} if rec.received else {}
+        self._release(job)  # its data (retention.py)
         self._save_progress(job)
         self._ended.append(job.job_id)

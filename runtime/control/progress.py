@@ -4,15 +4,18 @@ A step's progress and metric rows are stored as the step ends, an update before 
 acknowledged. A store that fails (a full disk) pauses every step, with the reason in health, and
 is retried with back-off; a restarted scheduler resumes each live job at its restart step — the
 first step no durable learner state covers — and replays from there with the same versions.
+Restoring writes nothing (a full disk must not stop a restart): what it would write waits for the
+first `_flush`, which retries as every write does.
 """
 from __future__ import annotations
 
 import logging
 import secrets
 import threading
+import time
 
 from ..checks import backoff
-from .records import JobRecord, WorkerRecord, restored_job
+from .records import LIVE, JobRecord, WorkerRecord, restored_job
 from .store import Store
 
 log = logging.getLogger("colaflow.scheduler")
@@ -24,6 +27,7 @@ class Progress:
     workers: dict[str, WorkerRecord]
     lock: threading.RLock
     store: Store
+    _rewrite: set[str]  # jobs whose stored metric rows a restart cut back: rewritten by the next flush
 
     def _save_progress(self, job: JobRecord) -> None:
         self._dirty.add(job.job_id)
@@ -37,11 +41,15 @@ class Progress:
             for job_id in sorted(self._dirty):
                 job = self.jobs[job_id]
                 owners = {n: r.owner for n, r in job.sites.items() if r.owner is not None}
-                if len(job.metrics) > job.metrics_saved:  # first: progress never gets ahead of the history
+                if job_id in self._rewrite:  # a restart dropped the rows of the steps that run again
+                    self.store.save_metrics(job_id, job.metrics, replace=True)
+                    job.metrics_saved = len(job.metrics)
+                    self._rewrite.discard(job_id)
+                elif len(job.metrics) > job.metrics_saved:  # first: progress never gets ahead of the history
                     self.store.save_metrics(job_id, job.metrics[job.metrics_saved:])
                     job.metrics_saved = len(job.metrics)
                 self.store.save_progress(job_id, {
-                    "t": job.t, "state": job.state, "error": job.error, "owners": owners,
+                    "t": job.t, "state": job.state, "error": job.error, "owners": owners, "ended_at": job.ended_at,
                     "credentials": {w: self.workers[w].credential for w in set(owners.values()) if w in self.workers}})
                 self._dirty.discard(job_id)
         except OSError as e:
@@ -61,12 +69,16 @@ class Progress:
         self.store_error = f"{type(e).__name__}: {e}"
 
     def _restore(self) -> None:
-        """Bring back every stored job (a restarted server): it resumes at its restart step."""
+        """Bring back every stored job (a restarted server): it resumes at its restart step. Writes nothing."""
         for stored in self.store.load():
             job = restored_job(stored)
-            if len(stored.get("metrics", [])) != len(job.metrics):  # drop the rows of steps that run again
-                self.store.save_metrics(job.job_id, job.metrics, replace=True)
+            if len(stored.get("metrics", [])) != len(job.metrics):  # the rows of steps that run again go
+                self._rewrite.add(job.job_id)  # at the first flush, before any step runs
+                self._dirty.add(job.job_id)
             job.metrics_saved = len(job.metrics)
+            if job.state not in LIVE:
+                job.ended_at = job.ended_at or time.time()
+                self._release(job)  # an ended job's data: dropped (that frees space, never needs it)
             credentials = (stored.get("progress") or {}).get("credentials", {})
             for wid in {r.owner for r in job.sites.values() if r.owner is not None} - set(self.workers):
                 # it holds the newest state: it has `reassign_after` seconds to come back for its sites

@@ -63,6 +63,7 @@ class JobRecord:
     stall: tuple[tuple[int, int], float] | None = None  # ((step, versions received), since when) while it waits
     slow: set[str] = field(default_factory=set)  # workers that held it up past the fit timeout: others first
     rebalanced_at: float | None = None  # clock time its sites last moved for balance (placement.py bounds how often)
+    ended_at: float | None = None  # wall-clock time it ended (retention counts from it)
 
     @property
     def job_id(self) -> str:
@@ -188,6 +189,7 @@ def restored_job(stored: dict) -> JobRecord:
         rec = job.sites[name]
         rec.received, rec.versions, rec.state = s["received"], dict(s["versions"]), s["state"]
     job.state, job.error, job.t = progress.get("state", "waiting"), progress.get("error", ""), progress.get("t", 0)
+    job.ended_at = progress.get("ended_at")
     if job.state in LIVE:
         job.state = "waiting"
         job.t = job.restart_step()  # recompute from there: same data, same versions, same packets
@@ -197,4 +199,6 @@ def restored_job(stored: dict) -> JobRecord:
         if row["step"] == len(job.metrics) < job.t:
             job.metrics.append(row)
     job.max_staleness = max((row.get("staleness", 0) for row in job.metrics), default=0)
+    if job.state not in LIVE and job.ended_at is None:  # stored before jobs kept their end time
+        job.ended_at = job.metrics[-1].get("time") if job.metrics else None
     return job

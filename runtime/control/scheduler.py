@@ -16,8 +16,9 @@ so any thread may call it; `listeners` hear of every change that may give a work
     s.receive("w1", update)                        # Update | Refusal from the worker
 
 Its rules live by idea: `planning` (steps and their versions), `placement` (who owns which site),
-`delivery` (credits, packets, updates, acks), `progress` (the store, restarts), `views` (what
-operators see); `records` holds its state, `acceptance` the checks an update must pass.
+`delivery` (credits, packets, updates, acks), `progress` (the store, restarts), `retention` (ended
+jobs: what they keep, how long), `views` (what operators see); `records` holds its state,
+`acceptance` the checks an update must pass.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from .placement import FIT_TIMEOUT_S, Placement
 from .planning import Abandoned, Planning
 from .progress import Progress
 from .records import JobRecord, JobWeights, SiteRecord, Watch, WorkerRecord
+from .retention import KEEP_ALL, Policy, Retention
 from .store import Store, pack_params
 from .views import Views
 
@@ -43,10 +45,12 @@ __all__ = ["MAX_FIT_INTERVAL", "Abandoned", "Scheduler"]
 MAX_FIT_INTERVAL = 256
 
 
-class Scheduler(Planning, Placement, Delivery, Progress, Views):
+class Scheduler(Planning, Placement, Delivery, Progress, Retention, Views):
     def __init__(self, store: Store | None = None, reassign_after: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic, max_workers: int = 10_000):
+                 clock: Callable[[], float] = time.monotonic, max_workers: int = 10_000,
+                 policy: Policy = KEEP_ALL):
         self.store = store if store is not None else Store()
+        self.policy, self._swept_at = policy, None  # how long ended jobs are kept (retention.py)
         self.reassign_after, self.max_workers = reassign_after, max_workers
         self.fit_timeout = max(FIT_TIMEOUT_S, 10 * reassign_after)  # a connected worker's, per job (see _move_stalled)
         self.clock = clock
@@ -59,6 +63,7 @@ class Scheduler(Planning, Placement, Delivery, Progress, Views):
         self._max_update: int | None = None  # cached; recomputed when jobs come or go
         self.store_error = ""  # why the store last failed ("" when it works): no step runs meanwhile
         self._dirty: set[str] = set()  # jobs whose progress the store has not taken yet
+        self._rewrite: set[str] = set()  # jobs whose metric rows a restart cut back (progress.py)
         self.quarantined: dict[str, str] = {}  # worker id -> why it gets no work
         self._store_failures, self._store_retry_at = 0, 0.0
         self._restore()

@@ -29,6 +29,20 @@ class Store:
     def save_metrics(self, job_id: str, rows: list[dict], replace: bool = False) -> None:
         """With the progress: the steps' metric rows since the last call (all of them, if `replace`)."""
 
+    def drop_data(self, job_id: str) -> None:
+        """The job ended: its data map is no longer needed (frees space; must not need any)."""
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget the job altogether (retention); never raises for what is already gone."""
+
+    def job_bytes(self, job_id: str) -> int:
+        """What the job holds in the store, in bytes (a tenant's quota counts them)."""
+        return 0
+
+    def trouble(self) -> str:
+        """Why the store cannot take writes now, if it can tell without writing ("" : none seen)."""
+        return ""
+
     def load(self) -> list[dict]:
         """Every stored job: {job: {...}, progress: {...} | None, sites: {name: {received, versions, state}},
         metrics: [row, ...]}."""
@@ -54,6 +68,13 @@ class MemoryStore(Store):
     def save_metrics(self, job_id, rows, replace=False):
         kept = [] if replace else self.jobs[job_id]["metrics"]
         self.jobs[job_id]["metrics"] = kept + [dict(r) for r in rows]
+
+    def drop_data(self, job_id):
+        if job_id in self.jobs:
+            self.jobs[job_id]["job"]["data"] = None
+
+    def delete_job(self, job_id):
+        self.jobs.pop(job_id, None)
 
     def load(self):
         return [dict(v, metrics=[dict(r) for r in v["metrics"]]) for v in self.jobs.values()]
