@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +23,11 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 
-from .adapters.base import Adapter, build_adapter, load_params, params_of
+from .adapters.base import Adapter, AdapterSpec, build_adapter, load_params, param_shapes, params_of
 from .adapters.lowrank import LowRank
 from .files import atomic_dir
 from .job import JobSpec
-from .sites import Site
+from .sites import KINDS, Site
 
 if TYPE_CHECKING:
     from .control.records import JobWeights
@@ -171,10 +172,7 @@ def load(path: str | os.PathLike) -> tuple[JobSpec, dict[str, Adapter]]:
 
 
 def _read(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> tuple[JobSpec, dict[str, Adapter]]:
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{where}: unsupported format {got!r}; expected a native colaflow export ({FORMAT} "
-                         f"v{FORMAT_VERSION}; a PEFT directory cannot seed a job)")
+    _check_format(meta, where)
     spec = JobSpec.from_dict(meta["job"])
     adapters = {}
     for sd in meta["sites"]:
@@ -187,6 +185,12 @@ def _read(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> tuple[Job
 
 # Continuing a job from an export (`init=`): the export travels as one blob, the job's adapters start
 # from its parameters; the optimizer and LR schedule start fresh (an export carries no optimizer state).
+# A blob comes from a tenant: everything it declares is checked against the job from its metadata and
+# the safetensors header before a byte of tensor is made, so what it costs is bounded by its own size.
+
+MAX_INIT_META = 4 << 20  # adapter.json text, and the safetensors header: ~200 bytes a site
+FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
 
 def init_blob(path: str | os.PathLike) -> bytes:
     """A native export as the bytes `SubmitJobRequest.init` carries (checked by `init_params` on arrival)."""
@@ -198,20 +202,123 @@ def init_blob(path: str | os.PathLike) -> bytes:
                           "tensors": (path / "adapter.safetensors").read_bytes()}, use_bin_type=True)
 
 
-def init_params(spec: JobSpec, blob: bytes) -> dict[str, dict[str, torch.Tensor]]:
+def init_params(spec: JobSpec, blob: bytes, sites: list[Site] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """{site: parameters} a job starts from, if the export's adapter is the job's (kind and sizes; its
-    dropout may differ). Sites and shapes are checked against the job's sites by the scheduler."""
+    dropout may differ) and its sites are `sites` (the job's, resolved; None: the export's own stand in,
+    and the scheduler checks them). Every tensor's dtype, shape and byte count is checked against the
+    adapter's parameters in the safetensors header before any tensor is read; no adapter is built."""
+    meta, raw = _unpack_init(blob)
+    _check_format(meta, "`init`")
+    job = meta.get("job")
     try:
-        d = msgpack.unpackb(blob, raw=False)
-        meta, tensors = json.loads(d["meta"]), safetensors_load(bytes(d["tensors"]))
-    except Exception as e:
-        raise ValueError(f"`init` is not a packed native export: {type(e).__name__}: {e}") from None
-    old, adapters = _read(meta, tensors, "`init`")
-    mine, theirs = _sans_dropout(spec.adapter.to_dict()), _sans_dropout(old.adapter.to_dict())
+        theirs = _sans_dropout(AdapterSpec.from_dict(job["adapter"]).to_dict())
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"`init`: adapter.json has no valid `job.adapter`: {type(e).__name__}: {e}") from None
+    mine = _sans_dropout(spec.adapter.to_dict())
     if mine != theirs:
         raise ValueError(f"`init`: the export's adapter is {theirs}, the job's is {mine}; pass the export's "
                          "adapter (or leave `adapter` out to take it)")
-    return {name: {p: v.detach().clone() for p, v in a.named_parameters()} for name, a in adapters.items()}
+    declared = _declared_sites(meta.get("sites"), sites)
+    if sites is not None:
+        want = {s.name: s for s in sites}
+        if set(declared) != set(want):
+            raise ValueError(f"`init`: the export's sites do not match the job's: missing "
+                             f"{sorted(set(want) - set(declared))}, extra {sorted(set(declared) - set(want))} "
+                             "(same model and `targets` as the exported job?)")
+        for name, site in declared.items():
+            if site != want[name]:
+                raise ValueError(f"`init` site `{name}`: the export's is {site}, the job's is {want[name]}")
+        declared = want
+    shapes = {}
+    for name, site in declared.items():
+        try:
+            shapes.update({f"{name}::{p}": s for p, s in param_shapes(spec.adapter, site).items()})  # meta device
+        except Exception as e:
+            raise ValueError(f"`init` site `{name}`: {site} cannot hold a {spec.adapter.kind} adapter: {e}") from None
+    _check_tensors(raw, shapes)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in safetensors_load(raw).items():  # bytes checked against the shapes: bounded by the blob
+        site, p = key.split("::", 1)
+        if not torch.isfinite(v).all():
+            raise ValueError(f"`init` site `{site}`: parameter `{p}` holds non-finite values")
+        out.setdefault(site, {})[p] = v.to(torch.float32)  # adapters keep float32 (as PEFT's LoRA layers)
+    return out
+
+
+def _unpack_init(blob: bytes) -> tuple[dict, bytes]:
+    """(adapter.json as a dict, the safetensors bytes); msgpack bounded so the blob's size bounds its cost."""
+    try:
+        d = msgpack.unpackb(blob, raw=False, max_map_len=8, max_array_len=0, max_str_len=MAX_INIT_META,
+                            max_bin_len=len(blob))
+        if not isinstance(d, dict) or not isinstance(d.get("meta"), str) or not isinstance(d.get("tensors"), bytes):
+            raise ValueError("expected a map {meta: adapter.json text, tensors: safetensors bytes}")
+        meta = json.loads(d["meta"])
+    except Exception as e:
+        raise ValueError(f"`init` is not a packed native export: {type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"`init`: adapter.json must be a map, got {type(meta).__name__}")
+    return meta, d["tensors"]
+
+
+def _declared_sites(given, job_sites: list[Site] | None) -> dict[str, Site]:
+    """The export's sites by name, each checked for form (its sizes only count once matched to the job's)."""
+    limit = len(job_sites) if job_sites is not None else 4096
+    if not isinstance(given, list) or not 0 < len(given) <= limit:
+        raise ValueError(f"`init`: adapter.json `sites` must be a list of 1 to {limit} sites (the job has "
+                         f"{limit}), got {type(given).__name__} of {len(given) if isinstance(given, list) else '?'}")
+    out = {}
+    for i, sd in enumerate(given):
+        try:
+            site = Site.from_dict(sd)
+            if site.kind not in KINDS or not (0 < site.in_features < 1 << 31 and 0 < site.out_features < 1 << 31):
+                raise ValueError(f"kind {site.kind!r} with {site.in_features} -> {site.out_features} features")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"`init`: adapter.json `sites[{i}]` is not a site: {type(e).__name__}: {e}") from None
+        if site.name in out:
+            raise ValueError(f"`init`: adapter.json names site `{site.name}` twice")
+        out[site.name] = site
+    return out
+
+
+def _check_tensors(raw: bytes, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise unless the safetensors header holds exactly `shapes` ({site::param: shape}), as floats whose
+    byte ranges lie inside `raw` and hold as many bytes as their shapes need."""
+    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else -1
+    if not 0 < n <= min(len(raw) - 8, MAX_INIT_META):
+        raise ValueError(f"`init`: the safetensors header claims {n} bytes of a {len(raw)}-byte file")
+    try:
+        header = json.loads(raw[8:8 + n])
+        if not isinstance(header, dict):
+            raise ValueError(f"a {type(header).__name__}")
+    except ValueError as e:
+        raise ValueError(f"`init`: the safetensors header is not a JSON map: {e}") from None
+    header.pop("__metadata__", None)
+    if set(header) != set(shapes):
+        raise ValueError(f"`init`: the export's tensors do not match the job's adapter: missing "
+                         f"{sorted(set(shapes) - set(header))[:8]}, extra {sorted(set(header) - set(shapes))[:8]}")
+    body = len(raw) - 8 - n
+    for key, entry in header.items():
+        site, p = key.split("::", 1)
+        where = f"`init` site `{site}`: parameter `{p}`"
+        if not isinstance(entry, dict) or entry.get("dtype") not in FLOAT_BYTES:
+            got = entry.get("dtype") if isinstance(entry, dict) else entry
+            raise ValueError(f"{where} has dtype {str(got)[:16]!r}; expected one of {sorted(FLOAT_BYTES)}")
+        if entry.get("shape") != list(shapes[key]):
+            raise ValueError(f"{where} has shape {str(entry.get('shape'))[:64]}, the adapter expects "
+                             f"{tuple(shapes[key])}")
+        span = entry.get("data_offsets")
+        need = math.prod(shapes[key]) * FLOAT_BYTES[entry["dtype"]]
+        if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
+                and 0 <= span[0] <= span[1] <= body and span[1] - span[0] == need):
+            raise ValueError(f"{where}: its bytes {str(span)[:64]} are not the {need} its shape needs "
+                             f"within the file's {body}")
+
+
+def _check_format(meta, where: str) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{where}: unsupported format {got!r}; expected a native colaflow export ({FORMAT} "
+                         f"v{FORMAT_VERSION}; a PEFT directory cannot seed a job)")
 
 
 def _sans_dropout(d: dict) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import resource
 import socket
 import ssl
 import threading
@@ -20,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from colaflow.control.retention import Policy
 from colaflow.engine.classify import classifier
 from colaflow.engine.host import Host
 from colaflow.engine.loss import seq_cls
@@ -59,10 +61,12 @@ class Serving:
                             ("--max-upload-mb", args.max_upload_mb)):
             if value < 1:
                 raise SystemExit(f"colaflow serve: {flag} must be >= 1, got {value}")
+        policy = _policy(args)
+        _raise_descriptor_limit()
         store = DirStore(args.state_dir) if args.state_dir else None
         host, tokenizer = _host(args)
         self.coordinator = Coordinator(host, reassign_after=args.reassign_after, store=store, mix=args.mix,
-                                       layered=args.layered, max_tenant_jobs=args.max_tenant_jobs)
+                                       layered=args.layered, max_tenant_jobs=args.max_tenant_jobs, policy=policy)
         mb = args.max_upload_mb << 20
         limits = UploadLimits(max_bytes=mb, max_total=4 * mb, max_per_tenant=2 * mb)
         try:
@@ -113,6 +117,28 @@ class Serving:
             log.critical("colaflow serve: %s", self.coordinator.fatal)
             return 1
         return 0
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    """How long ended jobs are kept and the tenants' state-dir quota, from --keep-ended* and --tenant-disk-mb."""
+    for flag, value in (("--keep-ended", args.keep_ended), ("--keep-ended-days", args.keep_ended_days),
+                        ("--tenant-disk-mb", args.tenant_disk_mb)):
+        if value < 0:
+            raise SystemExit(f"colaflow serve: {flag} must be >= 0, got {value}")
+    return Policy(keep=args.keep_ended, max_age_s=args.keep_ended_days * 86400.0,
+                  tenant_bytes=(args.tenant_disk_mb << 20) or None)
+
+
+def _raise_descriptor_limit() -> None:
+    """Take the hard limit on open files as the soft one (as Go and nginx do): every gRPC connection
+    and status-page request holds a descriptor, and the page takes at most an eighth of them."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = min(hard, 1 << 16) if hard != resource.RLIM_INFINITY else 1 << 16
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (OSError, ValueError) as e:
+        log.debug("could not raise the open-file limit: %s", e)
 
 
 def _security(args: argparse.Namespace) -> tuple[tuple | None, Tokens]:

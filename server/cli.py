@@ -56,6 +56,13 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: torch's default)")
     p.add_argument("--max-tenant-jobs", type=int, default=32,
                    help="live (waiting or running) jobs one tenant may hold; each holds server memory")
+    p.add_argument("--keep-ended", type=int, default=100, metavar="N",
+                   help="ended jobs kept per tenant (status, logs, export); past N the oldest are deleted")
+    p.add_argument("--keep-ended-days", type=float, default=7.0, metavar="DAYS",
+                   help="an ended job is deleted this long after it ended (0: at once; `colaflow delete JOB` "
+                        "deletes one earlier)")
+    p.add_argument("--tenant-disk-mb", type=int, default=2048, metavar="MB",
+                   help="state-dir MiB one tenant's jobs may hold: a submit past it is refused (0: no quota)")
     p.add_argument("--max-upload-mb", type=int, default=256,
                    help="the largest data map a client may upload for one job (MiB); all uploads held at once "
                         "are capped at 4x this, one tenant's at 2x")

@@ -1,26 +1,35 @@
 """The control service on grpc.aio: jobs, scoped to the caller's tenant. Thin: each RPC checks the
-token, calls the coordinator (submit, health) or the scheduler (status, cancel, metrics, weights)
-— off the event loop where the work is heavy — and maps exceptions to status codes (`rpc.py`)."""
+token, calls the coordinator (submit, health) or the scheduler (status, cancel, delete, metrics,
+weights) — off the event loop where the work is heavy — and maps exceptions to status codes (`rpc.py`).
+
+A data map costs ~10x its packed bytes in memory while it is parsed and checked, so at most
+PARSING submits do that at once; an `init` export is checked from its metadata before anything is
+built (`colaflow.export.init_params`)."""
 from __future__ import annotations
 
 import asyncio
 import tempfile
+import threading
 from pathlib import Path
 
 import grpc
 
 from colaflow.errors import ColaflowError
-from colaflow.export import init_params, write
+from colaflow.export import write
 from colaflow.job import JobSpec
 from colaflow.v1 import control_pb2, control_pb2_grpc
 from colaflow.wire.control_serde import pack, status_to_proto, unpack
 from colaflow.wire.framing import CHUNK_BYTES
 from colaflow.wire.tokenizer import to_files
 
+from . import heap
 from .auth import Tokens
 from .coordinator import Coordinator
 from .rpc import identity, message, status_code
 from .uploads import UploadLimits, Uploads
+
+PARSING = 2  # submits whose data maps are parsed at once
+TRIM_AFTER = 1 << 20  # a submit of at least this many bytes returns its parse's memory to the OS
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
@@ -32,6 +41,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self.tokens, self.model_name, self.tokenizer = tokens, model_name, tokenizer
         self.uploads = Uploads(upload_limits)
         self._tokenizer_files: dict[str, bytes] | None = None  # saved once, on the first GetTokenizer
+        self._parsing = threading.BoundedSemaphore(PARSING)
 
     async def _call(self, context, fn, in_thread: bool = False):
         who = await identity(context, self.tokens, "control")
@@ -48,8 +58,13 @@ class ControlService(control_pb2_grpc.ControlServicer):
             if request.upload and request.data:
                 raise ValueError("pass `data` or `upload`, not both")
             data = self.uploads.claim(request.upload, tenant or "default") if request.upload else request.data
-            init = init_params(spec, request.init) if request.init else None
-            job = self.coordinator.submit(spec, unpack(data, "data"), request.steps, tenant or "default", init)
+            try:
+                with self._parsing:
+                    job = self.coordinator.submit(spec, unpack(data, "data"), request.steps, tenant or "default",
+                                                  request.init or None, data_bytes=len(data))
+            finally:
+                if len(data) >= TRIM_AFTER:  # the parse's transient objects are free now: give them back
+                    heap.trim()
             return control_pb2.SubmitJobResponse(job=job)
         return await self._call(context, submit, in_thread=True)
 
@@ -97,6 +112,12 @@ class ControlService(control_pb2_grpc.ControlServicer):
             self.scheduler.cancel(request.job, "cancelled", tenant)
             return control_pb2.CancelJobResponse(status=status_to_proto(self.scheduler.status(request.job, tenant)))
         return await self._call(context, cancel)
+
+    async def DeleteJob(self, request, context):
+        def delete(tenant):
+            self.scheduler.delete(request.job, tenant)
+            return control_pb2.DeleteJobResponse()
+        return await self._call(context, delete, in_thread=True)
 
     async def StreamMetrics(self, request, context):
         sent = request.since

@@ -18,6 +18,7 @@ from ._control import UsageError, err, explain
 COMMANDS = {"demo": "colaflow.cli.demo", "bench": "colaflow.cli.bench", "serve": "colaflow.server.cli",
             "edge": "colaflow.edge_client.cli", "submit": "colaflow.cli.submit", "jobs": "colaflow.cli.jobs",
             "status": "colaflow.cli.status", "logs": "colaflow.cli.logs", "cancel": "colaflow.cli.cancel",
+            "delete": "colaflow.cli.delete",
             "workers": "colaflow.cli.workers", "export": "colaflow.cli.export", "plot": "colaflow.cli.plot",
             "eval": "colaflow.cli.eval"}
 

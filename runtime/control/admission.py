@@ -1,13 +1,13 @@
 """The one way a job comes in, for the in-process Trainer, `Session` and the server alike.
 
-    a = prepare(host, spec, data)                 # checks and resolution: no state taken, no lock needed
+    a = prepare(host, spec, data, init=blob)      # checks and resolution: no state taken, no lock needed
     record = admit(host, scheduler, a, steps)     # hosted and scheduled, all or nothing
 
 `prepare` refuses bad data (a data map's rows against the model's vocabulary and context, its eval
-set) before anything is allocated, turns a plain spec into what a classifier runs (its head trains
-too), and resolves the job's sites (a target regex is matched against every module name: a server
-does this outside its lock). `admit` builds the host's copies and schedules the job; if the
-scheduler refuses it, the host lets it go again.
+set, an `init` export against the job's sites and shapes) before anything is allocated, turns a
+plain spec into what a classifier runs (its head trains too), and resolves the job's sites (a target
+regex is matched against every module name: a server does this outside its lock). `admit` builds
+the host's copies and schedules the job; if the scheduler refuses it, the host lets it go again.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from ..data.batches import check_limits, from_map
 from ..engine.classify import classification_spec
 from ..engine.evaluate import EvalSet, Metric, parse
 from ..engine.loss import causal_lm
+from ..export import init_params
 from ..job import JobSpec
 from ..sites import Site
 from .records import JobRecord
@@ -32,11 +33,14 @@ class Admission:
     sites: list[Site] | None  # resolved (None: a black-box job's one site is the host's to make)
     batches: Iterator[dict] | None  # the data map's batches (None: the driver brings each step's batch)
     evals: EvalSet | None
+    init: dict[str, dict] | None = None  # {site: params} the adapters start from (checked against `sites`)
 
 
 def prepare(host, spec: JobSpec, data: dict | None = None, evals: EvalSet | None = None,
-            metric: Metric | None = None) -> Admission:
-    """Check `spec` and its data map (if given; its `eval` entry is the eval set) against `host`."""
+            metric: Metric | None = None, init: bytes | dict | None = None) -> Admission:
+    """Check `spec` and its data map (if given; its `eval` entry is the eval set) against `host`; `init`:
+    a packed native export (`colaflow.export.init_blob`), checked against the resolved sites before any
+    tensor is made, or {site: params} (the scheduler checks those)."""
     batches = None
     if data is not None:
         batches = from_map(data)  # refuse bad data before anything is allocated
@@ -46,13 +50,18 @@ def prepare(host, spec: JobSpec, data: dict | None = None, evals: EvalSet | None
     if evals is not None and metric is not None:
         evals.metric = metric
     spec = classification_spec(spec, getattr(host, "model", None))  # a classifier's head trains too
-    return Admission(spec, host.resolve(spec), batches, evals)
+    sites = host.resolve(spec)
+    if isinstance(init, (bytes, bytearray)):
+        init = init_params(spec, bytes(init), sites)
+    return Admission(spec, sites, batches, evals, init)
 
 
 def admit(host, scheduler: Scheduler, a: Admission, steps: int | None, tenant: str = "default",
           init: dict[str, dict] | None = None, data: dict | None = None) -> JobRecord:
     """Host and schedule a prepared job (under the scheduler's lock where other threads share the
-    host); `init` {site: params}: its adapters' version 0; `data`: the map the store keeps with it."""
+    host); `init` {site: params}: its adapters' version 0 (default: `a.init`); `data`: the map the store
+    keeps with it."""
+    init = a.init if init is None else init
     sites = host.add_job(a.spec, init, a.sites)
     try:
         record = scheduler.add_job(a.spec, sites, steps, data, tenant, init)

@@ -15,6 +15,10 @@ Rows of `prompts` are prompt + reference answer: `labels` are -100 over the prom
 `input_ids` over the answer (what `colaflow.studies.tasks.knowledge.encode` or a prompt/completion
 dataset gives). Greedy decoding produces the reference exactly iff every answer token is the
 argmax given the tokens before it, so exact match is one teacher-forced forward, not a decode loop.
+
+An eval costs the tenant that asks for it: at most MAX_EVAL_ROWS rows and MAX_EVAL_TOKENS tokens
+(both sets together; refused at submit past them), run as `Evaluation` slices of one batch each,
+which the server's step loop counts in the job's share and runs between other jobs' steps.
 """
 from __future__ import annotations
 
@@ -31,8 +35,10 @@ from ..data.batches import IGNORE, check_limits, stack, tensor_rows, to_map
 
 # metric(predictions, references) -> {name: number}; both are lists of token-id lists
 Metric = Callable[[list[list[int]], list[list[int]]], dict]
-BATCH = 16  # rows per eval forward
+BATCH = 16  # rows per eval forward: one slice of an `Evaluation`
 KEYS = ("examples", "prompts", "every", "patience")
+MAX_EVAL_ROWS = 1024  # rows of one eval (examples and prompts together)
+MAX_EVAL_TOKENS = 1024 * 128  # their tokens
 
 
 @dataclass
@@ -106,6 +112,13 @@ def parse(d: dict | None, vocab: int | None = None, context: int | None = None, 
         raise ValueError("`eval_prompts` need a causal language model (greedy answers); use `eval_data` for this loss")
     if not rows["examples"] and not rows["prompts"]:
         raise ValueError("`data.eval` needs `examples` (eval_data) or `prompts` (eval_prompts)")
+    shared = rows["prompts"] is rows["examples"]
+    counted = rows["examples"] + ([] if shared else rows["prompts"])
+    tokens = sum(len(r["input_ids"]) for r in counted)
+    if len(counted) > MAX_EVAL_ROWS or tokens > MAX_EVAL_TOKENS:
+        raise ValueError(f"the eval set holds {len(counted)} rows of {tokens} tokens; one eval may take at most "
+                         f"{MAX_EVAL_ROWS} rows and {MAX_EVAL_TOKENS} tokens (every `eval_every` steps): "
+                         "sample it down")
     if rows["examples"] and not any(bool((r["labels"] != IGNORE).any()) for r in rows["examples"]):
         raise ValueError("`eval_data` has no labelled token: eval loss would be 0/0")
     for i, row in enumerate(rows["prompts"]):
@@ -152,33 +165,58 @@ def _forward(host, job_id: str, batch: dict):
 def evaluate(host, job_id: str, ev: EvalSet) -> dict[str, float]:
     """`eval_loss` (token-weighted over `examples`), `eval_exact_match` (over `prompts`) and the user
     metric's keys, with the adapters `host` holds for `job_id` now; forward only."""
-    out: dict[str, float] = {}
-    device = next(host.model.parameters()).device
-    shared = ev.examples is ev.prompts  # the same rows (as in the demo): one forward gives both metrics
-    with _forward_only(host.model):
-        total, count, hits = 0.0, 0, 0
-        for rows, loss, match in ((ev.examples, True, shared), (ev.prompts, False, True)):
-            if not rows or (shared and not loss):
-                continue
-            for batch in _batches(rows, device):
+    run = Evaluation(ev)
+    while not run.step(host, job_id):
+        pass
+    return run.result
+
+
+class Evaluation:
+    """One eval of a job, a batch at a time: `step` runs the next slice (True once all have run; then
+    `result` holds the metrics). The host must hold the same adapters for the job throughout."""
+
+    def __init__(self, ev: EvalSet):
+        self.ev, self.result = ev, {}
+        shared = ev.examples is ev.prompts  # the same rows (as in the demo): one forward gives both metrics
+        self._slices = [(ev.examples, i, True, shared) for i in range(0, len(ev.examples), BATCH)]
+        if not shared:
+            self._slices += [(ev.prompts, i, False, True) for i in range(0, len(ev.prompts), BATCH)]
+        self._next, self._total, self._count, self._hits = 0, 0.0, 0, 0
+
+    def step(self, host, job_id: str) -> bool:
+        """Run the next slice; True when the eval is complete (`result` is set)."""
+        if self._next < len(self._slices):
+            rows, i, loss, match = self._slices[self._next]
+            device = next(host.model.parameters()).device
+            with _forward_only(host.model):
+                batch = next(_batches(rows[i:i + BATCH], device))
                 output = _forward(host, job_id, batch)
                 if loss:
                     row_sum, row_count = host.loss_fn(output, batch)  # (B,), (B,)
-                    total, count = total + float(row_sum.double().sum()), count + int(row_count.sum())
+                    self._total += float(row_sum.double().sum())
+                    self._count += int(row_count.sum())
                 if match:
                     guess = output.logits.argmax(-1)[:, :-1]  # (B, T-1): the greedy next token
                     want = batch["labels"][:, 1:]  # (B, T-1): the answer's tokens, IGNORE elsewhere
-                    hits += int(((guess == want) | (want == IGNORE)).all(1).sum())
+                    self._hits += int(((guess == want) | (want == IGNORE)).all(1).sum())
+            self._next += 1
+            if self._next < len(self._slices) or self.ev.metric is not None:
+                return False
+        self.result = self._finish(host, job_id)
+        return True
+
+    def _finish(self, host, job_id: str) -> dict[str, float]:
+        ev, out = self.ev, {}
         if ev.examples:
-            if count == 0:
+            if self._count == 0:
                 raise ValueError("`eval_data` has no labelled token the loss counts")
-            out["eval_loss"] = total / count
+            out["eval_loss"] = self._total / self._count
         if ev.prompts:
-            out["eval_exact_match"] = hits / len(ev.prompts)
-        if ev.metric is not None:
+            out["eval_exact_match"] = self._hits / len(ev.prompts)
+        if ev.metric is not None:  # in-process only: greedy decoding, then the user's metric (one slice)
             refs = [r["input_ids"][answer_start(r):].tolist() for r in ev.prompts]
             out.update(_user_metric(ev.metric, greedy(host, job_id, ev.prompts), refs))
-    return out
+        return out
 
 
 def greedy(host, job_id: str, prompts: list[dict]) -> list[list[int]]:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63olaflow/v1/control.proto\x12\x0b\x63olaflow.v1\"[\n\x10SubmitJobRequest\x12\x0c\n\x04spec\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x0e\n\x06upload\x18\x04 \x01(\t\x12\x0c\n\x04init\x18\x05 \x01(\x0c\" \n\x11SubmitJobResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xf2\x01\n\tJobStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x36\n\x08versions\x18\x05 \x03(\x0b\x32$.colaflow.v1.JobStatus.VersionsEntry\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x15\n\rmax_staleness\x18\x08 \x01(\x04\x12\x0f\n\x07workers\x18\t \x03(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x1c\n\rGetJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"8\n\x0eGetJobResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.colaflow.v1.JobStatus\"\x11\n\x0fListJobsRequest\"8\n\x10ListJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.colaflow.v1.JobStatus\"\x1f\n\x10\x43\x61ncelJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\";\n\x11\x43\x61ncelJobResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.colaflow.v1.JobStatus\"B\n\x14StreamMetricsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05since\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"(\n\x15StreamMetricsResponse\x12\x0f\n\x07metrics\x18\x01 \x01(\x0c\"B\n\x14\x45xportAdapterRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\r\n\x05which\x18\x03 \x01(\t\"Q\n\x15\x45xportAdapterResponse\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x0f\n\rHealthRequest\"?\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\r\x12\x0c\n\x04jobs\x18\x03 \x01(\r\"\x15\n\x13GetTokenizerRequest\"\xb8\x01\n\x14GetTokenizerResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\x04\x12\x12\n\nvocab_size\x18\x03 \x01(\x04\x12;\n\x05\x66iles\x18\x04 \x03(\x0b\x32,.colaflow.v1.GetTokenizerResponse.FilesEntry\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"6\n\x11UploadDataRequest\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"3\n\x12UploadDataResponse\x12\x0e\n\x06upload\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x14\n\x12ListWorkersRequest\"&\n\x13ListWorkersResponse\x12\x0f\n\x07workers\x18\x01 \x01(\x0c\x32\x9c\x06\n\x07\x43ontrol\x12J\n\tSubmitJob\x12\x1d.colaflow.v1.SubmitJobRequest\x1a\x1e.colaflow.v1.SubmitJobResponse\x12\x41\n\x06GetJob\x12\x1a.colaflow.v1.GetJobRequest\x1a\x1b.colaflow.v1.GetJobResponse\x12G\n\x08ListJobs\x12\x1c.colaflow.v1.ListJobsRequest\x1a\x1d.colaflow.v1.ListJobsResponse\x12J\n\tCancelJob\x12\x1d.colaflow.v1.CancelJobRequest\x1a\x1e.colaflow.v1.CancelJobResponse\x12X\n\rStreamMetrics\x12!.colaflow.v1.StreamMetricsRequest\x1a\".colaflow.v1.StreamMetricsResponse0\x01\x12X\n\rExportAdapter\x12!.colaflow.v1.ExportAdapterRequest\x1a\".colaflow.v1.ExportAdapterResponse0\x01\x12\x41\n\x06Health\x12\x1a.colaflow.v1.HealthRequest\x1a\x1b.colaflow.v1.HealthResponse\x12S\n\x0cGetTokenizer\x12 .colaflow.v1.GetTokenizerRequest\x1a!.colaflow.v1.GetTokenizerResponse\x12O\n\nUploadData\x12\x1e.colaflow.v1.UploadDataRequest\x1a\x1f.colaflow.v1.UploadDataResponse(\x01\x12P\n\x0bListWorkers\x12\x1f.colaflow.v1.ListWorkersRequest\x1a .colaflow.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63olaflow/v1/control.proto\x12\x0b\x63olaflow.v1\"[\n\x10SubmitJobRequest\x12\x0c\n\x04spec\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x0e\n\x06upload\x18\x04 \x01(\t\x12\x0c\n\x04init\x18\x05 \x01(\x0c\" \n\x11SubmitJobResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xf2\x01\n\tJobStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x36\n\x08versions\x18\x05 \x03(\x0b\x32$.colaflow.v1.JobStatus.VersionsEntry\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x15\n\rmax_staleness\x18\x08 \x01(\x04\x12\x0f\n\x07workers\x18\t \x03(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x1c\n\rGetJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"8\n\x0eGetJobResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.colaflow.v1.JobStatus\"\x11\n\x0fListJobsRequest\"8\n\x10ListJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.colaflow.v1.JobStatus\"\x1f\n\x10\x43\x61ncelJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\";\n\x11\x43\x61ncelJobResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.colaflow.v1.JobStatus\"\x1f\n\x10\x44\x65leteJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"B\n\x14StreamMetricsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05since\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"(\n\x15StreamMetricsResponse\x12\x0f\n\x07metrics\x18\x01 \x01(\x0c\"B\n\x14\x45xportAdapterRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\r\n\x05which\x18\x03 \x01(\t\"Q\n\x15\x45xportAdapterResponse\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x0f\n\rHealthRequest\"?\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\r\x12\x0c\n\x04jobs\x18\x03 \x01(\r\"\x15\n\x13GetTokenizerRequest\"\xb8\x01\n\x14GetTokenizerResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\x04\x12\x12\n\nvocab_size\x18\x03 \x01(\x04\x12;\n\x05\x66iles\x18\x04 \x03(\x0b\x32,.colaflow.v1.GetTokenizerResponse.FilesEntry\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"6\n\x11UploadDataRequest\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"3\n\x12UploadDataResponse\x12\x0e\n\x06upload\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x14\n\x12ListWorkersRequest\"&\n\x13ListWorkersResponse\x12\x0f\n\x07workers\x18\x01 \x01(\x0c\x32\xe8\x06\n\x07\x43ontrol\x12J\n\tSubmitJob\x12\x1d.colaflow.v1.SubmitJobRequest\x1a\x1e.colaflow.v1.SubmitJobResponse\x12\x41\n\x06GetJob\x12\x1a.colaflow.v1.GetJobRequest\x1a\x1b.colaflow.v1.GetJobResponse\x12G\n\x08ListJobs\x12\x1c.colaflow.v1.ListJobsRequest\x1a\x1d.colaflow.v1.ListJobsResponse\x12J\n\tCancelJob\x12\x1d.colaflow.v1.CancelJobRequest\x1a\x1e.colaflow.v1.CancelJobResponse\x12J\n\tDeleteJob\x12\x1d.colaflow.v1.DeleteJobRequest\x1a\x1e.colaflow.v1.DeleteJobResponse\x12X\n\rStreamMetrics\x12!.colaflow.v1.StreamMetricsRequest\x1a\".colaflow.v1.StreamMetricsResponse0\x01\x12X\n\rExportAdapter\x12!.colaflow.v1.ExportAdapterRequest\x1a\".colaflow.v1.ExportAdapterResponse0\x01\x12\x41\n\x06Health\x12\x1a.colaflow.v1.HealthRequest\x1a\x1b.colaflow.v1.HealthResponse\x12S\n\x0cGetTokenizer\x12 .colaflow.v1.GetTokenizerRequest\x1a!.colaflow.v1.GetTokenizerResponse\x12O\n\nUploadData\x12\x1e.colaflow.v1.UploadDataRequest\x1a\x1f.colaflow.v1.UploadDataResponse(\x01\x12P\n\x0bListWorkers\x12\x1f.colaflow.v1.ListWorkersRequest\x1a .colaflow.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,32 +55,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELJOBREQUEST']._serialized_end=610
   _globals['_CANCELJOBRESPONSE']._serialized_start=612
   _globals['_CANCELJOBRESPONSE']._serialized_end=671
-  _globals['_STREAMMETRICSREQUEST']._serialized_start=673
-  _globals['_STREAMMETRICSREQUEST']._serialized_end=739
-  _globals['_STREAMMETRICSRESPONSE']._serialized_start=741
-  _globals['_STREAMMETRICSRESPONSE']._serialized_end=781
-  _globals['_EXPORTADAPTERREQUEST']._serialized_start=783
-  _globals['_EXPORTADAPTERREQUEST']._serialized_end=849
-  _globals['_EXPORTADAPTERRESPONSE']._serialized_start=851
-  _globals['_EXPORTADAPTERRESPONSE']._serialized_end=932
-  _globals['_HEALTHREQUEST']._serialized_start=934
-  _globals['_HEALTHREQUEST']._serialized_end=949
-  _globals['_HEALTHRESPONSE']._serialized_start=951
-  _globals['_HEALTHRESPONSE']._serialized_end=1014
-  _globals['_GETTOKENIZERREQUEST']._serialized_start=1016
-  _globals['_GETTOKENIZERREQUEST']._serialized_end=1037
-  _globals['_GETTOKENIZERRESPONSE']._serialized_start=1040
-  _globals['_GETTOKENIZERRESPONSE']._serialized_end=1224
-  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_start=1180
-  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_end=1224
-  _globals['_UPLOADDATAREQUEST']._serialized_start=1226
-  _globals['_UPLOADDATAREQUEST']._serialized_end=1280
-  _globals['_UPLOADDATARESPONSE']._serialized_start=1282
-  _globals['_UPLOADDATARESPONSE']._serialized_end=1333
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1335
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1355
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1357
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1395
-  _globals['_CONTROL']._serialized_start=1398
-  _globals['_CONTROL']._serialized_end=2194
+  _globals['_DELETEJOBREQUEST']._serialized_start=673
+  _globals['_DELETEJOBREQUEST']._serialized_end=704
+  _globals['_DELETEJOBRESPONSE']._serialized_start=706
+  _globals['_DELETEJOBRESPONSE']._serialized_end=725
+  _globals['_STREAMMETRICSREQUEST']._serialized_start=727
+  _globals['_STREAMMETRICSREQUEST']._serialized_end=793
+  _globals['_STREAMMETRICSRESPONSE']._serialized_start=795
+  _globals['_STREAMMETRICSRESPONSE']._serialized_end=835
+  _globals['_EXPORTADAPTERREQUEST']._serialized_start=837
+  _globals['_EXPORTADAPTERREQUEST']._serialized_end=903
+  _globals['_EXPORTADAPTERRESPONSE']._serialized_start=905
+  _globals['_EXPORTADAPTERRESPONSE']._serialized_end=986
+  _globals['_HEALTHREQUEST']._serialized_start=988
+  _globals['_HEALTHREQUEST']._serialized_end=1003
+  _globals['_HEALTHRESPONSE']._serialized_start=1005
+  _globals['_HEALTHRESPONSE']._serialized_end=1068
+  _globals['_GETTOKENIZERREQUEST']._serialized_start=1070
+  _globals['_GETTOKENIZERREQUEST']._serialized_end=1091
+  _globals['_GETTOKENIZERRESPONSE']._serialized_start=1094
+  _globals['_GETTOKENIZERRESPONSE']._serialized_end=1278
+  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_start=1234
+  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_end=1278
+  _globals['_UPLOADDATAREQUEST']._serialized_start=1280
+  _globals['_UPLOADDATAREQUEST']._serialized_end=1334
+  _globals['_UPLOADDATARESPONSE']._serialized_start=1336
+  _globals['_UPLOADDATARESPONSE']._serialized_end=1387
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1389
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1409
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1411
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1449
+  _globals['_CONTROL']._serialized_start=1452
+  _globals['_CONTROL']._serialized_end=2324
 # @@protoc_insertion_point(module_scope)

@@ -89,6 +89,16 @@ class CancelJobResponse(_message.Message):
     status: JobStatus
     def __init__(self, status: _Optional[_Union[JobStatus, _Mapping]] = ...) -> None: ...
 
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class DeleteJobResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class StreamMetricsRequest(_message.Message):
     __slots__ = ("job", "since", "follow")
     JOB_FIELD_NUMBER: _ClassVar[int]

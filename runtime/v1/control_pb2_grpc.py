@@ -54,6 +54,11 @@ class ControlStub:
                 request_serializer=colaflow_dot_v1_dot_control__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=colaflow_dot_v1_dot_control__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/colaflow.v1.Control/DeleteJob',
+                request_serializer=colaflow_dot_v1_dot_control__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=colaflow_dot_v1_dot_control__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.StreamMetrics = channel.unary_stream(
                 '/colaflow.v1.Control/StreamMetrics',
                 request_serializer=colaflow_dot_v1_dot_control__pb2.StreamMetricsRequest.SerializeToString,
@@ -109,6 +114,13 @@ class ControlServicer:
 
     def CancelJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Forget an ended job of the caller's tenant: its status, metrics, adapters and state-dir files.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -173,6 +185,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=colaflow_dot_v1_dot_control__pb2.CancelJobRequest.FromString,
                     response_serializer=colaflow_dot_v1_dot_control__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=colaflow_dot_v1_dot_control__pb2.DeleteJobRequest.FromString,
+                    response_serializer=colaflow_dot_v1_dot_control__pb2.DeleteJobResponse.SerializeToString,
             ),
             'StreamMetrics': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamMetrics,
@@ -313,6 +330,33 @@ class Control:
             '/colaflow.v1.Control/CancelJob',
             colaflow_dot_v1_dot_control__pb2.CancelJobRequest.SerializeToString,
             colaflow_dot_v1_dot_control__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colaflow.v1.Control/DeleteJob',
+            colaflow_dot_v1_dot_control__pb2.DeleteJobRequest.SerializeToString,
+            colaflow_dot_v1_dot_control__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -103,6 +103,10 @@ class Client:
         return status_from_proto(self._call(f"cancel {job}", self.stub.CancelJob,
                                             control_pb2.CancelJobRequest(job=job)).status)
 
+    def delete(self, job: str) -> None:
+        """Forget an ended job: its status, metrics, adapters and files on the server (export it first)."""
+        self._call(f"delete {job}", self.stub.DeleteJob, control_pb2.DeleteJobRequest(job=job))
+
     def workers(self) -> list[dict]:
         """Every worker the server knows (admin token): {worker, state, last_seen_s, sites {job: [site]},
         fits_per_s, bytes_in, bytes_out}; a tenant finds its jobs' workers in `get(job).workers`."""
