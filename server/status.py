@@ -1,4 +1,4 @@
-"""The status page and the operator's HTTP endpoints of `colaflow serve` (stdlib http.server, read-only).
+"""The status page and the operator's HTTP endpoints of `colaflow serve` (read-only; served by http.py).
 
     GET /                          the status page (status.html: inline JS polls the JSON API)
     GET /api/jobs                  jobs the caller sees: state, progress, steps/s, ETA, counters
@@ -12,22 +12,24 @@
 Auth is the gRPC server's tokens: `Authorization: Bearer TOKEN`, or a session cookie that a login
 (the form, or `?token=` followed by a redirect that drops it from the address bar) sets. The
 cookie holds a random session id, never the token (cookies are not scoped by port), HttpOnly,
-SameSite=Strict, Secure under TLS. Without a tokens file every caller is admin, as on gRPC, and
-on a loopback address requests must name a loopback Host (a web page cannot reach the page by
-DNS rebinding).
+SameSite=Strict, Secure under TLS. A login must come from this site (its `Origin`, `Referer` and
+`Sec-Fetch-Site` say so, or are absent as with curl): another site cannot log a visitor's browser
+into its own session; and a login redirects only to one of this page's own paths. Without a tokens
+file every caller is admin, as on gRPC, and on a loopback address requests must name a loopback
+Host (a web page cannot reach the page by DNS rebinding). Connections, and the time and bytes of a
+request, are bounded by `http.HttpServer`.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
-import socket
 import ssl
 import threading
 import time
 from http import HTTPStatus
 from http.cookies import SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -35,6 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auth import Identity, Tokens
 from .coordinator import Coordinator
+from .http import HttpServer, Request, Response
 from .metrics import finite, job_rate, metrics_csv, metrics_jsonl, metrics_registry
 
 log = logging.getLogger("colaflow.server")
@@ -52,19 +55,18 @@ class Refused(Exception):
 
 
 class StatusServer:
-    """A ThreadingHTTPServer on its own thread; `url` is what `colaflow serve` prints."""
+    """The page's routes and sessions on an `HttpServer` (its own event-loop thread); `url` is what
+    `colaflow serve` prints. `max_connections` and `request_s` bound the HTTP side (see http.py)."""
 
     def __init__(self, coordinator: Coordinator, tokens: Tokens, host: str = "127.0.0.1", port: int = 0,
-                 tls: tuple[str, str, str | None] | None = None):
+                 tls: tuple[str, str, str | None] | None = None, max_connections: int | None = None,
+                 request_s: float = 10.0):
         self.coordinator, self.scheduler, self.tokens, self.host = coordinator, coordinator.scheduler, tokens, host
         self.registry = metrics_registry(coordinator)
         self.sessions: dict[str, tuple[Identity, float]] = {}
         self.lock = threading.Lock()
-        server_cls = _Server6 if ":" in host else _Server
-        self.httpd = server_cls((host, port), _Handler)
-        self.httpd.app = self
-        self.port = self.httpd.server_address[1]
         self.secure = tls is not None
+        ctx = None
         if tls is not None:
             cert, key, client_ca = tls
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -72,10 +74,9 @@ class StatusServer:
             if client_ca:
                 ctx.load_verify_locations(client_ca)
                 ctx.verify_mode = ssl.CERT_REQUIRED
-            # the handshake happens in the request's thread, so a slow client never blocks accept()
-            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
+        self.http = HttpServer(self.handle, host, port, ctx, max_connections, request_s)
+        self.port = self.http.port
         self.cookie = f"colaflow_session_{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="colaflow-http", daemon=True)
 
     @property
     def url(self) -> str:
@@ -83,13 +84,15 @@ class StatusServer:
         return f"{'https' if self.secure else 'http'}://{host}:{self.port}/"
 
     def start(self) -> StatusServer:
-        self.thread.start()
+        self.http.start()
         return self
 
     def stop(self) -> None:
-        if self.thread.is_alive():  # shutdown() waits for serve_forever, which must have started
-            self.httpd.shutdown()
-        self.httpd.server_close()
+        self.http.stop()
+
+    def handle(self, request: Request) -> Response:
+        """The answer to one request (on one of the HTTP server's handler threads)."""
+        return _Exchange(self, request).answer()
 
     # auth
 
@@ -144,62 +147,66 @@ class StatusServer:
         return rows[:MAX_ROWS], ended
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True  # as gRPC does: only a live listener makes the port taken
-
-    def handle_error(self, request, client_address):  # a client that went away is not worth a traceback
-        log.debug("status page: request from %s failed", client_address, exc_info=True)
+ROUTE = re.compile(r"/(metrics|api/jobs|api/workers|api/jobs/[A-Za-z0-9._~%-]+/metrics(\.jsonl|\.csv)?)?")
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+class _Exchange:
+    """One request's answer: the routes of the page, as plain methods of the request."""
 
+    def __init__(self, app: StatusServer, request: Request):
+        self.app, self.request, self.headers = app, request, request.headers
+        self.url = urlsplit(request.target)
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "colaflow"
-    timeout = 30  # seconds a client may take per read: a slow one cannot hold a thread forever
-
-    @property
-    def app(self) -> StatusServer:
-        return self.server.app
-
-    def log_message(self, format, *args):  # noqa: A002 (the stdlib's name)
-        log.debug("status page: %s %s", self.address_string(), format % args)
-
-    def do_GET(self):
-        self._serve(self._get)
-
-    def do_POST(self):
-        self._serve(self._post)
-
-    def _serve(self, handler) -> None:
+    def answer(self) -> Response:
         try:
             self._check_host()
-            handler(urlsplit(self.path))
+            if self.request.method == "GET":
+                return self._get(self.url)
+            if self.request.method == "POST":
+                return self._post(self.url)
+            raise Refused(HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.request.method[:16]!r} is not served here")
         except Refused as e:
-            self._error(e.status, str(e))
+            return self._error(e.status, str(e))
         except KeyError as e:
-            self._error(HTTPStatus.NOT_FOUND, str(e.args[0]) if e.args else "not found")
+            return self._error(HTTPStatus.NOT_FOUND, str(e.args[0]) if e.args else "not found")
         except (ValueError, TypeError) as e:
-            self._error(HTTPStatus.BAD_REQUEST, str(e))
-        except (ConnectionError, TimeoutError, ssl.SSLError):
-            raise  # the client went away: nothing to answer
+            return self._error(HTTPStatus.BAD_REQUEST, str(e))
         except Exception as e:  # a bug: say so in the log, answer 500, keep serving
-            log.exception("status page: %s failed", self.path.split("?")[0][:100])
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__} (see the server's log)")
+            log.exception("status page: %s failed", self.url.path[:100])
+            return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__} (see the server's log)")
 
     def _check_host(self) -> None:
         """Without tokens on loopback, only requests naming a loopback host: no DNS rebinding."""
         if self.app.tokens.enabled or self.app.host not in LOOPBACK_NAMES and not self.app.host.startswith("127."):
             return  # tokens guard it; or it was put off loopback without them on purpose (--insecure)
-        host = urlsplit("//" + (self.headers.get("Host") or "")).hostname or ""
+        host = urlsplit("//" + (self.headers.get("host") or "")).hostname or ""
         if host not in LOOPBACK_NAMES | {self.app.host}:
             raise Refused(HTTPStatus.FORBIDDEN, f"Host {host[:64]!r} is not this server's (a server without "
                                                 "tokens answers only requests naming its own address)")
 
+    def _same_site(self) -> None:
+        """A login must come from this site's own page (or from no page: a typed address, curl): a
+        cross-site form or link must not log a victim's browser into someone else's session."""
+        fetch_site = self.headers.get("sec-fetch-site", "")
+        if fetch_site and fetch_site not in ("same-origin", "none"):
+            raise Refused(HTTPStatus.FORBIDDEN, f"a login from another site ({fetch_site}) is refused: open this "
+                                                "server's page and log in there")
+        own = f"{'https' if self.app.secure else 'http'}://{(self.headers.get('host') or '').lower()}"
+        origin = self.headers.get("origin")
+        referer = self.headers.get("referer")
+        if origin is not None:
+            seen = origin.lower()
+        elif referer is not None:
+            parts = urlsplit(referer)
+            seen = f"{parts.scheme}://{parts.netloc}".lower()
+        else:
+            return
+        if seen != own:
+            raise Refused(HTTPStatus.FORBIDDEN, f"a login from {seen[:80]!r} is refused: it is not this site "
+                                                f"({own[:80]}); open this server's page and log in there")
+
     def _caller(self, path: str) -> Identity:
-        identity = self.app.identity(self.headers.get("Authorization", ""), self.headers.get("Cookie", ""))
+        identity = self.app.identity(self.headers.get("authorization", ""), self.headers.get("cookie", ""))
         if identity is None:
             raise Refused(HTTPStatus.UNAUTHORIZED, "this page needs a control or admin token: "
                                                    "`Authorization: Bearer TOKEN`, or log in")
@@ -209,12 +216,14 @@ class _Handler(BaseHTTPRequestHandler):
             raise Refused(HTTPStatus.FORBIDDEN, "/metrics needs an admin token")
         return identity
 
-    def _get(self, url) -> None:
+    def _get(self, url) -> Response:
         path, query = url.path, parse_qs(url.query)
         if path == "/healthz":
             return self._send(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
         if "token" in query:  # log in, then drop the token from the address bar (and the history's next entry)
-            return self._login(query["token"][0], path + self._without_token(query))
+            self._same_site()
+            then = path if ROUTE.fullmatch(path) else "/"  # only this site's own pages: never elsewhere
+            return self._login(query["token"][0], then + self._without_token(query))
         identity = self._caller(path)
         tenant = identity.tenant
         if path == "/":
@@ -242,29 +251,24 @@ class _Handler(BaseHTTPRequestHandler):
                                   disposition=f"attachment; filename*=UTF-8''{name}")
         raise Refused(HTTPStatus.NOT_FOUND, f"no such page: {path[:100]}")
 
-    def _post(self, url) -> None:
+    def _post(self, url) -> Response:
         if url.path != "/login":
             raise Refused(HTTPStatus.METHOD_NOT_ALLOWED, "the status page is read-only")
-        n = int(self.headers.get("Content-Length") or 0)
-        if not 0 <= n <= 4096:
-            raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "a login form is at most 4096 bytes")
-        form = parse_qs(self.rfile.read(n).decode("utf-8", "replace"))
-        self._login((form.get("token") or [""])[0], "/")
+        self._same_site()
+        form = parse_qs(self.request.body.decode("utf-8", "replace"))
+        return self._login((form.get("token") or [""])[0], "/")
 
-    def _login(self, token: str, then: str) -> None:
+    def _login(self, token: str, then: str) -> Response:
         sid = self.app.login(token) if self.app.tokens.enabled else ""
         if sid is None:
             raise Refused(HTTPStatus.UNAUTHORIZED, "unknown token, or a worker token (the page needs control "
                                                    "or admin)")
-        self.send_response(HTTPStatus.SEE_OTHER)
+        headers = [("Location", then), ("Cache-Control", "no-store")]
         if sid:
             secure = "; Secure" if self.app.secure else ""
-            self.send_header("Set-Cookie", f"{self.app.cookie}={sid}; Path=/; HttpOnly; SameSite=Strict; "
-                                           f"Max-Age={int(SESSION_S)}{secure}")
-        self.send_header("Location", then)
-        self.send_header("Content-Length", "0")
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
+            headers.append(("Set-Cookie", f"{self.app.cookie}={sid}; Path=/; HttpOnly; SameSite=Strict; "
+                                          f"Max-Age={int(SESSION_S)}{secure}"))
+        return Response(HTTPStatus.SEE_OTHER, headers)
 
     @staticmethod
     def _without_token(query: dict) -> str:
@@ -278,32 +282,28 @@ class _Handler(BaseHTTPRequestHandler):
             raise ValueError(f"`{name}` must be an integer >= 0, got {raw[:32]!r}")
         return int(raw)
 
-    def _json(self, obj) -> None:
-        self._send(HTTPStatus.OK, json.dumps(finite(obj)).encode(), "application/json")
+    def _json(self, obj) -> Response:
+        return self._send(HTTPStatus.OK, json.dumps(finite(obj)).encode(), "application/json")
 
-    def _error(self, status: HTTPStatus, message: str) -> None:
-        if status == HTTPStatus.UNAUTHORIZED and self.path.split("?")[0] == "/":
+    def _error(self, status: HTTPStatus, message: str) -> Response:
+        if status == HTTPStatus.UNAUTHORIZED and self.url.path == "/" or \
+                status == HTTPStatus.FORBIDDEN and message.startswith("a login from"):
             page = LOGIN.replace("{{message}}", _escape(message)).encode()
             return self._send(status, page, "text/html; charset=utf-8")
-        self._send(status, json.dumps({"error": message}).encode(), "application/json")
+        return self._send(status, json.dumps({"error": message}).encode(), "application/json")
 
-    def _send(self, status: HTTPStatus, body: bytes, kind: str, nonce: str = "", disposition: str = "") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
+    def _send(self, status: HTTPStatus, body: bytes, kind: str, nonce: str = "", disposition: str = "") -> Response:
         src = f"'nonce-{nonce}'" if nonce else "'none'"
-        self.send_header("Content-Security-Policy", f"default-src 'none'; script-src {src}; style-src {src}; "
-                                                    "connect-src 'self'; img-src 'self' data:; form-action 'self'; "
-                                                    "frame-ancestors 'none'; base-uri 'none'")
+        headers = [("Content-Type", kind), ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                   ("Referrer-Policy", "same-origin"),
+                   ("Content-Security-Policy", f"default-src 'none'; script-src {src}; style-src {src}; "
+                                               "connect-src 'self'; img-src 'self' data:; form-action 'self'; "
+                                               "frame-ancestors 'none'; base-uri 'none'")]
         if status == HTTPStatus.UNAUTHORIZED:
-            self.send_header("WWW-Authenticate", 'Bearer realm="colaflow"')
+            headers.append(("WWW-Authenticate", 'Bearer realm="colaflow"'))
         if disposition:
-            self.send_header("Content-Disposition", disposition)
-        self.end_headers()
-        self.wfile.write(body)
+            headers.append(("Content-Disposition", disposition))
+        return Response(status, headers, body)
 
 
 def _escape(text: str) -> str:
