@@ -260,11 +260,13 @@ def test_text_trains_over_grpc_with_the_servers_tokenizer(tok, tmp_path):
             path = tmp_path / "facts.jsonl"
             path.write_text("".join(json.dumps(f) + "\n" for f in facts))
             wait_workers(session._backend.client, 1)
+            submitted, submit = [], s.c.submit  # an ended job lets go of its data: look at what came in
+            s.c.submit = lambda spec, data, *a, **k: submitted.append(data) or submit(spec, data, *a, **k)
             job = session.submit(path, steps=2, batch_size=4, adapter=LowRank(r=2), targets=["q_proj", "v_proj"])
             assert job.wait(timeout=120)["state"] == "done" and len(job.metrics()) == 2
             fetched = session._backend.client.tokenizer()
             assert fetched.model_max_length == 128 and fetched("Fact 1")["input_ids"] == tok("Fact 1")["input_ids"]
-            data = s.c.scheduler.job(job.id).data["examples"]
+            data = submitted[0]["examples"]
             assert data[0]["input_ids"] == tok(facts[0]["text"])["input_ids"] + [tok.eos_token_id]
             assert max(len(r["input_ids"]) for r in data) == 128
     finally:
