@@ -37,6 +37,7 @@ def test_the_page_shows_counts_in_words_one_point_charts_and_a_lost_worker_with_
         chart = re.search(r'<svg[^>]*data-key="loss".*?</svg>', dom, re.S).group(0)
         # the y axis' two labels (top, bottom), then the x axis' last step
         labels = [float(x) for x in re.findall(r'text-anchor="end"[^>]*>([-0-9.e+]+)</text>', chart)][:2]
+        assert "<circle" in chart  # the one point is drawn (a line through one point is not)
         assert labels[1] < loss < labels[0] and labels[0] - labels[1] <= 0.25 * abs(loss), (labels, loss)  # not ±1
 
         client.submit(JobSpec("long", LowRank(r=2), AdamW(lr=1e-2)), examples(96, 8, 2), steps=100_000,
