@@ -6,7 +6,7 @@ not change (tests/test_faults.py draws joins and returns among its faults). A mo
 owner that replay, so a job's sites move for balance at most once per `rebalance_after` seconds,
 only a parent module's sites together (as `_assign` places them), only from a connected owner to a
 connected, healthy one, and only while it narrows the gap: a group of g sites moves from a worker
-with more than g sites above the other's, and never makes the job's own share on the two flip.
+with more than g sites (all jobs) above the other's, which also holds at least g more of the job's.
 Jobs with `state_every=0` never move for balance: a move would restart their optimizer.
 """
 from __future__ import annotations
