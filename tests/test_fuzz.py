@@ -1,13 +1,16 @@
 """Fuzzing both services: hypothesis drives a live server (real gRPC, loopback) with malformed and
 adversarial message sequences while an honest worker trains an honest job. The server never
 dies, its memory stays bounded, the attackers learn nothing of the honest job, and the honest
-job's final adapters equal its failure-free run's, bit for bit.
+job's final adapters equal its failure-free run's, bit for bit. Tenants' `init` exports whose
+metadata lies and hostile bytes on the status page's HTTP port are refused, never a crash.
 
 COLAFLOW_FUZZ_EXAMPLES sets the number of hostile sequences (default 60)."""
 from __future__ import annotations
 
+import json
 import os
 import queue
+import socket
 import struct
 import threading
 import time
@@ -26,6 +29,7 @@ from colaflow.models import tiny
 from colaflow.server.auth import Tokens
 from colaflow.server.coordinator import Coordinator
 from colaflow.server.service import make_server
+from colaflow.server.status import StatusServer
 from colaflow.v1 import control_pb2, control_pb2_grpc, worker_pb2, worker_pb2_grpc
 from colaflow.wire import serde
 from colaflow.wire.channel import work_call
@@ -172,3 +176,83 @@ def test_hostile_sequences_leave_the_server_and_the_honest_job_intact(live):
     for site, a in adapters.items():
         for n, p in a.named_parameters():
             assert torch.equal(p.detach(), want[site][n]), site
+
+
+# a tenant's `init` export whose metadata lies: sizes, shapes, dtypes, byte ranges, the header's length
+
+Q0 = "model.layers.0.self_attn.q_proj"
+_site = st.fixed_dictionaries({"name": st.sampled_from([Q0, "model.layers.1.self_attn.q_proj", "nope"]),
+                               "kind": st.sampled_from(["linear", "conv2d", "embedding", "zz"]),
+                               "in_features": st.integers(-1, 1 << 40), "out_features": st.integers(-1, 1 << 40)})
+_entry = st.fixed_dictionaries({"dtype": st.sampled_from(["F32", "BF16", "I64", "zz"]),
+                                "shape": st.lists(st.integers(-1, 1 << 40), max_size=3),
+                                "data_offsets": st.lists(st.integers(-1, 1 << 41), max_size=3)})
+
+
+def _init_blob(sites: list, header: dict, body: bytes, lie: int) -> bytes:
+    meta = {"format": "colaflow-adapter", "format_version": 1, "job": {"adapter": LowRank(r=4).to_dict()},
+            "sites": sites}
+    h = json.dumps(header).encode()
+    tensors = ((len(h) + lie) % (1 << 64)).to_bytes(8, "little") + h + body
+    return serde.pack({"meta": json.dumps(meta), "tensors": tensors})
+
+
+def test_hostile_init_exports_are_refused_from_their_metadata(live):
+    address, coordinator, _, ex = live
+    control = control_pb2_grpc.ControlStub(grpc.insecure_channel(address))
+    data = serde.pack({"examples": ex, "batch_size": 4})
+    start_rss, counter = _rss_kib(), iter(range(10 ** 9))
+
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(_site, max_size=4), st.dictionaries(st.sampled_from([f"{Q0}::A", f"{Q0}::B", "x::y"]), _entry,
+                                                        max_size=3), st.binary(max_size=64), st.integers(0, 1 << 40))
+    def attack(sites, header, body, lie):
+        spec = serde.pack(JobSpec(f"init-{next(counter)}", LowRank(r=4)).to_dict())
+        request = control_pb2.SubmitJobRequest(spec=spec, data=data, steps=2, init=_init_blob(sites, header, body, lie))
+        with pytest.raises(grpc.RpcError) as e:
+            control.SubmitJob(request, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+
+    attack()
+    assert coordinator.health().status == "serving"
+    assert not any(j.startswith("init-") for j in coordinator.scheduler.jobs)
+    assert _rss_kib() - start_rss < 100 * 1024  # KiB: nothing was sized by a blob's own claims
+
+
+# hostile bytes on the status page's port, without a token
+
+_header = st.tuples(st.sampled_from([b"Host", b"Content-Length", b"Transfer-Encoding", b"Origin", b"Cookie",
+                                     b"Sec-Fetch-Site", b"X"]), st.binary(max_size=40))
+_http = st.one_of(
+    st.binary(max_size=256),
+    st.builds(lambda method, path, headers, body: method + b" " + path + b" HTTP/1.1\r\n" +
+              b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n" + body,
+              st.sampled_from([b"GET", b"POST", b"PUT", b"G"]),
+              st.sampled_from([b"/", b"/healthz", b"/login", b"/\\evil.example/?token=x", b"/api/jobs/%ff/metrics",
+                               b"/api/jobs?since=-1", b"//x", b"*"]),
+              st.lists(_header, max_size=5), st.binary(max_size=64)),
+)
+
+
+def test_hostile_http_requests_get_an_answer_or_a_closed_connection(live):
+    _, coordinator, _, _ = live
+    page = StatusServer(coordinator, Tokens(None), max_connections=16, request_s=2.0).start()
+    try:
+        @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(_http)
+        def attack(raw):
+            with socket.create_connection(("127.0.0.1", page.port), timeout=30) as s:
+                s.sendall(raw)
+                s.shutdown(socket.SHUT_WR)
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+            status = answer.split(b"\r\n", 1)[0]
+            assert answer == b"" or status.startswith(b"HTTP/1.1 ") and b" 500 " not in status, answer[:200]
+
+        attack()
+        with socket.create_connection(("127.0.0.1", page.port), timeout=30) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+    finally:
+        page.stop()

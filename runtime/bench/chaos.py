@@ -1,13 +1,17 @@
 """`colaflow bench chaos`: several tenants' jobs on one server and four workers, while a fault
 injector kills workers (some with their disk), kills and restarts the server, cuts and delays
-connections, fills a worker's disk and corrupts a worker's checkpoint. Loopback only, bounded.
+connections, fills a worker's disk and corrupts a worker's checkpoint; and a hostile tenant and a
+stranger do their worst: trickling HTTP connections, a hostile `init` export, a job that evaluates
+256 rows every step, submitted, cancelled and deleted again and again. Loopback only, bounded.
 
-Every job's final adapters are compared, bit for bit, with its failure-free in-process run.
-Last line: {"faults": {kind: count}, "jobs": n, "completed": n, "identical": n, "seconds": s}.
+Every honest job's final adapters are compared, bit for bit, with its failure-free in-process run;
+`/healthz` must answer through the trickling, and the hostile `init` must be refused.
+Last line: {"faults": {kind: count}, "jobs": n, "completed": n, "identical": n, "hostile": {...}, "seconds": s}.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import resource
 import shutil
@@ -26,6 +30,7 @@ import torch
 from .common import report
 
 POOL, ACME, GLOBEX = "chaos-worker-pool-token", "chaos-tenant-acme-token", "chaos-tenant-globex-token"
+EVIL = "chaos-tenant-evil-token-0"
 
 
 class FlakyProxy:
@@ -89,7 +94,8 @@ def _free_port() -> int:
 class Chaos:
     def __init__(self, work: Path, seed: int):
         self.work, self.rng = work, random.Random(seed)
-        (work / "tokens.txt").write_text(f"{POOL} worker\n{ACME} control acme\n{GLOBEX} control globex\n")
+        (work / "tokens.txt").write_text(f"{POOL} worker\n{ACME} control acme\n{GLOBEX} control globex\n"
+                                         f"{EVIL} control evil\n")
         (work / "worker.token").write_text(POOL)
         self.port = _free_port()
         self.server = self._serve()
@@ -98,15 +104,19 @@ class Chaos:
         for name in ("e0", "e1", "e2", "e3"):
             self.edges[name] = self._edge(name)
         self.faults: Counter = Counter()
+        self.hostile: Counter = Counter()  # what the hostile tenant and the stranger got
+        self.evil_jobs = 0
 
     def _serve(self) -> subprocess.Popen:
         log = open(self.work / "server.log", "a")
         proc = subprocess.Popen([sys.executable, "-m", "colaflow.cli.main", "serve", "--model", "tiny-llama",
                                  "--port", str(self.port), "--threads", "1", "--tokens", str(self.work / "tokens.txt"),
-                                 "--state-dir", str(self.work / "server-state"), "--reassign-after", "2"],
+                                 "--state-dir", str(self.work / "server-state"), "--reassign-after", "2",
+                                 "--http-port", "0", "--keep-ended", "2"],
                                 stdout=subprocess.PIPE, stderr=log, text=True)
         if "listening on" not in proc.stdout.readline():
             raise RuntimeError(f"server did not start: {(self.work / 'server.log').read_text()[-2000:]}")
+        self.http_port = int(proc.stdout.readline().strip().rsplit(":", 1)[1].rstrip("/"))
         return proc
 
     def _edge(self, name: str) -> subprocess.Popen:
@@ -125,7 +135,7 @@ class Chaos:
 
     def inject(self) -> str:
         kind = self.rng.choice(["kill_worker", "kill_worker", "lose_worker", "kill_server", "cut_links",
-                                "full_disk", "corrupt_checkpoint"])
+                                "full_disk", "corrupt_checkpoint", "slow_http", "hostile_init", "evil_eval"])
         name = self.rng.choice(sorted(self.edges))
         if kind in ("kill_worker", "lose_worker"):
             self._kill(self.edges[name])
@@ -156,8 +166,81 @@ class Chaos:
                     raw[self.rng.randrange(len(raw))] ^= 0xFF
                 f.write_bytes(bytes(raw))
             self.edges[name] = self._edge(name)
+        elif kind == "slow_http":
+            self._slow_http()
+        elif kind in ("hostile_init", "evil_eval"):
+            self._evil(kind)
         self.faults[kind] += 1
         return kind
+
+    def _slow_http(self, n: int = 300, seconds: float = 3.0) -> None:
+        """A stranger holds `n` connections to the status page, a header byte at a time; /healthz must answer."""
+        import http.client
+
+        socks = []
+        for _ in range(n):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", self.http_port))
+            socks.append(s)
+        end = time.time() + seconds
+        while time.time() < end:
+            for s in socks:
+                try:
+                    s.send(b"G")
+                except OSError:
+                    pass
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+                conn.request("GET", "/healthz")
+                self.hostile["healthz_ok" if conn.getresponse().status == 200 else "healthz_refused"] += 1
+                conn.close()
+            except OSError:
+                self.hostile["healthz_refused"] += 1
+            time.sleep(0.5)
+        for s in socks:
+            s.close()
+
+    def _evil(self, kind: str) -> None:
+        """The hostile tenant: an `init` claiming a 2^30-input site, or a job evaluating 256 rows every
+        step that it cancels and deletes at its next turn (retention and the eval's fair share)."""
+        import grpc
+        from safetensors.torch import save
+
+        from colaflow import JobSpec, LowRank
+        from colaflow.errors import ColaflowError
+        from colaflow.maps import pack
+        from colaflow.v1 import control_pb2
+        from colaflow.wire.client import Client
+
+        c = Client(f"127.0.0.1:{self.port}", token=EVIL)
+        rows = [{"input_ids": [self.rng.randrange(1, 96) for _ in range(64)]} for _ in range(256)]
+        data = {"examples": rows[:16], "batch_size": 4, "seed": 0}
+        try:
+            if kind == "hostile_init":
+                meta = {"format": "colaflow-adapter", "format_version": 1, "job": {"adapter": LowRank(r=8).to_dict()},
+                        "sites": [{"name": f"model.layers.{i}.self_attn.{m}_proj", "kind": "linear",
+                                   "in_features": 1 << 30, "out_features": 64} for i in (0, 1) for m in "qv"]}
+                request = control_pb2.SubmitJobRequest(spec=pack(JobSpec("evil-init", LowRank(r=8)).to_dict()),
+                                                       data=pack(data), steps=10,
+                                                       init=pack({"meta": json.dumps(meta), "tensors": save({})}))
+                try:
+                    c.stub.SubmitJob(request, metadata=c.md, timeout=60)
+                    self.hostile["init_accepted"] += 1
+                except grpc.RpcError as e:
+                    self.hostile["init_refused" if e.code() == grpc.StatusCode.INVALID_ARGUMENT else
+                                 f"init: {e.code().name}"] += 1
+                return
+            if self.evil_jobs:  # the last one goes: cancelled, then deleted
+                c.cancel(f"evil-{self.evil_jobs}")
+                c.delete(f"evil-{self.evil_jobs}")
+            self.evil_jobs += 1
+            c.submit_map(JobSpec(f"evil-{self.evil_jobs}", LowRank(r=2)),
+                         dict(data, eval={"examples": rows, "every": 1}), steps=10_000)
+        except ColaflowError as e:  # the server may be restarting
+            self.hostile[f"evil: {type(e).__name__}"] += 1
+        finally:
+            c.close()
 
     def stop(self) -> None:
         for p in [*self.edges.values(), self.server]:
@@ -244,6 +327,8 @@ def main(args: argparse.Namespace) -> int:
     finally:
         chaos.stop()
     out = {"faults": dict(chaos.faults), "faults_total": sum(chaos.faults.values()), "jobs": len(_specs()),
-           "completed": completed, "identical": identical, "seconds": round(time.time() - t0, 1)}
+           "completed": completed, "identical": identical, "hostile": dict(chaos.hostile),
+           "seconds": round(time.time() - t0, 1)}
     report(out)
-    return 0 if identical == len(_specs()) else 1
+    held = not chaos.hostile["init_accepted"] and not chaos.hostile["healthz_refused"]
+    return 0 if identical == len(_specs()) and held else 1
