@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU figures in one short run (about 6 minutes on one H100): the CUDA tests, then the
-# server-step, tenants and link benches with the server on CUDA (edge daemons on the CPUs).
+# The GPU figures in one short run (about 9 minutes on one H100): the CUDA tests, then the
+# server-step, tenants and link benches with the server on CUDA (edge daemons on the CPUs), and the
+# large-model figures: a Llama-3-8B shape (random weights) in bf16 and NF4 against PEFT LoRA/QLoRA,
+# the projected packets' S = 0 against S = 1, and the byte model of an 8B step.
 #
 #   benchmarks/gpu.sh [MODEL]    MODEL: smollm2-135m (default), an HF directory, or random:DIR
 #                                (DIR's architecture and tokenizer with random weights: timings and
@@ -27,5 +29,11 @@ for bench in server-step tenants; do
 done
 echo "== link"
 timeout 200 $PY -m colaflow.cli.main bench link --model "$MODEL" --device cuda --server-threads 4 \
-  --codecs raw,int8,int4 --steps 12 2>&1 | tee "$OUT/link.log" | grep -v Warning
-tail -qn1 "$OUT"/server-step.log "$OUT"/tenants.log "$OUT"/link.log | grep '^{' > "$OUT/figures.jsonl"  # a bench cut by its timeout has no JSON line
+  --codecs raw,int8,int4 --steps 12 --quick 2>&1 | tee "$OUT/link.log" | grep -v Warning
+echo "== bytes (llama-3-8b)"
+timeout 60 $PY -m colaflow.cli.main bench link --shape llama-3-8b 2>&1 | tee "$OUT/bytes.log" | tail -12
+echo "== scale (llama-3-8b, bf16 and nf4 against PEFT)"
+timeout 240 $PY -m colaflow.cli.main bench scale --shape llama-3-8b --device cuda --rows 8 --tokens 2048 \
+  --repeats 3 2>&1 | tee "$OUT/scale.log" | grep -v Warning
+tail -qn1 "$OUT"/server-step.log "$OUT"/tenants.log "$OUT"/link.log "$OUT"/bytes.log "$OUT"/scale.log \
+  | grep '^{' > "$OUT/figures.jsonl"  # a bench cut by its timeout has no JSON line

@@ -81,9 +81,10 @@ def check_device(device: str) -> torch.device:
         raise ValueError(f"`device` must be cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device visible"
-            raise ColaflowError(f"`device` {device!r}: this torch ({torch.__version__}) has {build}; install a "
-                                "CUDA build of torch (https://pytorch.org) or serve on the CPU")
+            build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no CUDA device is visible"
+            raise ColaflowError(f"`device` {device!r}: this torch ({torch.__version__}) is {build}; install a CUDA "
+                                "build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu126, "
+                                "or see pytorch.org) or run on the CPU")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ColaflowError(f"`device` {device!r}: only {torch.cuda.device_count()} CUDA devices are visible")
     elif dev.type not in ("cpu", "mps"):

@@ -76,6 +76,20 @@ class _WorkerActor:
         return not self.thread.is_alive()
 
 
+def held_args(dtype: str | None = None, quantize: str | None = None, device_map=None,
+              checkpointing: bool = False, max_memory: str | None = None) -> tuple[str, ...]:
+    """`colaflow serve`'s options for how the server holds its model (see `colaflow.models.load`)."""
+    import json
+
+    args: list[str] = []
+    for flag, value in (("--dtype", dtype), ("--quantize", quantize), ("--max-memory", max_memory)):
+        if value is not None:
+            args += [flag, str(value)]
+    if device_map is not None:
+        args += ["--device-map", device_map if isinstance(device_map, str) else json.dumps(device_map)]
+    return (*args, "--checkpointing") if checkpointing else tuple(args)
+
+
 def _nodes_with(resource: str) -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(resource, 0) >= 1)
 
@@ -88,7 +102,10 @@ class RayServer:
     """
 
     def __init__(self, model: str = "smollm2-135m", *, args: tuple[str, ...] = (), host: str | None = None,
-                 resources: dict | None = None, name: str = SERVER_NAME, timeout: float = 600.0):
+                 resources: dict | None = None, name: str = SERVER_NAME, timeout: float = 600.0,
+                 dtype: str | None = None, quantize: str | None = None, device_map=None,
+                 checkpointing: bool = False, max_memory: str | None = None):
+        args = (*held_args(dtype, quantize, device_map, checkpointing, max_memory), *args)
         total = ray.cluster_resources()
         options: dict = {"name": name, "namespace": NAMESPACE, "num_cpus": 0, "max_restarts": 0}
         if resources is not None:

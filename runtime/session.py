@@ -111,9 +111,13 @@ class Session:
     def __init__(self, model=None, *, address: str | None = None, token: str | None = None,
                  tls_ca: bytes | None = None, ray: bool | str = False, workers: int | str = 2,
                  loss: str = "causal_lm", connect_timeout: float = 30.0, threads: int | None = None,
-                 server_args: tuple[str, ...] = (), tokenizer=None):
+                 server_args: tuple[str, ...] = (), tokenizer=None, dtype: str | None = None,
+                 quantize: str | None = None, device_map=None, checkpointing: bool = False):
+        """`dtype`, `quantize`, `device_map` and `checkpointing` say how a model named here is held (in
+        process or in a Ray server actor), as `colaflow.models.load` and `colaflow serve` take them."""
         if address is not None and (model is not None or ray):
             raise ValueError("pass `address` (a running server) or `model` (in process / on Ray), not both")
+        held = {"dtype": dtype, "quantize": quantize, "device_map": device_map}
         self.connect_timeout, self.tokenizer = connect_timeout, tokenizer
         self.ray = None
         self._closed = False
@@ -123,10 +127,12 @@ class Session:
             from . import ray as colaflow_ray  # says how to install Ray if it is missing
 
             self.ray = colaflow_ray.RayDeployment(model or "smollm2-135m", workers=workers, address=ray,
-                                                  threads=threads or 1, server_args=tuple(server_args))
+                                                  threads=threads or 1,
+                                                  server_args=(*colaflow_ray.held_args(checkpointing=checkpointing,
+                                                                                       **held), *server_args))
             self._backend = _Remote(self.ray.address, None, None)
         else:
-            self._backend = _Local(model or "smollm2-135m", loss)
+            self._backend = _Local(model or "smollm2-135m", loss, held, checkpointing)
 
     def submit(self, examples: Iterable[dict] | str | Path, *, steps: int, adapter: AdapterSpec | None = None,
                optimizer: OptimizerSpec | None = None, targets: list[str] | str | None = None,
@@ -212,7 +218,7 @@ def _init_dir(init) -> Path:
 class _Local:
     """In this process: the reference Trainer (Host + Scheduler + Worker), driven inside `wait()`."""
 
-    def __init__(self, model, loss: str):
+    def __init__(self, model, loss: str, held: dict | None = None, checkpointing: bool = False):
         from .control.trainer import Trainer
         from .engine import loss as losses
 
@@ -220,10 +226,11 @@ class _Local:
         if isinstance(model, str):
             from .models import load, tiny
 
-            model, self._tokenizer = (tiny(model[len("tiny-"):]), None) if model.startswith("tiny-") else load(model)
+            model, self._tokenizer = ((tiny(model[len("tiny-"):]), None) if model.startswith("tiny-")
+                                      else load(model, **{k: v for k, v in (held or {}).items() if v is not None}))
         if not hasattr(losses, loss):
             raise ValueError(f"unknown `loss` {loss!r}; known: causal_lm, token_cls, seq_cls")
-        self.trainer = Trainer(model, [], getattr(losses, loss))
+        self.trainer = Trainer(model, [], getattr(losses, loss), checkpointing=checkpointing)
         self.data: dict[str, object] = {}
 
     def tokenizer(self):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import resource
 import socket
@@ -25,7 +26,10 @@ from colaflow.control.retention import Policy
 from colaflow.engine.classify import classifier
 from colaflow.engine.host import Host
 from colaflow.engine.loss import seq_cls
-from colaflow.models import load, tiny
+from colaflow.engine.memory import parse_bytes
+from colaflow.engine.weights import describe
+from colaflow.errors import ColaflowError
+from colaflow.models import check_device, load, tiny
 from colaflow.wire.channel import tune_allocator
 
 from .auth import Tokens
@@ -65,6 +69,9 @@ class Serving:
         _raise_descriptor_limit()
         store = DirStore(args.state_dir) if args.state_dir else None
         host, tokenizer = _host(args)
+        held = describe(host.model)
+        log.info("model %s: %s weights, quantization %s, on %s, %.2f GiB resident", args.model, held["dtype"],
+                 held["quantization"], ", ".join(held["devices"]), held["resident_bytes"] / 2**30)
         self.coordinator = Coordinator(host, reassign_after=args.reassign_after, store=store, mix=args.mix,
                                        layered=args.layered, max_tenant_jobs=args.max_tenant_jobs, policy=policy)
         mb = args.max_upload_mb << 20
@@ -165,15 +172,26 @@ def _security(args: argparse.Namespace) -> tuple[tuple | None, Tokens]:
 
 
 def _host(args: argparse.Namespace) -> tuple[Host, object]:
-    """The host of the model `--model` names, and its tokenizer (what GetTokenizer hands clients; None: none)."""
-    model, tokenizer = load_model(args.model)
+    """The host of the model `--model` names, as --dtype/--quantize/--device-map hold it, and its
+    tokenizer (what GetTokenizer hands clients; None: none)."""
+    try:
+        budget = parse_bytes(args.max_memory) if args.max_memory else None
+        device_map = json.loads(args.device_map) if args.device_map and args.device_map.startswith("{") \
+            else args.device_map
+    except (ValueError, ColaflowError) as e:
+        raise SystemExit(f"colaflow serve: {e}") from None
+    model, tokenizer = load_model(args.model, dtype=args.dtype, quantize=args.quantize, device_map=device_map,
+                                  device=args.device, offload_dir=args.offload_dir)
+    placed = device_map is not None or args.quantize is not None  # (already where it computes)
+    memory = {"checkpointing": True if args.checkpointing else "auto", "max_memory": budget}
     if args.classes:
-        host = Host(classifier(model, args.classes, args.pooling).to(args.device), seq_cls, mix_rows=args.mix_rows)
+        body = classifier(model, args.classes, args.pooling)
+        host = Host(body if placed else body.to(args.device), seq_cls, mix_rows=args.mix_rows, **memory)
     else:
         if getattr(model, "get_output_embeddings", lambda: None)() is None:  # e.g. an encoder (AutoModel)
             raise SystemExit(f"colaflow serve: {args.model!r} ({type(model).__name__}) has no language-model head to "
                              "train against: serve it for sequence classification with --classes N")
-        host = Host(model.to(args.device), mix_rows=args.mix_rows)
+        host = Host(model if placed else model.to(args.device), mix_rows=args.mix_rows, **memory)
     return host, tokenizer
 
 
@@ -200,11 +218,16 @@ def _port_free(host: str, port: int) -> bool:
         return False
 
 
-def load_model(name: str):
-    """(model, tokenizer); tiny-* models have no tokenizer (None)."""
+def load_model(name: str, **options):
+    """(model, tokenizer); tiny-* models have no tokenizer (None); `options`: `colaflow.models.load`'s."""
     if name.startswith("tiny-"):
-        return tiny(name[len("tiny-"):]), None
-    return load(name)
+        if options.get("quantize") or options.get("device_map"):
+            raise SystemExit(f"colaflow serve: {name} is a tiny random model held as it is built: "
+                             "--quantize and --device-map are for checkpoints (an HF directory or a GGUF file)")
+        dtype = options.get("dtype")
+        model = tiny(name[len("tiny-"):])
+        return (model.to(getattr(torch, dtype)) if dtype and dtype != "auto" else model), None
+    return load(name, **options)
 
 
 def _loopback(host: str) -> bool:
@@ -219,17 +242,9 @@ def _loopback(host: str) -> bool:
 def _check_device(device: str) -> None:
     """`--device` refused before anything loads where this torch cannot use it, saying what to install."""
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise SystemExit(f"colaflow serve: --device must be cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no CUDA device is visible"
-        raise SystemExit(f"colaflow serve: --device {device}: this torch ({torch.__version__}) is {build}; install "
-                         "a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu126, "
-                         "or see pytorch.org) or serve with --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SystemExit(f"colaflow serve: --device {device}: only {torch.cuda.device_count()} CUDA devices are "
-                         "visible")
+        check_device(device)
+    except (ValueError, ColaflowError) as e:
+        raise SystemExit(f"colaflow serve: --device {device}: {e}") from None
 
 
 def _check_port_free(host: str, port: int, flag: str = "--port") -> None:

@@ -49,6 +49,21 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="start a step only once every site's version is in (by default a step starts as soon "
                         "as nothing else can run, and its forward waits at each site still fitting)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
+                   help="the frozen weights' precision (default: float32 on a CPU, the checkpoint's own on a GPU); "
+                        "adapters stay float32")
+    p.add_argument("--quantize", choices=["nf4", "int8"], default=None,
+                   help="hold the frozen weights quantized (bitsandbytes: nf4 as QLoRA, or int8)")
+    p.add_argument("--device-map", default=None, metavar="auto|JSON",
+                   help="spread the model over devices (accelerate): `auto`, or a JSON map {module: device, "
+                        "\"cpu\" or \"disk\"}; what does not fit goes to the CPU or to --offload-dir")
+    p.add_argument("--offload-dir", default=None, help="where --device-map's `disk` layers live")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="recompute activations in the backward for every step (by default only for the jobs "
+                        "whose steps would not fit --max-memory otherwise)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="the memory this server may use, e.g. 20GiB (default: its device's); a job whose step "
+                        "and packets cannot fit is refused at submit, saying what would")
     p.add_argument("--classes", type=int, default=0,
                    help="serve sequence-classification jobs with N classes (colaflow.classifier: frozen body, "
                         "pooling, a head every job trains on its devices); rows carry `label`")
@@ -80,8 +95,6 @@ def _http_port(value: str) -> int | str:
     if not value.isdigit() or int(value) > 65535:
         raise argparse.ArgumentTypeError(f"expected a port (0-65535) or `off`, got {value!r}")
     return int(value)
-
-
 
 
 def run(args: argparse.Namespace) -> int:

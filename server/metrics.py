@@ -158,6 +158,19 @@ class ServerCollector:
             w_sites.add_metric([w["worker"]], float(sum(len(s) for s in w["sites"].values())))
         yield from (w_in, w_out, w_rate, w_sites)
         yield self._step_seconds(j["job"] for j in jobs)
+        held = self.coordinator.host.held()
+        model = GaugeMetricFamily("colaflow_model_weight_bytes", "Bytes of the frozen model's weights (resident: "
+                                  "in memory now, the rest offloaded)", labels=["dtype", "quantization", "where"])
+        labels = [held["dtype"], held["quantization"]]
+        model.add_metric([*labels, "resident"], float(held["resident_bytes"]))
+        model.add_metric([*labels, "all"], float(held["weight_bytes"]))
+        yield model
+        memory = GaugeMetricFamily("colaflow_memory_bytes", "The memory budget (--max-memory, else the device's) "
+                                   "and what admitted jobs are promised of it", labels=["what"])
+        for what, key in (("budget", "max_memory"), ("step", "promised_step"), ("packets", "promised_packets")):
+            if held[key] is not None:
+                memory.add_metric([what], float(held[key]))
+        yield memory
 
 
 def metrics_registry(coordinator: Coordinator) -> CollectorRegistry:

@@ -129,7 +129,11 @@ class StatusServer:
             rate, eta = job_rate(view, now)
             recent = view.pop("recent")
             jobs.append(dict(view, steps_per_s=rate, eta_s=eta, last=recent[-1] if recent else {}))
-        return {"server": {"status": health.status, "workers": health.workers, "jobs": health.jobs}, "jobs": jobs}
+        model = self.coordinator.host.held()
+        if tenant is not None:  # the memory promised spans every tenant's jobs
+            model = {k: model[k] for k in ("dtype", "quantization", "devices", "weight_bytes")}
+        return {"server": {"status": health.status, "workers": health.workers, "jobs": health.jobs, "model": model},
+                "jobs": jobs}
 
     def workers(self, tenant: str | None) -> dict:
         """Admin: every worker. A tenant: the workers holding its jobs' sites, with only those sites;

@@ -166,3 +166,15 @@ def _reference(interval: int) -> dict:
                        packets="projected")
         _REFS[interval] = reference(spec, 8)
     return _REFS[interval]
+
+
+def test_the_metrics_grad_norm_stays_the_full_packets():
+    """`grad_norm` in a step's metrics (the norm of the fit's parameter gradient) is PEFT's either way."""
+    norms = {}
+    for packets in ("full", "projected"):
+        trainer = Trainer(tiny("llama"), [JobSpec("j", LowRank(r=4), AdamW(lr=1e-2), packets=packets)])
+        for b in batch_stream(96, 3, 10, seed=5, steps=4):
+            trainer.step({"j": b})
+        norms[packets] = [m["grad_norm"] for m in trainer.scheduler.job("j").metrics if "grad_norm" in m]
+    assert len(norms["full"]) == 3 and all(n > 0 for n in norms["full"])
+    assert all(abs(a - b) <= 1e-5 * b for a, b in zip(norms["projected"], norms["full"]))

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from colaflow import JobSpec, LowRank
 from colaflow.control.protocol import Hello
 from colaflow.engine.host import Host
+from colaflow.engine.weights import describe
 from colaflow.models import tiny
 from colaflow.wire.client import Client
 from procs import examples, start_edge, start_server, stop, wait_done
@@ -139,6 +140,7 @@ def test_the_status_page_renders_the_servers_real_data_in_headless_chromium(serv
         assert row["loss"] == str(float(f"{status.loss:.4g}")), (row, status.loss)
     assert page.rows["e1"]["state"] == "connected"
     assert page.charts.count("loss") == 2  # one loss curve per job
+    assert "model float32 on cpu" in out.stdout  # what the server holds, in the header
 
     png = tmp_path / "status.png"
     out = chromium(f"--user-data-dir={tmp_path / 'profile-shot'}", f"--screenshot={png}", "--window-size=1280,800",
@@ -168,6 +170,13 @@ def test_the_page_needs_a_token_and_a_tenant_sees_only_its_own(served):
     assert [j["job"] for j in api(served, "api/jobs", "acme")["jobs"]] == ["acme-job"]
     assert {j["job"] for j in api(served, "api/jobs", "admin")["jobs"]} == set(STEPS)
     assert api(served, "api/jobs", "acme")["server"]["jobs"] == 1
+    held = describe(tiny("llama"))  # the model `--model tiny-llama` holds
+    model = api(served, "api/jobs", "admin")["server"]["model"]
+    assert (model["dtype"], model["quantization"], model["devices"]) == ("float32", "none", ["cpu"])
+    assert model["weight_bytes"] == held["weight_bytes"] and model["promised_step"] == 0  # its jobs have ended
+    assert model["max_memory"] > model["weight_bytes"]  # the machine's memory: no --max-memory
+    mine = api(served, "api/jobs", "acme")["server"]["model"]  # a tenant: the model, not others' promises
+    assert mine == {k: model[k] for k in ("dtype", "quantization", "devices", "weight_bytes")}
     status, _, body = fetch(url + "api/jobs/globex-job/metrics", TOKENS["acme"])
     assert status == 404 and json.loads(body) == {"error": "unknown job 'globex-job'"}  # as if it did not exist
     status, _, body = fetch(url + "api/jobs/globex-job/metrics.csv", TOKENS["acme"])
@@ -213,6 +222,10 @@ def test_metrics_scrape_parses_and_tells_the_truth(served):
     connected = served["clients"]["admin"].health().workers
     assert value("colaflow_workers", state="connected") == connected == 1
     assert value("colaflow_serving") == 1
+    held = api(served, "api/jobs")["server"]["model"]
+    assert value("colaflow_model_weight_bytes", dtype="float32", quantization="none", where="all") \
+        == held["weight_bytes"] == describe(tiny("llama"))["weight_bytes"]
+    assert value("colaflow_memory_bytes", what="budget") == held["max_memory"]
     assert value("colaflow_worker_sent_bytes_total", worker="e1") == sum(j["bytes_sent"] for j in jobs.values())
     buckets = [(float(s.labels["le"]), s.value) for s in families["colaflow_step_seconds"].samples
                if s.name == "colaflow_step_seconds_bucket"]

@@ -3,7 +3,8 @@
 Shapes from a config (`--shape 0.5b,1b`, a name below, or an HF config.json): bf16 weights against
 PEFT LoRA (bf16), NF4 weights against PEFT QLoRA (NF4), each side's activation checkpointing, and
 16 tenants hosted at once against one. Every memory figure is a fresh process's peak above the
-loaded model (2 steps; PEFT's second step holds its AdamW state); times alternate the two sides.
+loaded model (PEFT: 2 steps, the second holds its AdamW state; ColA: 1 step of each tenant); times
+alternate the two sides.
 ColA: forward with adapters + backward for site gradients (packets dropped as they leave: what the
 step itself holds). PEFT: forward + backward + AdamW step, in training mode, as its users train.
 Last line: {"mem_vs_peft_lora_bf16", "time_vs_peft_lora_bf16", "mem_vs_peft_qlora_nf4",
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..models import load
-from .common import alternate, mib, peak_during, report, token_batch
+from .common import alternate, mib, peak_during, report, synced, token_batch
 
 MODULE = "colaflow.bench.scale"
 SHAPES = {  # Llama shapes: (hidden, intermediate, layers, heads, kv heads, vocab)
@@ -64,15 +65,16 @@ def checkpoint_of(shape: str, root: Path) -> Path:
     return out
 
 
-def _side(side: str, path: Path, rows: int, tokens: int):
+def _side(side: str, path: Path, rows: int, tokens: int, device: str = "cpu"):
     """(model, step) of one side: `cola|peft` - `bf16|nf4` [- `ckpt`] [- `16`]."""
     from colaflow import JobSpec, LowRank
     from colaflow.engine.host import Host
 
     parts = side.split("-")
     who, weights, ckpt, tenants = parts[0], parts[1], "ckpt" in parts, TENANTS if "16" in parts else 1
-    model, _ = load(str(path), dtype="bfloat16", quantize="nf4" if weights == "nf4" else None, verbose=False)
-    batch = token_batch(model.config.vocab_size, rows, tokens, seed=0)
+    model, _ = load(str(path), dtype="bfloat16", quantize="nf4" if weights == "nf4" else None, device=device,
+                    verbose=False)
+    batch = {k: v.to(device) for k, v in token_batch(model.config.vocab_size, rows, tokens, seed=0).items()}
     if who == "cola":
         host = Host(model, checkpointing=ckpt)
         for t in range(tenants):
@@ -98,13 +100,14 @@ def _side(side: str, path: Path, rows: int, tokens: int):
     return peft, step
 
 
-def _measure(side: str, path: Path, rows: int, tokens: int, threads: int) -> int:
+def _measure(side: str, path: Path, rows: int, tokens: int, threads: int, device: str = "cpu") -> int:
     """A side's peak above its loaded model, in a fresh process (freed memory goes back to the OS)."""
     import subprocess
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, "-m", MODULE, "--mem-side", side, "--path", str(path), "--rows", str(rows),
-                          "--tokens", str(tokens), "--threads", str(threads)], env=env, capture_output=True, text=True)
+                          "--tokens", str(tokens), "--threads", str(threads), "--device", device], env=env,
+                         capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory run of {side} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
@@ -120,13 +123,15 @@ def main(args: argparse.Namespace) -> int:
             path = checkpoint_of(shape, Path(tmp))
             cfg = config(shape)
             print(f"scale: {shape} (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, random weights), "
-                  f"{rows} x {tokens} tokens, lowrank r=8 on {','.join(TARGETS)}, {threads} threads", flush=True)
-            mem = {s: _measure(s, path, rows, tokens, threads) for s in
+                  f"{rows} x {tokens} tokens, lowrank r=8 on {','.join(TARGETS)}, {args.device}, {threads} threads",
+                  flush=True)
+            mem = {s: _measure(s, path, rows, tokens, threads, args.device) for s in
                    ("cola-bf16", "peft-bf16", "cola-nf4", "peft-nf4", "cola-bf16-ckpt", "peft-bf16-ckpt",
                     "cola-bf16-16")}
             for k, v in mem.items():
                 print(f"  peak  {k:16s} {mib(v)} above the loaded model", flush=True)
-            sides = {s: _side(s, path, rows, tokens)[1] for s in ("cola-bf16", "peft-bf16")}
+            sides = {s: synced(_side(s, path, rows, tokens, args.device)[1], args.device)
+                     for s in ("cola-bf16", "peft-bf16")}
             t = alternate(sides, args.repeats if args.repeats != 5 else 3)
             del sides
             for k, v in t.items():
@@ -149,16 +154,18 @@ def _mem_side() -> None:
     p = argparse.ArgumentParser()
     for flag in ("--mem-side", "--path"):
         p.add_argument(flag, required=True)
+    p.add_argument("--device", default="cpu")
     for flag in ("--rows", "--tokens", "--threads"):
         p.add_argument(flag, type=int, required=True)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    _, step = _side(a.mem_side, Path(a.path), a.rows, a.tokens)
+    _, step = _side(a.mem_side, Path(a.path), a.rows, a.tokens, a.device)
 
-    def two_steps() -> None:
+    def steps() -> None:  # PEFT's second step holds its AdamW state; a server step keeps nothing between steps
         step()
-        step()
-    report({"side": a.mem_side, "peak": peak_during(two_steps)})
+        if a.mem_side.startswith("peft"):
+            step()
+    report({"side": a.mem_side, "peak": peak_during(synced(steps, a.device), a.device)})
 
 
 if __name__ == "__main__":

@@ -11,18 +11,22 @@ the host's copies and schedules the job; if the scheduler refuses it, the host l
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..data.batches import check_limits, from_map
+from ..data.batches import batch_shape, check_limits, from_map
 from ..engine.classify import classification_spec
 from ..engine.evaluate import EvalSet, Metric, parse
 from ..engine.loss import causal_lm
+from ..engine.memory import packet_bytes
 from ..export import init_params
 from ..job import JobSpec
 from ..sites import Site
 from .records import JobRecord
 from .scheduler import Scheduler
+
+log = logging.getLogger("colaflow.server")
 
 
 @dataclass
@@ -34,6 +38,7 @@ class Admission:
     batches: Iterator[dict] | None  # the data map's batches (None: the driver brings each step's batch)
     evals: EvalSet | None
     init: dict[str, dict] | None = None  # {site: params} the adapters start from (checked against `sites`)
+    shape: tuple[int, int] | None = None  # (rows, tokens) of its largest batch: what its step's memory is sized by
 
 
 def prepare(host, spec: JobSpec, data: dict | None = None, evals: EvalSet | None = None,
@@ -53,7 +58,7 @@ def prepare(host, spec: JobSpec, data: dict | None = None, evals: EvalSet | None
     sites = host.resolve(spec)
     if isinstance(init, (bytes, bytearray)):
         init = init_params(spec, bytes(init), sites)
-    return Admission(spec, sites, batches, evals, init)
+    return Admission(spec, sites, batches, evals, init, batch_shape(data) if data is not None else None)
 
 
 def admit(host, scheduler: Scheduler, a: Admission, steps: int | None, tenant: str = "default",
@@ -62,11 +67,32 @@ def admit(host, scheduler: Scheduler, a: Admission, steps: int | None, tenant: s
     host); `init` {site: params}: its adapters' version 0 (default: `a.init`); `data`: the map the store
     keeps with it."""
     init = a.init if init is None else init
-    sites = host.add_job(a.spec, init, a.sites)
+    sites = host.add_job(a.spec, init, a.sites, a.shape)  # (refused here if its step cannot fit the memory)
     try:
         record = scheduler.add_job(a.spec, sites, steps, data, tenant, init)
     except BaseException:
         host.remove_job(a.spec.job_id)  # nothing half-made stays behind
         raise
     scheduler.watch(a.spec.job_id, None if a.evals is None else a.evals.watch)
+    hint = projected_hint(a.spec, sites, a.shape)
+    if hint:
+        log.info("job %s: %s", a.spec.job_id, hint)
+        scheduler.note(a.spec.job_id, hint)
     return record
+
+
+HINT_BYTES = 64 * 2**20  # full packets a step past which projected ones are worth a word
+
+
+def projected_hint(spec: JobSpec, sites: list[Site], shape: tuple[int, int] | None) -> str:
+    """A word for a job whose full packets are large and could be projected (exact, far smaller), or ""."""
+    if spec.packets != "full" or spec.staleness or not spec.adapter.projectable or shape is None:
+        return ""
+    if any(s.kind not in ("linear", "conv1d") for s in sites):
+        return ""
+    full, projected = packet_bytes(sites, shape[0] * shape[1], spec.adapter)
+    if full < HINT_BYTES:
+        return ""
+    return (f"its full packets are about {full / 2**20:,.0f} MiB a step; packets='projected' would send about "
+            f"{projected / 2**20:,.1f} MiB, exactly the same fit for its {spec.adapter.kind} adapter "
+            "(docs/transport.md)")

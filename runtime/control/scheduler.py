@@ -126,6 +126,11 @@ class Scheduler(Planning, Placement, Delivery, Progress, Retention, Views):
         return job
 
     @locked
+    def note(self, job_id: str, text: str) -> None:
+        """Tell the job's owner something (an event in its next metrics row: `colaflow logs`, the page)."""
+        self.job(job_id).events.append(text)
+
+    @locked
     def watch(self, job_id: str, watch: Watch | None) -> None:
         """Rank the job's eval steps by `watch` (and stop it early after its patience); None: no eval."""
         self.job(job_id).watch = watch

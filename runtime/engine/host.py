@@ -139,6 +139,11 @@ class Host(SiteHooks):
                 self._hooks[s.name] = mod.register_forward_hook(self._site_hook(s.name))
         return sites
 
+    def held(self) -> dict:
+        """What this server holds — dtype, quantization, devices, weight bytes — and the memory its
+        jobs are promised: `engine.memory.Budget.view`."""
+        return self.memory.view([h.fit for h in list(self.jobs.values())])
+
     def limits(self) -> tuple[int | None, int | None]:
         """(vocabulary size, context length) of the model where it says, else None: what data must fit."""
         config = getattr(self.model, "config", None)

@@ -29,7 +29,7 @@ from ..sites import Site
 from . import weights
 
 SAFETY = 1.5
-FIXED = 64 << 20  # the logits chunk of the fused loss, kernels' workspaces, the batch itself
+FIXED = 64 * 2**20  # the logits chunk of the fused loss, kernels' workspaces, the batch itself
 
 
 @dataclass
@@ -133,7 +133,8 @@ class Budget:
         self.device = weights.input_device(model)
         self.total = max_memory if max_memory is not None else device_memory(self.device)
         self.host_total = max_memory if self.device.type == "cpu" and max_memory else device_memory(torch.device("cpu"))
-        self.weights = weights.describe(model)["resident_bytes"]
+        self.held = weights.describe(model)  # what it holds; the weights do not change
+        self.weights = self.held["resident_bytes"]
 
     def admit(self, spec: JobSpec, sites: list[Site], shape: tuple[int, int] | None,
               others: dict[str, Fit | None]) -> Fit | None:
@@ -151,6 +152,14 @@ class Budget:
             if self._room(fits + [fit]) >= 0:
                 return fit
         raise ResourceExhausted(self._refusal(spec, sites, rows, tokens, fits, options[-1]))
+
+    def view(self, fits: list[Fit | None]) -> dict:
+        """The model held and the memory promised to these jobs (the status page, /metrics)."""
+        fits = [f for f in fits if f is not None]
+        step = max((f.step for f in fits), default=0)
+        return dict(self.held, max_memory=self.total, promised_step=step,
+                    promised_packets=sum(f.packets for f in fits),
+                    checkpointing={True: "on", False: "off"}.get(self.mode, self.mode))
 
     def _plan(self, spec: JobSpec, sites: list[Site], rows: int, tokens: int) -> Plan:
         plan = estimate(self.model, sites, rows, tokens)
