@@ -54,14 +54,15 @@ def test_submit_and_cancel_cycles_leave_memory_and_the_state_dir_flat(server):
     proc, _, clients, work = server
     data = _big_map(2, 0)
     rss = []
-    for i in range(8):
+    for i in range(10):
         clients["evil"].submit_map(JobSpec(f"cycle{i}", LowRank(r=2)), data, steps=1000)
         clients["evil"].cancel(f"cycle{i}")
+        time.sleep(1)  # the step loop lets go of what ended
         rss.append(_proc(proc.pid, "VmRSS") >> 10)
-    assert rss[-1] - rss[1] < 100, rss  # MiB: before, ~20 MiB more per cycle
+    assert rss[-1] - rss[2] < 75, rss  # MiB, past the first cycles' warm-up: before, ~20 MiB more per cycle
     assert _du(work / "state") < 1 << 20, _du(work / "state")
     kept = sorted(j.job for j in clients["evil"].list())
-    assert kept == ["cycle5", "cycle6", "cycle7"]  # --keep-ended 3: the oldest went
+    assert kept == ["cycle7", "cycle8", "cycle9"]  # --keep-ended 3: the oldest went
 
 
 def test_a_tenant_deletes_its_ended_jobs_and_its_quota_refuses_with_the_figure(server, capsys):
