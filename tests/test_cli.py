@@ -136,7 +136,7 @@ def test_operator_commands_load_without_torch():
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["serve", "--model", "./no-such-dir"], "model directory './no-such-dir' does not exist"),
+    (["serve", "--model", "./no-such-dir"], "model './no-such-dir': no such directory or GGUF file"),
     (["serve", "--model", "tiny-opt"], "unknown tiny model family 'opt'"),
     (["serve", "--model", "tiny-llama", "--tokens", "/no/such/tokens"], "cannot read --tokens '/no/such/tokens'"),
     (["serve", "--model", "tiny-llama", "--tls-cert", "KEY", "--tls-key", "CERT"],

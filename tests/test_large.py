@@ -236,3 +236,36 @@ def test_the_memory_estimate_covers_a_measured_step_and_checkpointing_saves_most
     for flag, m in got.items():
         assert m["peak"] <= m["estimate"] <= 4 * max(m["peak"], 64 << 20), (flag, m)
     assert got["1"]["peak"] <= 0.6 * got["0"]["peak"], got
+
+
+def test_admission_promises_memory_and_turns_checkpointing_on_only_for_the_job_that_needs_it():
+    """`checkpointing="auto"` under `max_memory`: a small job runs without recompute, a job whose step
+    fits only checkpointed turns it on, a job that fits neither way is refused saying what would — and
+    nothing of a refused job stays hosted."""
+    from colaflow.engine.memory import estimate, kept_steps
+    from colaflow.engine.weights import describe
+    from colaflow.errors import ResourceExhausted
+
+    model = tiny("llama", hidden=256, layers=4, vocab=512)
+    spec = lambda job: JobSpec(job, LowRank(r=8), target_modules=["q_proj", "v_proj"])  # noqa: E731
+    probe = Host(model)
+    sites = probe.resolve(spec("probe"))
+    big, small = estimate(model, sites, 8, 256), estimate(model, sites, 1, 16)
+    packets = kept_steps(spec("a")) * (big.packets + small.packets)
+    # steps run one at a time and packets are kept together: the budget sits between the two jobs with
+    # the big one checkpointed and the two without
+    low, high = max(small.step, big.step_checkpointed) + packets, big.step + packets
+    assert low < high
+    budget = describe(model)["resident_bytes"] + (low + high) // 2
+    host = Host(model, checkpointing="auto", max_memory=budget)
+    host.add_job(spec("a"), shape=(1, 16))
+    assert host.checkpointing is None and not host.jobs["a"].fit.checkpointed
+    host.add_job(spec("b"), shape=(8, 256))
+    assert host.jobs["b"].fit.checkpointed and host.checkpointing is not None
+    held = host.held()
+    assert held["max_memory"] == budget and held["promised_step"] == host.jobs["b"].fit.step
+    with pytest.raises(ResourceExhausted, match=r"cannot fit this server's memory: 64 rows x 1024 tokens .* would fit"):
+        host.add_job(spec("c"), shape=(64, 1024))
+    assert set(host.jobs) == {"a", "b"}
+    host.remove_job("b")
+    assert host.held()["promised_step"] == host.jobs["a"].fit.step  # b's promise is released
