@@ -6,13 +6,15 @@ with a throwaway key. The cluster's own setup commands build its venv (torch and
 synced checkout), `ray exec ... 'ray status'` sees both nodes, the example job runs a few steps,
 `ray down -y` stops it, and no Ray process of that user is left.
 
-Needs root (a user and an sshd of its own), sshd, rsync and useradd: `.ci/run` installs
+Needs root (a user, an sshd per node, the worker's in a mount namespace of its own), sshd, rsync,
+useradd and unshare: `.ci/run` installs
 openssh-server and rsync; elsewhere the test skips, saying which is missing. Takes a few minutes
 (the venv's installs and SmolLM2's conversion).
 """
 from __future__ import annotations
 
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -45,6 +47,8 @@ def _missing() -> str:
             return f"no `{tool}` here: apt-get install openssh-server rsync (.ci/run does)"
     if not RAY.exists():
         return f"no Ray CLI at {RAY}"
+    if subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode != 0:
+        return "no mount namespace here (unshare -m): the worker node needs a /tmp of its own"
     try:
         for ip in (HEAD, WORKER):
             socket.create_connection((ip, 9), timeout=1).close()
@@ -80,9 +84,10 @@ class Machine:
         self.home = self.dir / "home"
         self.port = _free_port()
         self.key = self.dir / "key"
-        self.tmp = Path("/tmp") / self.user
+        self.tmp = Path("/tmp") / self.user  # each node's TMPDIR; the worker's is another dir under this name
+        self.worker_tmp = Path("/tmp") / f"{self.user}-w"
         self.token = self.dir / "auth_token"  # the laptop's `ray get-auth-token --generate`
-        self.sshd: subprocess.Popen | None = None
+        self.sshds: list[subprocess.Popen] = []
         # "*": no password, yet not locked (sshd refuses a locked account even with a key)
         _run(["useradd", "-m", "-d", str(self.home), "-s", "/bin/bash", "-p", "*", self.user])
         try:
@@ -97,40 +102,43 @@ class Machine:
         _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)])
         _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / "host_key")])
         # each machine has a /tmp of its own: Ray's session dirs and the autoscaler's lock go there, not into
-        # this machine's /tmp/ray, and the head and the worker do not share one (two Ray nodes sharing a
-        # session dir each print every actor's log line). Which machine a login is on: the address it
-        # came in on ($SSH_CONNECTION's third field). Short paths: Ray's sockets must stay under 107 chars
-        for node in ("head", "worker"):
-            (self.tmp / node).mkdir(parents=True)
+        # this machine's /tmp/ray. A worker node takes the head's temp dir by name: the worker's sshd (and
+        # all it starts) lives in a mount namespace where that name is another directory, as on another
+        # machine (nodes sharing one session dir each print every actor's log line). Short: Ray's sockets
+        # must stay under 107 characters
+        for d in (self.tmp, self.worker_tmp):
+            d.mkdir()
         bashrc = self.home / ".bashrc"
-        pick = (f'case " $SSH_CONNECTION " in *" {WORKER} "*) export TMPDIR={self.tmp}/worker;; '
-                f'*) export TMPDIR={self.tmp}/head;; esac\n')
-        bashrc.write_text(pick + (bashrc.read_text() if bashrc.exists() else ""))
+        bashrc.write_text(f"export TMPDIR={self.tmp}\n" + (bashrc.read_text() if bashrc.exists() else ""))
         (ssh / "authorized_keys").write_text((self.dir / "key.pub").read_text())
         # the head's autoscaler reaches the worker node with this user's ssh: our port
         (ssh / "config").write_text(f"Host 127.0.0.*\n  Port {self.port}\n")
-        _run(["chown", "-R", f"{self.user}:", str(self.home), str(self.tmp)])
+        _run(["chown", "-R", f"{self.user}:", str(self.home), str(self.tmp), str(self.worker_tmp)])
         ssh.chmod(0o700)
         self.token.write_text(secrets.token_hex(32))
-        config = self.dir / "sshd_config"
-        config.write_text("\n".join([
-            f"Port {self.port}", f"ListenAddress {HEAD}", f"ListenAddress {WORKER}",
-            f"HostKey {self.dir / 'host_key'}", f"PidFile {self.dir / 'sshd.pid'}",
-            "AuthorizedKeysFile .ssh/authorized_keys", "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", f"AllowUsers {self.user}",
-            "PermitRootLogin no", "MaxStartups 100", "MaxSessions 100", ""]))
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
-        self.sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
-                                     stderr=open(self.dir / "sshd.log", "w"))
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection((HEAD, self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.sshd.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"sshd did not start: {(self.dir / 'sshd.log').read_text()}") from None
-                time.sleep(0.2)
+        for node, ip in (("head", HEAD), ("worker", WORKER)):
+            config = self.dir / f"sshd_config-{node}"
+            config.write_text("\n".join([
+                f"Port {self.port}", f"ListenAddress {ip}", f"HostKey {self.dir / 'host_key'}",
+                f"PidFile {self.dir / f'sshd-{node}.pid'}", "AuthorizedKeysFile .ssh/authorized_keys",
+                "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
+                f"AllowUsers {self.user}", "PermitRootLogin no", "MaxStartups 100", "MaxSessions 100", ""]))
+            cmd = [SSHD, "-D", "-e", "-f", str(config)]
+            if node == "worker":
+                cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                       f"mount --bind {self.worker_tmp} {self.tmp} && exec {' '.join(cmd)}"]
+            log = self.dir / f"sshd-{node}.log"
+            self.sshds.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w")))
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection((ip, self.port), timeout=1).close()
+                    break
+                except OSError:
+                    if self.sshds[-1].poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"sshd for {ip} did not start: {log.read_text()}") from None
+                    time.sleep(0.2)
         # the laptop side (this process) reaches the same port: Ray's ssh and rsync find `ssh` on PATH
         bin_dir = self.dir / "bin"
         bin_dir.mkdir()
@@ -163,13 +171,21 @@ class Machine:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if self.sshd is not None:
-            self.sshd.terminate()
-            self.sshd.wait(30)
+        for sshd in self.sshds:
+            sshd.terminate()
+            sshd.wait(30)
         time.sleep(0.5)
+        try:  # the head's ssh control sockets (/tmp/ray_ssh_*): Ray puts them there whatever TMPDIR says
+            uid = pwd.getpwnam(self.user).pw_uid
+            for p in Path("/tmp").glob("ray_ssh_*"):
+                if p.lstat().st_uid == uid:
+                    shutil.rmtree(p, ignore_errors=True)
+        except KeyError:
+            pass
         subprocess.run(["userdel", "-f", self.user], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.worker_tmp, ignore_errors=True)
 
 
 def _ray(m: Machine, *args: str, timeout: float = 600) -> str:
@@ -211,6 +227,7 @@ def test_ray_up_runs_the_example_job_and_ray_down_leaves_no_ray_process(machine)
             break
         time.sleep(10)
     assert "1.0 edge" in status and "1.0 server" in status, status
+    assert "2.0 edge" not in status, status  # one raylet on the worker node, not a second start of it
 
     job = _ray(machine, "exec", cluster,
                "cd ~/colaflow-src && ~/colaflow-venv/bin/python examples/ray_cluster.py --address auto "
@@ -220,7 +237,11 @@ def test_ray_up_runs_the_example_job_and_ray_down_leaves_no_ray_process(machine)
     actor_lines = [line for line in job.splitlines() if "pid=" in line and " INFO " in line]
     assert actor_lines, job[-6000:]
     doubled = [line for line in set(actor_lines) if actor_lines.count(line) > 1]
-    assert not doubled, "\n".join(actor_lines)  # each actor log line once
+    ray_procs = subprocess.run(["ps", "-u", machine.user, "-o", "pid=,args="], capture_output=True,
+                               text=True).stdout
+    ray_procs = "\n".join(p[:300] for p in ray_procs.splitlines() if "raylet" in p or "log_monitor" in p)
+    status = _ray(machine, "exec", cluster, "ray status", timeout=300)
+    assert not doubled, "\n".join(actor_lines) + "\n\nthe cluster's raylets and log monitors:\n" + ray_procs + status
 
     _ray(machine, "down", "-y", cluster, timeout=600)
     deadline = time.monotonic() + 60
