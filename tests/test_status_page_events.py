@@ -33,7 +33,7 @@ def test_the_page_shows_counts_in_words_one_point_charts_and_a_lost_worker_with_
         assert wait_done(client, "one").state == "done"
         loss = client.get("one").loss
         dom = _page(url, tmp_path, "first")
-        assert re.search(r'id="summary"[^>]*>1 job · 2 workers connected<', dom), dom[:3000]
+        assert re.search(r'id="summary"[^>]*>1 job · 2 workers connected[ <]', dom), dom[:3000]
         chart = re.search(r'<svg[^>]*data-key="loss".*?</svg>', dom, re.S).group(0)
         # the y axis' two labels (top, bottom), then the x axis' last step
         labels = [float(x) for x in re.findall(r'text-anchor="end"[^>]*>([-0-9.e+]+)</text>', chart)][:2]
@@ -56,7 +56,7 @@ def test_the_page_shows_counts_in_words_one_point_charts_and_a_lost_worker_with_
         cells = Cells()
         cells.feed(dom)
         assert cells.rows["a"]["state"] == "lost" and cells.rows["b"]["state"] == "connected", cells.rows
-        assert re.search(r'id="summary"[^>]*>2 jobs · 1 worker connected<', dom)
+        assert re.search(r'id="summary"[^>]*>2 jobs · 1 worker connected[ <]', dom)
         panel = re.search(r'<div class="panel" data-job="long">.*?</div></div>|<div class="panel" data-job="long">.*',
                           dom, re.S).group(0)
         events = re.findall(r"<li>(step \d+: [^<]*)</li>", panel)
