@@ -91,6 +91,7 @@ class Sim:
         self.host = Host(Toy(), toy_loss)
         self.sched = Scheduler(self.store, REASSIGN_AFTER, self.clock)
         self.sched.rebalance_after = REASSIGN_AFTER  # sites move for balance as often as a tick allows
+        self.sched.settle_after = 0.0  # a joining worker takes its share at once (test_scheduler tests the wait)
         self.running: list | None = None  # the step in progress: [plan, waiting sites, packet groups, result]
         if self.spec.job_id in self.sched.jobs:  # restored
             self.host.add_job(self.spec)

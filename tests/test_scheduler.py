@@ -213,8 +213,11 @@ def test_a_worker_that_beats_but_never_fits_loses_the_sites_it_holds_up():
     rig.step()
     rig.messages()  # w takes step 1's packets and fits nothing
     spare = Worker("spare")
-    spare_stream = rig.connect("spare", spare)  # it takes a share: l1, from the durable state
+    spare_stream = rig.connect("spare", spare)
     job = rig.sched.job("j")
+    assert job.sites["l1"].owner == "w"  # not before it has stayed connected `settle_after`
+    rig.clock.now += rig.sched.settle_after
+    assert rig.sched.ready() == []  # settled: it takes a share, l1, from the durable state
     assert job.sites["l1"].owner == "spare" and job.sites["l2"].owner == "w"
 
     def serve_spare():
@@ -222,11 +225,11 @@ def test_a_worker_that_beats_but_never_fits_loses_the_sites_it_holds_up():
             for reply in spare.handle(m):
                 rig.sched.receive("spare", reply)
 
-    for _ in range(30):  # 0 .. 290 s: it waits for w's fit of l2 (the spare fits l1 at once)
+    for _ in range(30):  # 10 .. 300 s: it waits for w's fit of l2 (the spare fits l1 at once, at 10 s)
         serve_spare()
         assert rig.sched.ready() == [] and job.sites["l2"].owner == "w"
         rig.clock.now += 10.0
-    rig.sched.ready()  # 300 s
+    rig.sched.ready()  # 310 s: 300 s since the spare's fit, the job's last progress
     assert {r.owner for r in job.sites.values()} == {"spare"}
     assert any(isinstance(m, Revoke) and "sent no fit of 1 site" in m.reason for m in rig.messages())
     assert any("sent no fit" in e for e in job.events)
@@ -244,6 +247,31 @@ def test_a_worker_that_beats_but_never_fits_loses_the_sites_it_holds_up():
     assert job.state == "done"
     want, got = reference(SPEC, 8), final_params(rig.sched, "j")
     assert all(torch.equal(got[s][n], want[s][n]) for s in want for n in want[s])
+
+
+def test_a_worker_takes_a_share_only_once_it_has_stayed_connected_settle_after():
+    """A worker that connects and drops within `settle_after` (a flaky link, a confused client)
+    never takes a running job's sites, so it cannot stall the job; one that stays takes its share."""
+    rig = Rig()
+    rig.deliver()
+    rig.step()
+    job = rig.sched.job("j")
+    for i in range(3):  # three that come and go at once
+        name = f"flaky{i}"
+        stream = rig.connect(name, Worker(name))
+        rig.clock.now += rig.sched.settle_after / 2
+        rig.sched.ready()
+        rig.sched.disconnect(name, stream)
+        assert {r.owner for r in job.sites.values()} == {"w"}
+        assert not any(isinstance(m, Assign) for m in rig.messages(name, stream))
+    rig.connect("stays", Worker("stays"))
+    rig.clock.now += rig.sched.settle_after / 2
+    rig.sched.ready()
+    assert {r.owner for r in job.sites.values()} == {"w"}
+    rig.clock.now += rig.sched.settle_after / 2
+    rig.sched.ready()
+    assert {r.owner for r in job.sites.values()} == {"w", "stays"}
+    assert any("rebalanced: 1 site moved from worker w to worker stays" in e for e in job.events)
 
 
 def test_packets_are_kept_until_durable_state_covers_them():

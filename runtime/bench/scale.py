@@ -159,7 +159,9 @@ def _mem_side() -> None:
         p.add_argument(flag, type=int, required=True)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    _, step = _side(a.mem_side, Path(a.path), a.rows, a.tokens, a.device)
+    model, step = _side(a.mem_side, Path(a.path), a.rows, a.tokens, a.device)
+    for t in (*model.parameters(), *model.buffers()):  # safetensors loads weights mapped: page them in now, or
+        t.detach().sum()  # the first step's resident peak counts the weights it touches as its own memory
 
     def steps() -> None:  # PEFT's second step holds its AdamW state; a server step keeps nothing between steps
         step()

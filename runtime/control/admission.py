@@ -24,7 +24,7 @@ from ..export import init_params
 from ..job import JobSpec
 from ..sites import Site
 from .records import JobRecord
-from .scheduler import Scheduler
+from .scheduler import Scheduler, check_schedule
 
 log = logging.getLogger("colaflow.server")
 
@@ -67,6 +67,7 @@ def admit(host, scheduler: Scheduler, a: Admission, steps: int | None, tenant: s
     host); `init` {site: params}: its adapters' version 0 (default: `a.init`); `data`: the map the store
     keeps with it."""
     init = a.init if init is None else init
+    check_schedule(a.spec, steps)  # before the host sizes its memory by it
     sites = host.add_job(a.spec, init, a.sites, a.shape)  # (refused here if its step cannot fit the memory)
     try:
         record = scheduler.add_job(a.spec, sites, steps, data, tenant, init)

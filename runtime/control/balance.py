@@ -7,7 +7,10 @@ owner that replay, so a job's sites move for balance at most once per `rebalance
 only a parent module's sites together (as `_assign` places them), only from a connected owner to a
 connected, healthy one, and only while it narrows the gap: a group of g sites moves from a worker
 with more than g sites (all jobs) above the other's, which also holds at least g more of the job's.
-Jobs with `state_every=0` never move for balance: a move would restart their optimizer.
+Jobs with `state_every=0` never move for balance: a move would restart their optimizer. A worker
+takes a share once it has stayed connected `settle_after` seconds (at once for the sites it still
+holds): one that connects and drops again (a flaky link, a confused client) never stalls a job that
+was running well elsewhere.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from .records import LIVE, JobRecord, WorkerRecord
 
 log = logging.getLogger("colaflow.scheduler")
 REBALANCE_AFTER_S = 60.0  # a move costs the new owner a replay of the kept packets: not more often than this
+SETTLE_S = 10.0  # a worker takes a share of running jobs once connected this long
 
 
 class Balance:
@@ -26,6 +30,7 @@ class Balance:
     workers: dict[str, WorkerRecord]
     lock: threading.RLock
     rebalance_after: float = REBALANCE_AFTER_S  # a job's sites move for balance at most once in this many seconds
+    settle_after: float = SETTLE_S  # a worker takes a share of running jobs once connected this long
     _balance_at: float | None = None  # when to look at the balance again (None: nothing changed since)
 
     def _rebalance(self, holds: dict[str, dict[tuple[str, str], int]] | None = None) -> None:
@@ -37,7 +42,14 @@ class Balance:
         if self._balance_at is None or now < self._balance_at:
             return
         self._balance_at = None
-        live = sorted(w.worker_id for w in self.workers.values() if w.connected and not w.quarantined and not w.status)
+        live, settling = [], []
+        for w in self.workers.values():
+            if w.connected and not w.quarantined and not w.status:
+                settled = now - w.connected_at >= self.settle_after or (holds or {}).get(w.worker_id)
+                (live if settled else settling).append(w)
+        if settling:  # look again once they have settled
+            self._balance_at = min(w.connected_at for w in settling) + self.settle_after
+        live = sorted(w.worker_id for w in live)
         if len(live) < 2:
             return
         load = {wid: self._load(wid) for wid in live}

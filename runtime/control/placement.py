@@ -74,6 +74,7 @@ class Placement(Balance):
         now, first, lost_at = self.clock(), w.stream == 0, w.lost_at
         w.stream += 1
         w.connected, w.left_at, w.credits, w.lost_at, w.left = True, None, 0, None, False
+        w.connected_at = now
         w.control.clear()
         w.cursor.clear()
         holds = {(p.job, p.site): p.version for p in hello.progress}

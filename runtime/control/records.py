@@ -129,6 +129,7 @@ class WorkerRecord:
     registered_at: float = 0.0
     quarantined: str = ""  # why this worker gets no more sites (an update far out of bounds)
     connected: bool = False
+    connected_at: float = 0.0  # clock time its current connection opened
     stream: int = 0  # +1 per connection: a stale connection can neither send nor take messages
     credits: int = 0
     left_at: float | None = None

@@ -94,19 +94,7 @@ class Scheduler(Planning, Placement, Delivery, Progress, Retention, Views):
             raise ValueError(f"job {spec.job_id!r} already exists")
         if not sites:
             raise ValueError(f"job {spec.job_id!r} has no sites")
-        # the server keeps each step's packets until a learner state covers them (`fit_interval` x
-        # `state_every` steps), and each version a step within `staleness` may need
-        for name, value in (("fit_interval", spec.fit_interval), ("staleness", spec.staleness),
-                            ("state_every", spec.state_every),
-                            ("fit_interval x state_every", spec.fit_interval * spec.state_every)):
-            if value > MAX_FIT_INTERVAL:
-                raise ValueError(f"`{name}` {value} is over {MAX_FIT_INTERVAL}: the server would keep that many "
-                                 "steps of packets or versions")
-        if steps is not None:
-            check_steps(steps)
-        if steps is not None and spec.fit_interval > steps:  # its adapters would never change, and the packets
-            raise ValueError(f"`fit_interval` {spec.fit_interval} is more than the job's {steps} steps: "  # pile up
-                             "its adapters would never be fitted")
+        check_schedule(spec, steps)
         recs = {s.name: SiteRecord(s, param_shapes(spec.adapter, s)) for s in sites}
         try:  # what every worker will build: a spec none can build is refused now, not on each device
             recs[sites[0].name].skeleton = optimizer_skeleton(spec, sites[0])  # (check_update would build it)
@@ -167,3 +155,20 @@ class Scheduler(Planning, Placement, Delivery, Progress, Retention, Views):
             return {n: p.detach() for n, p in build_adapter(job.spec.adapter, rec.site,
                                                             seed=site_seed(job.spec, rec.site)).named_parameters()}
         return rec.versions[version]
+
+
+def check_schedule(spec: JobSpec, steps: int | None) -> None:
+    """A job's schedule within what the server keeps for it: it keeps each step's packets until a learner
+    state covers them (`fit_interval` x `state_every` steps), and each version a step within `staleness`
+    may need. Checked before anything is sized or allocated for the job."""
+    for name, value in (("fit_interval", spec.fit_interval), ("staleness", spec.staleness),
+                        ("state_every", spec.state_every),
+                        ("fit_interval x state_every", spec.fit_interval * spec.state_every)):
+        if value > MAX_FIT_INTERVAL:
+            raise ValueError(f"`{name}` {value} is over {MAX_FIT_INTERVAL}: the server would keep that many "
+                             "steps of packets or versions")
+    if steps is not None:
+        check_steps(steps)
+    if steps is not None and spec.fit_interval > steps:  # its adapters would never change, and the packets pile up
+        raise ValueError(f"`fit_interval` {spec.fit_interval} is more than the job's {steps} steps: "
+                         "its adapters would never be fitted")
