@@ -138,8 +138,9 @@ class Session:
                optimizer: OptimizerSpec | None = None, targets: list[str] | str | None = None,
                batch_size: int | None = None, seed: int = 0, job_id: str | None = None, staleness: int = 0,
                fit_interval: int = 1, codec_x: str = "raw", codec_g: str = "raw", state_every: int = 1,
-               init: str | Path | None = None, eval_data: object = None, eval_prompts: object = None,
-               eval_every: int = 10, patience: int | None = None, metric: Metric | None = None) -> Job:
+               packets: str = "full", init: str | Path | None = None, eval_data: object = None,
+               eval_prompts: object = None, eval_every: int = 10, patience: int | None = None,
+               metric: Metric | None = None) -> Job:
         """Start fine-tuning on `examples` for `steps` steps; the defaults are the ColA paper's.
         `batch_size` rows make a batch: by default 8, or every example when there are fewer.
 
@@ -152,6 +153,10 @@ class Session:
         `eval_exact_match`, every `eval_every` steps and at the last; after `patience` evals without
         improvement the job stops early, done. `metric(predictions, references) -> dict` (token-id
         lists) runs in process only.
+
+        `packets="projected"` (LowRank or Linear adapters, staleness 0): each step's packets are the
+        products the fit needs, not each token's x and g — the same fit, far fewer bytes at scale
+        (docs/transport.md). The default "full" serves every adapter kind.
         """
         if self._closed:
             raise ColaflowError("this Session is closed")
@@ -163,7 +168,7 @@ class Session:
                 adapter = adapter or init_spec.adapter
             spec = JobSpec(job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}",
                            adapter or LowRank(), optimizer or AdamW(), targets, fit_interval, staleness, seed=seed,
-                           codec_x=codec_x, codec_g=codec_g, state_every=state_every)
+                           codec_x=codec_x, codec_g=codec_g, state_every=state_every, packets=packets)
             data = to_map(self._rows(examples), batch_size, seed)
             evals = eval_map(None if eval_data is None else self._rows(eval_data),
                              None if eval_prompts is None else self._rows(eval_prompts), eval_every, patience)

@@ -65,7 +65,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             finally:
                 if len(data) >= TRIM_AFTER:  # the parse's transient objects are free now: give them back
                     heap.trim()
-            return control_pb2.SubmitJobResponse(job=job)
+            return control_pb2.SubmitJobResponse(job=job, notes=self.scheduler.notes(job))
         return await self._call(context, submit, in_thread=True)
 
     async def GetTokenizer(self, request, context):

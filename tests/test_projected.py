@@ -178,3 +178,49 @@ def test_the_metrics_grad_norm_stays_the_full_packets():
         norms[packets] = [m["grad_norm"] for m in trainer.scheduler.job("j").metrics if "grad_norm" in m]
     assert len(norms["full"]) == 3 and all(n > 0 for n in norms["full"])
     assert all(abs(a - b) <= 1e-5 * b for a, b in zip(norms["projected"], norms["full"]))
+
+
+def test_a_large_full_job_hears_of_projected_packets_and_a_session_submits_them_over_grpc(monkeypatch, caplog):
+    """Over a real gRPC server: an eligible job whose full packets pass the hint's size gets the advice
+    in its submit answer (logged by the client) and in its events; `Session.submit(packets=...)`
+    (and so a job file's `packets:`) runs a projected job to the end."""
+    import logging
+    import threading
+
+    from colaflow import Session, Worker
+    from colaflow.control import admission
+    from colaflow.server.auth import Tokens
+    from colaflow.server.coordinator import Coordinator
+    from colaflow.server.service import make_server
+    from colaflow.wire.client import Client
+    from colaflow.wire.link import WorkerLink
+    from procs import examples
+
+    monkeypatch.setattr(admission, "HINT_BYTES", 1)  # every eligible job is "large" here
+    coordinator = Coordinator(Host(tiny("llama")))
+    server, port = make_server(coordinator, Tokens(None))
+    server.start()
+    threading.Thread(target=coordinator.run, daemon=True).start()
+    address = f"127.0.0.1:{port}"
+    link = WorkerLink(address, Worker("w"))
+    threading.Thread(target=link.run, daemon=True).start()
+    try:
+        client = Client(address)
+        with caplog.at_level(logging.WARNING, logger="colaflow.client"):
+            client.submit(JobSpec("big", LowRank(r=2)), examples(96, 8, 0), steps=2, batch_size=4)
+            client.submit(JobSpec("mlp", MLP(hidden=4)), examples(96, 8, 0), steps=2, batch_size=4)
+        said = [r.getMessage() for r in caplog.records if r.name == "colaflow.client"]
+        assert len(said) == 1 and said[0].startswith("job big: its full packets are about") \
+            and "packets='projected' would send" in said[0], said  # not the MLP job: it needs x and g
+        assert any("packets='projected'" in e for e in coordinator.scheduler.job("big").events)
+        with Session(address=address) as session:
+            job = session.submit(examples(96, 8, 1), steps=3, batch_size=4, adapter=LowRank(r=2),
+                                 packets="projected", job_id="proj")
+            assert job.wait(timeout=120, progress=False)["state"] == "done"
+        assert coordinator.scheduler.job("proj").spec.packets == "projected"
+        assert not coordinator.scheduler.notes("proj")  # it already sends projected packets
+        client.close()
+    finally:
+        link.stop()
+        coordinator.stop()
+        server.stop(0)

@@ -50,6 +50,7 @@ class JobRecord:
     max_staleness: int = 0
     tenant: str = "default"  # who owns the job: only its tenant (and admin) sees it
     events: list[str] = field(default_factory=list)  # what happened to it since its last step (in the metrics)
+    notes: list[str] = field(default_factory=list)  # advice given at submit (SubmitJobResponse.notes)
     fits: int = 0  # updates accepted (one per site per fit)
     bytes_sent: int = 0  # packet bytes on the wire to workers (0 in process)
     bytes_received: int = 0  # update bytes on the wire from workers

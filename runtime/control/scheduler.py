@@ -115,8 +115,16 @@ class Scheduler(Planning, Placement, Delivery, Progress, Retention, Views):
 
     @locked
     def note(self, job_id: str, text: str) -> None:
-        """Tell the job's owner something (an event in its next metrics row: `colaflow logs`, the page)."""
-        self.job(job_id).events.append(text)
+        """Tell the job's owner something: the submit's answer, and an event in its next metrics row
+        (`colaflow logs`, the page)."""
+        job = self.job(job_id)
+        job.notes.append(text)
+        job.events.append(text)
+
+    @locked
+    def notes(self, job_id: str) -> list[str]:
+        """The advice given on the job at submit (`note`)."""
+        return list(self.job(job_id).notes)
 
     @locked
     def watch(self, job_id: str, watch: Watch | None) -> None:

@@ -21,10 +21,12 @@ class SubmitJobRequest(_message.Message):
     def __init__(self, spec: _Optional[bytes] = ..., data: _Optional[bytes] = ..., steps: _Optional[int] = ..., upload: _Optional[str] = ..., init: _Optional[bytes] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
-    __slots__ = ("job",)
+    __slots__ = ("job", "notes")
     JOB_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     job: str
-    def __init__(self, job: _Optional[str] = ...) -> None: ...
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JobStatus(_message.Message):
     __slots__ = ("job", "state", "step", "steps", "versions", "loss", "error", "max_staleness", "workers")

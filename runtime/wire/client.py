@@ -11,6 +11,7 @@ Every failure is one of colaflow's exceptions (`colaflow.errors`), never a raw g
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ from ..v1 import control_pb2, control_pb2_grpc
 from .channel import channel
 from .control_serde import pack, status_from_proto, unpack
 from .framing import MAX_CHUNK_BYTES
+
+log = logging.getLogger("colaflow.client")
 
 if TYPE_CHECKING:
     from ..job import JobSpec
@@ -73,7 +76,10 @@ class Client:
         else:
             request.upload = self.upload(packed)
         timeout = 120 + (len(packed) >> 20)  # the server parses and checks every row: ~0.3 s per MiB on 2 cores
-        return self._call(f"submit {spec.job_id}", self.stub.SubmitJob, request, timeout=timeout).job
+        answer = self._call(f"submit {spec.job_id}", self.stub.SubmitJob, request, timeout=timeout)
+        for note in answer.notes:  # the server's advice on the job as submitted
+            log.warning("job %s: %s", answer.job, note)
+        return answer.job
 
     def upload(self, packed: bytes) -> str:
         """Stream a packed data map to the server in chunks; the id SubmitJob's `upload` names."""
