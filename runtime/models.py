@@ -151,16 +151,23 @@ def load(name: str = DEFAULT, dtype=None, quantize: str | None = None, device_ma
     if name.startswith("random:"):  # an architecture without its weights: benchmarks where weights cannot go
         from transformers import AutoConfig
 
+        if quant is not None or device_map is not None:  # (from_config takes neither: they would go unheeded)
+            raise ValueError(f"{name!r}: a random model is built on `device`; `quantize` and `device_map` are for "
+                             "checkpoints (an HF directory or a GGUF file)")
         src = Path(name[len("random:"):])
+        config = AutoConfig.from_pretrained(src)
+        if torch_dtype == "auto":  # (from_config has no checkpoint to take it from: the config's, else float32)
+            torch_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+            torch_dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         return model.to(device).eval(), _tokenizer(src)
     if name in _DIRS:  # a packaged encoder (e.g. all-MiniLM-L6): no LM head, wrap it with classify.classifier
         from transformers import AutoModel
 
         src = packaged_dir(name)
-        return (AutoModel.from_pretrained(src, dtype=torch_dtype, quantization_config=quant, **placement).eval(),
-                AutoTokenizer.from_pretrained(src))
+        model = AutoModel.from_pretrained(src, dtype=torch_dtype, quantization_config=quant, **placement)
+        return (model if placement else model.to(device)).eval(), AutoTokenizer.from_pretrained(src)
     src = _source(name, verbose)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, quantization_config=quant, **placement)
     if not placement:

@@ -118,6 +118,19 @@ def test_a_projected_packet_is_r_times_in_plus_out_numbers_whatever_the_tokens()
     assert sizes["p"] * 20 < sizes["f"], sizes
 
 
+def test_a_classifier_job_s_projected_bytes_are_its_body_s_and_head_s_statistics():
+    """Admission sizes a WithHead job's projected packets per site (r (in + out) at the LowRank body, in x out
+    at the linear head), not in x out everywhere: a large classifier job is not refused for memory it never takes."""
+    from colaflow.engine.memory import packet_bytes
+
+    host = Host(classifier(tiny("llama", hidden=64), classes=3), loss_fn=seq_cls)
+    spec = classification_job("j", host.model, LowRank(r=4), packets="projected")
+    sites = host.add_job(spec)
+    want = 4 * sum(torch.Size(shape).numel() for a in host.jobs["j"].adapters.values()
+                   for shape in a.stat_shapes().values())
+    assert packet_bytes(sites, 1024, spec.adapter)[1] == pytest.approx(want, abs=64)  # (less gsum and gsq)
+
+
 @pytest.mark.parametrize("kw,why", [
     ({"adapter": LowRank(), "staleness": 1}, "exact only at staleness 0"),
     ({"adapter": MLP()}, "lowrank or linear"),

@@ -39,12 +39,17 @@ class Checkpointing:
     runs in. The host turns it on per step (always, or where the step would not fit otherwise)."""
 
     def __init__(self, model: nn.Module, recompute: Callable[[], contextlib.AbstractContextManager]):
-        self.active = True
+        # off but within its host's step: another host on the same model (a second Trainer) must not
+        # find its blocks replayed under this one's hooks
+        self.active = False
         self.blocks = blocks(model)
         if not self.blocks:
             raise ValueError(f"{type(model).__name__} has no repeated blocks to checkpoint (no HF decoder "
                              "layers, no ModuleList of layers)")
         self.recompute = recompute
+        self.inside = {m for block in self.blocks for m in block.modules()}  # modules whose forward is replayed
+        # a block's own forward before the wrap (accelerate's hook wraps it on a device_map): `remove` restores it
+        self._before = {block: block.__dict__.get("forward") for block in self.blocks}
         for block in self.blocks:
             block.forward = self._wrap(block.forward)
 
@@ -62,7 +67,13 @@ class Checkpointing:
                                   context_fn=lambda: (contextlib.nullcontext(), self.recompute()), **kwargs)
         return run
 
+    def covers(self, module: nn.Module) -> bool:
+        """Whether `module` runs inside a checkpointed block (else it runs once: its site keeps x then)."""
+        return module in self.inside
+
     def remove(self) -> None:
-        for block in self.blocks:
-            if "forward" in block.__dict__:
+        for block, before in self._before.items():
+            if before is not None:
+                block.forward = before  # accelerate's hook again, not the bare class forward
+            elif "forward" in block.__dict__:
                 del block.forward  # the class's own again

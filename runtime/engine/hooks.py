@@ -113,7 +113,7 @@ class SiteHooks:
                     kept.routes[(job_id, name)] = route
                 if sel is not None:
                     kept.selected[(job_id, name)] = sel
-            if not ctx.checkpointing or ctx.recomputing:  # kept until its packets leave, once per input
+            if name not in ctx.recomputed or ctx.recomputing:  # kept until its packets leave, once per input
                 key = (job_id, kept.group[(job_id, name)])
                 if key not in kept.sent:  # (a later site of a group that already left keeps nothing)
                     kept.inputs.setdefault(key, x.detach())

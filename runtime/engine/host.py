@@ -122,7 +122,8 @@ class Host(SiteHooks):
                 self._blackbox = BlackBoxHost(model_logprobs(self.model), *self.limits(), jobs=self.jobs)
             return self._blackbox.add_job(spec, init)
         sites = self.resolve(spec) if sites is None else sites
-        fit = self.memory.admit(spec, sites, shape, {j: h.fit for j, h in self.jobs.items()})  # before any allocation
+        fit = self.memory.admit(spec, sites, shape, {j: h.fit for j, h in self.jobs.items()},  # before any allocation
+                                vocab=self._whole_logits(sites) if shape is not None else 0)
         if fit is not None and fit.checkpointed and self.checkpointing is None:
             self.checkpointing = Checkpointing(self.model, self._recompute)  # "auto": this job needs it
         adapters = {}
@@ -235,6 +236,12 @@ class Host(SiteHooks):
         ctx = self._context(jobs, capture=True, device=device)
         ctx.gate, ctx.mask, ctx.steps = gate, batch.get("attention_mask"), steps
         ctx.checkpointing = self._checkpoint_now(ctx.order)
+        if ctx.checkpointing:
+            # a merged W + dW exists only inside the forward's functional_call: a block's replay would run
+            # the base W (other activations, wrong g); the unmerged delta is the same function
+            ctx.merged = set()
+            # a site outside every block (lm_head, a classifier's score) runs once: it keeps x in the forward
+            ctx.recomputed = {n for n in self._hooks if self.checkpointing.covers(site_module(self.model, n))}
         ctx.grid = next((tuple(v.shape[:2]) for k in ("input_ids", "attention_mask", "labels")
                          if isinstance(v := batch.get(k), torch.Tensor) and v.dim() >= 2), None)
         if len(ctx.order) > 1:
@@ -273,6 +280,8 @@ class Host(SiteHooks):
                 stream.finish()  # sites no loss depends on: zero gradients
         finally:
             self._ctx = None
+            if self.checkpointing is not None:
+                self.checkpointing.active = False  # its blocks replay only within this host's steps
             # each site's grad hook holds ctx, and autograd holds the hooks where Python's collector cannot
             # see: ctx must let go of the step's tensors, or every step's x, g and graph stay (a leak)
             ctx.captured = None
@@ -315,6 +324,24 @@ class Host(SiteHooks):
         if head is None or any(site_module(self.model, n) is head for n in self._hooks):
             return None
         return head
+
+    def _whole_logits(self, sites: list[Site]) -> int:
+        """The logits per token a step with these sites makes whole (a token loss not fused with the head:
+        none to fuse, or an adapted head), 0 where they come a chunk at a time: what admission counts."""
+        if self.loss_fn not in (causal_lm, token_cls):
+            return 0
+        if self.loss_fn is causal_lm:
+            head = self._head
+            if head is False:  # not probed yet: the step probes it (a forward here could run beside a step)
+                try:
+                    head = self.model.get_output_embeddings()
+                except (AttributeError, NotImplementedError):
+                    head = None
+                head = head if type(head) is nn.Linear else None
+            adapted = [site_module(self.model, s) for s in sites] + [site_module(self.model, n) for n in self._hooks]
+            if head is not None and not any(m is head for m in adapted):
+                return 0
+        return self._outputs() or 0
 
     def _checkpoint_now(self, jobs: list[str]) -> bool:
         """Whether this step recomputes its blocks: always when asked to, else where one of its jobs was

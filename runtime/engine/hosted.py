@@ -67,5 +67,6 @@ class StepContext:
     mask: torch.Tensor | None = None  # the batch's attention mask (conditional kinds choose among real tokens)
     grid: tuple[int, int] | None = None  # the batch's (rows, tokens)
     checkpointing: bool = False  # blocks recompute in the backward: x is kept then, not in the forward
+    recomputed: set[str] = field(default_factory=set)  # sites inside those blocks (the others keep x in the forward)
     recomputing: bool = False  # a checkpointed block runs again (the backward needs its activations)
     captured: Captured = field(default_factory=Captured)

@@ -81,15 +81,25 @@ def _training_kernels(module: nn.Module, args) -> None:
     module.training = True  # (reset each call: `model.eval()` recurses into it)
 
 
+def resident_on(model: nn.Module, device: torch.device) -> int:
+    """Bytes of the weights and buffers held on `device` now (a device_map's other devices not counted)."""
+    same = {id(t): t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+            if t.device.type == device.type and (device.index is None or t.device.index in (None, device.index))}
+    return sum(same.values())
+
+
 def describe(model: nn.Module) -> dict:
     """What the server holds: dtype(s), quantization, devices, and the bytes of its weights (those held
     in memory now: `resident_bytes`; an offloaded layer's come in for its forward)."""
-    dtypes, devices, quant, nbytes, resident = set(), set(), set(), 0, 0
+    dtypes, devices, quant, nbytes, resident, seen = set(), set(), set(), 0, 0, set()
     for module in model.modules():
         q = quantized(module)
         if q:
             quant.add(q)
         for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            if id(t) in seen:  # a tied weight (lm_head and the input embedding) is held once
+                continue
+            seen.add(id(t))
             size = t.numel() * t.element_size()
             nbytes += size
             resident += 0 if t.device.type == "meta" else size  # offloaded: on disk or in a CPU map
