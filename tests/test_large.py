@@ -408,3 +408,30 @@ def test_a_random_model_takes_auto_dtype_and_refuses_what_it_cannot_hold(model_d
     for kw in ({"quantize": "nf4"}, {"device_map": "auto"}):
         with pytest.raises(ValueError, match="are for checkpoints"):
             load(f"random:{model_dir}", verbose=False, **kw)
+
+
+def test_auto_checkpointing_on_a_model_without_blocks_refuses_plainly():
+    """`checkpointing="auto"` on a model with no repeated blocks sizes a job without recompute, and a
+    job too big for that is refused by the memory it needs — not admitted as checkpointed and then
+    failing on blocks it does not have."""
+    from torch import nn
+
+    from colaflow.engine.loss import seq_cls
+    from colaflow.errors import ResourceExhausted
+
+    class Flat(nn.Module):  # one linear site, no ModuleList of layers
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 16)
+            self.out = nn.Linear(16, 3)
+
+        def forward(self, input_ids=None, attention_mask=None, **_):
+            return self.out(self.proj(torch.nn.functional.one_hot(input_ids % 16, 16).float()).mean(1))
+
+    host = Host(Flat(), seq_cls, checkpointing="auto", max_memory=256 << 20)
+    spec = JobSpec("j", LowRank(r=2), target_modules=["proj"])
+    with pytest.raises(ResourceExhausted, match="cannot fit") as e:
+        host.add_job(spec, shape=(4096, 65536))
+    assert "checkpointing" not in str(e.value) and host.checkpointing is None and not host.jobs
+    host.add_job(spec, shape=(2, 8))
+    assert host.checkpointing is None and not host.jobs["j"].fit.checkpointed

@@ -30,6 +30,7 @@ from ..errors import ResourceExhausted
 from ..job import JobSpec
 from ..sites import Site
 from . import weights
+from .checkpointing import blocks
 
 SAFETY = 1.5
 FIXED = 64 * 2**20  # the logits chunk of the fused loss, kernels' workspaces, the batch itself
@@ -152,6 +153,7 @@ class Budget:
         self.weights = weights.resident_on(model, self.device)
         self.offloaded = self.held["weight_bytes"] - self.held["resident_bytes"]  # on disk or in a CPU map
         self.vocab = 0  # logits per token a step makes whole (no fused loss): the host sets it per job
+        self.checkpointable = bool(blocks(model))  # "auto" can recompute only a model of repeated blocks
 
     def admit(self, spec: JobSpec, sites: list[Site], shape: tuple[int, int] | None,
               others: dict[str, Fit | None], vocab: int = 0) -> Fit | None:
@@ -165,7 +167,7 @@ class Budget:
         plan = self._plan(spec, sites, rows, tokens)
         packets = kept_steps(spec) * plan.packets
         fits = [f for f in others.values() if f is not None]
-        options = [False, True] if self.mode == "auto" else [bool(self.mode)]
+        options = [False, True] if self.mode == "auto" and self.checkpointable else [self.mode is True]
         for checkpointed in options:
             fit = Fit(plan, checkpointed, plan.step_checkpointed if checkpointed else plan.step, packets)
             if self._room(fits + [fit]) >= 0:
@@ -213,7 +215,7 @@ class Budget:
         hints = [f"{max_rows} rows of {tokens} tokens" if max_rows else "",
                  f"{rows} rows of at most {max_tokens} tokens" if max_tokens else ""]
         would = " or ".join(h for h in hints if h) or "no batch of this job's sites"
-        ckpt = "" if checkpointed or self.mode is True else (
+        ckpt = "" if checkpointed or self.mode is True or not self.checkpointable else (
             f"; with checkpointing (serve --checkpointing) its step needs {fmt(plan.step_checkpointed)}")
         kept = kept_steps(spec)
         return (f"job {spec.job_id!r} cannot fit this server's memory: {rows} rows x {tokens} tokens need about "
