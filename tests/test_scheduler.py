@@ -274,6 +274,43 @@ def test_a_worker_takes_a_share_only_once_it_has_stayed_connected_settle_after()
     assert any("rebalanced: 1 site moved from worker w to worker stays" in e for e in job.events)
 
 
+def test_a_returning_worker_takes_its_sites_back_at_once_even_from_a_worker_still_settling():
+    """Settling holds back the taker, never the giver: a worker that comes back holding learners takes
+    its share at once, though the worker that holds its sites now has itself just reconnected (before,
+    nothing moved until the giver had settled, and the returning daemon sat idle)."""
+    rig = Rig()
+    rig.deliver()
+    rig.step()
+    rig.deliver()
+    x = Worker("x")
+    xs = rig.connect("x", x)
+
+    def deliver_x():
+        for m in rig.messages("x", xs):
+            for reply in x.handle(m):
+                rig.sched.receive("x", reply)
+
+    rig.clock.now += rig.sched.settle_after + 0.1
+    rig.sched.ready()
+    deliver_x()
+    job = rig.sched.job("j")
+    mine = {n for n, r in job.sites.items() if r.owner == "x"}
+    assert len(mine) == 1  # its share, once settled
+    rig.step()
+    rig.deliver()
+    deliver_x()
+    rig.sched.disconnect("x", xs)
+    rig.clock.now += rig.sched.rebalance_after + 0.1  # x is lost; its site goes back to w
+    rig.sched.ready()
+    assert {r.owner for r in job.sites.values()} == {"w"}
+    rig.sched.disconnect("w", rig.stream)  # w reconnects: it is settling again
+    rig.stream = rig.connect("w", rig.worker)
+    rig.deliver()
+    xs = rig.connect("x", x)  # x comes back holding its learner
+    assert {n for n, r in job.sites.items() if r.owner == "x"} == mine
+    assert rig.sched.workers["w"].connected  # nothing lost on the giver
+
+
 def test_packets_are_kept_until_durable_state_covers_them():
     spec = JobSpec("j", LowRank(r=2), AdamW(lr=0.05), target_modules=["l1", "l2"], state_every=3)
     rig = Rig(spec)

@@ -42,15 +42,16 @@ class Balance:
         if self._balance_at is None or now < self._balance_at:
             return
         self._balance_at = None
-        live, settling = [], []
+        live, takers, settling = [], [], []  # sites move from any live worker, onto settled ones
         for w in self.workers.values():
             if w.connected and not w.quarantined and not w.status:
+                live.append(w.worker_id)
                 settled = now - w.connected_at >= self.settle_after or (holds or {}).get(w.worker_id)
-                (live if settled else settling).append(w)
+                (takers if settled else settling).append(w.worker_id)
         if settling:  # look again once they have settled
-            self._balance_at = min(w.connected_at for w in settling) + self.settle_after
-        live = sorted(w.worker_id for w in live)
-        if len(live) < 2:
+            self._balance_at = min(self.workers[k].connected_at for k in settling) + self.settle_after
+        live, takers = sorted(live), sorted(takers)
+        if len(live) < 2 or not takers:
             return
         load = {wid: self._load(wid) for wid in live}
         for job in self.jobs.values():
@@ -60,7 +61,7 @@ class Balance:
                 due = job.rebalanced_at + self.rebalance_after  # look again then
                 self._balance_at = due if self._balance_at is None else min(self._balance_at, due)
                 continue
-            moves = self._spread(job, [k for k in live if k not in job.slow], load, holds or {})
+            moves = self._spread(job, [k for k in takers if k not in job.slow], load, holds or {})
             for (src, dst), names in moves.items():
                 self._take(job, src, names, f"rebalanced onto worker {dst}")
                 for name in names:
