@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/colaflow demo
 
+# two workers, a file at a time; tests/conftest.py keeps the cluster-starting files on one (-n 0: serial)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # the house style (pyproject.toml [tool.ruff]); CI runs it before the tests
 lint: $(STAMP)

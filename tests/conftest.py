@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,31 @@ import torch
 from colaflow.data.batches import IGNORE
 from colaflow.engine.loss import causal_lm
 
-torch.set_num_threads(2)
+# `make test` runs two pytest-xdist workers on CI's two cores: one thread each
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+# The files that start whole clusters (a local Ray, `ray up` over ssh, the SmolLM2 demo's server and
+# daemons) run first and one after another, on one worker: they overlap only with the short tests on
+# the other, never with each other (Ray's default ports, two heavy trainings on two cores).
+SERIAL = ("test_ray_up.py", "test_ray.py", "test_smollm2.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: Path(str(item.fspath)).name not in SERIAL)  # stable: the rest keep their order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """A file at a time, as `--dist loadfile`, but the SERIAL files are one unit, sent first."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Files(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "serial" if Path(path).name in SERIAL else path
+
+    config.option.loadscopereorder = False  # (it would send the files with most tests first)
+    return Files(config, log)
 
 
 def random_batch(vocab: int, rows: int, length: int, seed: int, ragged: bool = True) -> dict:

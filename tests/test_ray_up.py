@@ -225,7 +225,7 @@ def test_ray_up_runs_the_example_job_and_ray_down_leaves_no_ray_process(machine)
         status = _ray(machine, "exec", cluster, "ray status", timeout=300)
         if "1.0 edge" in status and "1.0 server" in status:
             break
-        time.sleep(10)
+        time.sleep(3)
     assert "1.0 edge" in status and "1.0 server" in status, status
     assert "2.0 edge" not in status, status  # one raylet on the worker node, not a second start of it
 

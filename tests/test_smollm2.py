@@ -56,7 +56,7 @@ def test_colaflow_equals_peft_on_smollm2(smollm2, peft_reference):
 
 def test_demo_runs_and_exports(tmp_path):
     out = subprocess.run([str(Path(sys.executable).parent / "colaflow"), "demo", "--facts", "6", "--steps", "40",
-                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
     assert "exact match before fine-tuning: 0.0%" in text
