@@ -8,9 +8,13 @@ S = 2 too (the quality cost of staleness); and S = 0 / S = 1 once more on a serv
 a short job for its time per step. Bytes per step are the server's packet bytes sent, over a
 naive fp32 wire (every site's x and g, all tokens, no sharing) for the same batches.
 Projected packets (`packets="projected"`: each site's low-rank statistics instead of x and g) train
-the main job raw on 1 Gbit/s and time a short run on 100 Mbit/s beside raw full packets.
-Last line: {"default_codec", "bytes_vs_fp32", "em_gap_vs_raw", "s0_vs_s1_time", "projected_bytes_vs_fp32",
-"projected_em_gap_vs_raw", "projected_vs_full_time_100mbit", ...}; the default is the codec with the
+the main job raw on 1 Gbit/s and time short runs beside raw full packets on 100 Mbit/s and 10 Mbit/s
+(each daemon has a link of its own, and packets stream during the backward: a link costs time only
+where sending a step's packets takes longer than the server's step — on 2 CPU cores SmolLM2's step
+takes about as long as its full packets at 100 Mbit/s; on a GPU server, or at 10 Mbit/s, the link
+sets the pace). Last line: {"default_codec", "bytes_vs_fp32", "em_gap_vs_raw", "s0_vs_s1_time",
+"projected_bytes_vs_fp32", "projected_em_gap_vs_raw", "projected_vs_full_time_100mbit",
+"projected_vs_full_time_10mbit", ...}; the default is the codec with the
 fewest bytes whose exact match is within 1 point of raw. `--quick`: raw and projected only (~15 min
 on 2 cores); `--shape NAME|config.json`: the byte model at a model's true widths (bench/bytemodel.py).
 """
@@ -24,10 +28,11 @@ from .common import report
 from .e2e import BATCH, FACTS, STEPS, _exact_match, _settle, _spec
 from .shaper import Shaper
 
-LINKS = {"1gbit": (1000, 20), "100mbit": (100, 20)}
+LINKS = {"1gbit": (1000, 20), "100mbit": (100, 20), "10mbit": (10, 20)}
 CODECS = {"raw": ("raw", "raw"), "bf16": ("bf16", "bf16"), "fp16": ("fp16", "fp16"), "int8": ("int8", "int8"),
           "int8x-int4g": ("int8", "int4"), "int4": ("int4", "int4")}
 SHORT = 12  # steps of the timing-only runs (at most --steps)
+SLOW = 8  # steps of the 10 Mbit/s runs (full packets take seconds a step there)
 
 
 def _naive_fp32_bytes(model, examples, steps: int) -> float:
@@ -132,6 +137,12 @@ def main(args: argparse.Namespace) -> int:
                  None)
             if not quick:
                 show(f"100mbit {best} S=1", _job(s, examples, f"100m-{best}-s1", short, best, 1), None)
+    with cluster(*LINKS["10mbit"]) as c:  # where the link, not the server's step, sets the pace
+        _settle()
+        with Session(address=c.address) as s:
+            slow = min(SLOW, short)
+            show("10mbit raw S=0", _job(s, examples, "10m-raw", slow, "raw"), None)
+            show("10mbit raw S=0 projected", _job(s, examples, "10m-projected", slow, "raw", packets="projected"), None)
     d, proj = rows[f"1gbit {best} S=0"], rows["1gbit raw S=0 projected"]
 
     def ratio(a: str, b: str, key: str = "s_per_step") -> float | None:
@@ -147,6 +158,7 @@ def main(args: argparse.Namespace) -> int:
             "projected_bytes_vs_fp32": proj["bytes_vs_fp32"],
             "projected_em_gap_vs_raw": round(raw_em - proj["exact_match"], 1) if raw_em is not None else None,
             "projected_vs_full_time_100mbit": ratio("100mbit raw S=0 projected", "100mbit raw S=0"),
+            "projected_vs_full_time_10mbit": ratio("10mbit raw S=0 projected", "10mbit raw S=0"),
             "runs": rows})
     return 0
 
