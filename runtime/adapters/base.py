@@ -46,6 +46,7 @@ class AdapterSpec:
 
     kind: ClassVar[str] = ""
     blackbox: ClassVar[bool] = False  # the server runs a forward only (black-box output mode, SmallLM)
+    linear: ClassVar[bool] = False  # delta is linear in x through a product of its parameters (LoRA, linear)
     attach: str = field(default="parallel", kw_only=True)
 
     def __post_init__(self):
@@ -72,13 +73,14 @@ class AdapterSpec:
 
     @property
     def mergeable(self) -> bool:
-        return False
+        """Whether delta folds into the site's weight: a linear map of x, no dropout, attached in parallel."""
+        return self.linear and getattr(self, "dropout", 0.0) == 0.0 and self.attach == "parallel"
 
     @property
     def projectable(self) -> bool:
         """Whether the fit depends on a step's (x, g) only through statistics the server can send
         instead (`Adapter.project`): exact for maps linear in their parameters' products (LoRA, linear)."""
-        return False
+        return self.linear
 
     @property
     def routes(self) -> int:

@@ -21,20 +21,13 @@ class Linear(AdapterSpec):
     """A full linear map on the site's input, zero-initialised: delta = dW x (+ db)."""
 
     kind: ClassVar[str] = "linear"
+    linear: ClassVar[bool] = True
     bias: bool = False
     dropout: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         check_dropout(self.dropout)
-
-    @property
-    def mergeable(self) -> bool:
-        return self.dropout == 0.0 and self.attach == "parallel"
-
-    @property
-    def projectable(self) -> bool:
-        return True
 
 
 class LinearAdapter(Adapter):

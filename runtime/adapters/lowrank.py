@@ -24,6 +24,7 @@ class LowRank(AdapterSpec):
     """LoRA: delta = (alpha / r) * B A x, A Kaiming-uniform, B zero."""
 
     kind: ClassVar[str] = "lowrank"
+    linear: ClassVar[bool] = True
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
@@ -36,14 +37,6 @@ class LowRank(AdapterSpec):
         if not self.alpha > 0:
             raise ValueError(f"`alpha` must be > 0, got {self.alpha!r}")
         check_dropout(self.dropout)
-
-    @property
-    def mergeable(self) -> bool:
-        return self.dropout == 0.0 and self.attach == "parallel"
-
-    @property
-    def projectable(self) -> bool:
-        return True
 
 
 class LowRankAdapter(Adapter):
