@@ -42,11 +42,12 @@ class Balance:
         if self._balance_at is None or now < self._balance_at:
             return
         self._balance_at = None
+        holds = holds or {}
         live, takers, settling = [], [], []  # sites move from any live worker, onto settled ones
         for w in self.workers.values():
             if w.connected and not w.quarantined and not w.status:
                 live.append(w.worker_id)
-                settled = now - w.connected_at >= self.settle_after or (holds or {}).get(w.worker_id)
+                settled = now - w.connected_at >= self.settle_after or holds.get(w.worker_id)
                 (takers if settled else settling).append(w.worker_id)
         if settling:  # look again once they have settled
             self._balance_at = min(self.workers[k].connected_at for k in settling) + self.settle_after
@@ -61,12 +62,12 @@ class Balance:
                 due = job.rebalanced_at + self.rebalance_after  # look again then
                 self._balance_at = due if self._balance_at is None else min(self._balance_at, due)
                 continue
-            moves = self._spread(job, [k for k in takers if k not in job.slow], load, holds or {})
+            moves = self._spread(job, [k for k in takers if k not in job.slow], load, holds)
             for (src, dst), names in moves.items():
                 self._take(job, src, names, f"rebalanced onto worker {dst}")
                 for name in names:
                     job.sites[name].owner = dst
-                self._send_assign(self.workers[dst], job, names, (holds or {}).get(dst))
+                self._send_assign(self.workers[dst], job, names, holds.get(dst))
                 n = len(names)
                 job.events.append(f"rebalanced: {n} site{'' if n == 1 else 's'} moved from worker {src} to "
                                   f"worker {dst}")

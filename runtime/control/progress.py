@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-import time
 
 from ..checks import backoff
 from .records import LIVE, JobRecord, WorkerRecord, restored_job
@@ -77,7 +76,6 @@ class Progress:
                 self._dirty.add(job.job_id)
             job.metrics_saved = len(job.metrics)
             if job.state not in LIVE:
-                job.ended_at = job.ended_at or time.time()
                 self._release(job)  # an ended job's data: dropped (that frees space, never needs it)
             credentials = (stored.get("progress") or {}).get("credentials", {})
             for wid in {r.owner for r in job.sites.values() if r.owner is not None} - set(self.workers):

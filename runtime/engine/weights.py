@@ -15,20 +15,27 @@ from torch import nn
 def execution_device(module: nn.Module, model: nn.Module | None = None) -> torch.device:
     """Where `module` computes: its accelerate hook's execution device when it has one (offloaded
     weights live on `meta` between forwards), else its first parameter's or buffer's device."""
-    hook = getattr(module, "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
+    device = _hook_device(module)
     if device is not None:
-        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+        return device
     for t in (*module.parameters(), *module.buffers()):
         if t.device.type != "meta":
             return t.device
     if model is not None and getattr(model, "hf_device_map", None):  # a parent holds the hook
         for mod in model.modules():
             if mod is not module and any(m is module for m in mod.modules()):
-                dev = getattr(getattr(mod, "_hf_hook", None), "execution_device", None)
-                if dev is not None:
-                    return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+                device = _hook_device(mod)
+                if device is not None:
+                    return device
     return torch.device("cpu")
+
+
+def _hook_device(module: nn.Module) -> torch.device | None:
+    """The execution device of `module`'s accelerate hook (an int is a CUDA index), if it has one."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is None:
+        return None
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
 
 
 def input_device(model: nn.Module) -> torch.device:
